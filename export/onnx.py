@@ -1,0 +1,327 @@
+"""The denoiser `eps = U-Net(x, t, row_idx, K/V tables)` as an ONNX graph, and an onnxruntime backend.
+
+Graph inputs (names are the contract with `OnnxDenoiser` and `tensorrt.build_engine`):
+    sample    float [B, 4, h, w]      B dynamic ("batch"); h, w fixed at export time
+    timestep  float32 [1]             broadcast over the batch inside the U-Net (diffusers'
+                                      `timesteps.expand(B)`); see `_timestep` for why float [1]
+    row_idx   int64 [B]               the table row each sample's cross-attention reads
+    k0..k15   float [R, 77, C_l]      per-layer K tables, R dynamic ("rows")
+    v0..v15   float [R, 77, C_l]      per-layer V tables
+Output:
+    eps       float [B, 4, h, w]
+
+Cross-attention in the graph is the "sdpa" backend of `neti_fast.attention`: Gather (index_select)
+of the rows, then scaled-dot-product attention. The Triton custom op is never exported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neti_fast.attention import install_processors
+from neti_fast.models import NUM_LAYERS
+
+INPUT_NAMES = ["sample", "timestep", "row_idx"] + [f"k{i}" for i in range(NUM_LAYERS)] + [f"v{i}" for i in range(NUM_LAYERS)]
+OUTPUT_NAMES = ["eps"]
+FORMAT_VERSION = "1"  # bump when the graph's inputs / semantics change: invalidates cached exports
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("neti-fast")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "0"
+
+
+class TablesUNet(torch.nn.Module):
+    """`model.unet` with every cross-attention reading K / V rows `row_idx[b]` of the given tables.
+
+    forward(sample, timestep, row_idx, k0..k15, v0..v15) -> eps. All inputs explicit tensors, so the
+    graph is a pure function of its inputs (the shared state is filled and cleared around the call).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.unet = model.unet
+        self.state = install_processors(model)
+
+    def forward(self, sample, timestep, row_idx, *kv):
+        if len(kv) != 2 * NUM_LAYERS:
+            raise ValueError(f"TablesUNet: expected {2 * NUM_LAYERS} K/V tables, got {len(kv)}")
+        st = self.state
+        prev = (st.mode, st.backend, st.row_idx, st.k_tables, st.v_tables)
+        st.mode, st.backend, st.row_idx = "tables", "sdpa", row_idx
+        st.k_tables, st.v_tables = list(kv[:NUM_LAYERS]), list(kv[NUM_LAYERS:])
+        try:
+            return self.unet(sample, timestep, encoder_hidden_states=None, return_dict=False)[0]
+        finally:
+            st.mode, st.backend, st.row_idx, st.k_tables, st.v_tables = prev
+
+
+def _timestep(t) -> torch.Tensor:
+    """Any scheduler timestep (python number, 0-d or [1] int / float tensor) -> float32 [1].
+
+    float32 [1] rather than int64 0-d: the U-Net's sinusoidal embedding works in float anyway
+    (exact for integer t < 2**24), Euler / Karras schedules give fractional timesteps, and a rank-1
+    input keeps TensorRT profiles and ORT bindings free of 0-d corner cases.
+    """
+    t = torch.as_tensor(t)
+    return t.reshape(1).to(torch.float32)
+
+
+def example_inputs(model, batch: int = 2, rows: int = 3, height: int | None = None, width: int | None = None,
+                   seed: int = 0) -> tuple:
+    """Random inputs in the graph's layout (sample, timestep, row_idx, k0..k15, v0..v15)."""
+    g = torch.Generator().manual_seed(seed)
+    f = model.vae_scale_factor
+    h, w = (height or model.default_size) // f, (width or model.default_size) // f
+    dt, dev = model.dtype, model.device
+    sample = torch.randn(batch, model.unet.config.in_channels, h, w, generator=g).to(dev, dt)
+    t = _timestep(torch.randint(0, 1000, (), generator=g)).to(dev)
+    row_idx = torch.randint(0, rows, (batch,), generator=g).to(dev)
+    ks, vs = [], []
+    for attn in model.cross_attention:
+        ks.append(torch.randn(rows, 77, attn.to_k.out_features, generator=g).to(dev, dt))
+        vs.append(torch.randn(rows, 77, attn.to_v.out_features, generator=g).to(dev, dt))
+    return (sample, t, row_idx, *ks, *vs)
+
+
+# Exports larger than this are written as `<name>.onnx` + `<name>.onnx.data` (external data): one
+# protobuf cannot exceed 2 GB, and SD 1.5's fp32 U-Net alone is ~3.4 GB.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _export_dynamo(mod, args, dest: Path, opset, external: bool) -> None:
+    """torch.export-based exporter (torch >= 2.9's default): symbolic dims from `dynamic_shapes`."""
+    from torch.export import Dim
+    batch, rows = Dim("batch", min=1, max=4096), Dim("rows", min=1, max=1 << 20)
+    # `*kv` is one var-positional parameter: torch.export wants its spec as one nested tuple.
+    dyn = ({0: batch}, None, {0: batch}, tuple({0: rows} for _ in range(2 * NUM_LAYERS)))
+    prog = torch.onnx.export(mod, args, dynamo=True, dynamic_shapes=dyn, input_names=INPUT_NAMES,
+                             output_names=OUTPUT_NAMES, opset_version=opset, optimize=True,
+                             verbose=False, report=False)
+    prog.save(str(dest), external_data=external)  # external: weights in `<dest>.data`
+
+
+def _export_torchscript(mod, args, dest: Path, opset, external: bool) -> None:
+    """Legacy TorchScript exporter (tracing); fallback only."""
+    axes = {"sample": {0: "batch"}, "row_idx": {0: "batch"}, "eps": {0: "batch"}}
+    axes.update({n: {0: "rows"} for n in INPUT_NAMES[3:]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape checks, deprecation notice
+        torch.onnx.export(mod, args, str(dest), dynamo=False, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                          dynamic_axes=axes, opset_version=opset or 18, do_constant_folding=True)
+    if external:  # the legacy exporter writes one file per large tensor: gather them into one
+        import onnx
+        proto = onnx.load(str(dest))
+        for f in dest.parent.iterdir():
+            if f != dest:
+                f.unlink()
+        onnx.save_model(proto, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dest.name + ".data", size_threshold=1024)
+
+
+def export_onnx(model, path, batch: int = 2, rows: int = 3, height: int | None = None, width: int | None = None,
+                opset: int | None = None) -> Path:
+    """Write `TablesUNet(model)` to `path` (ONNX; dynamic batch and table rows; fixed spatial size).
+
+    `batch` / `rows` only size the example inputs (both axes are dynamic; they must be >= 2 so the
+    tracer does not specialise them to 1). height / width are pixels (default: the model's native
+    size); the graph's latent size is height / 8 x width / 8 and is fixed.
+
+    Exporter: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript; the default since torch
+    2.9, and the only exporter still developed) is tried first. If it raises, the legacy TorchScript
+    exporter (`dynamo=False`, `dynamic_axes`) is used instead, with a warning that says why; the
+    exporter used is recorded in the cache sidecar by `export_cached`. On torch 2.13 + diffusers 0.42
+    the dynamo path succeeds for the U-Net (tested), so the fallback is for other torch versions.
+
+    The file appears atomically: everything is written into a temporary folder beside `path` and
+    moved into place, external data (`<name>.onnx.data`, used above ~1 GB of weights) first and the
+    `.onnx` last, so a reader never sees a `.onnx` whose weights are missing.
+    Returns the path; `export_onnx.last_exporter` says which exporter ran ("dynamo" / "torchscript").
+    """
+    path = Path(path)
+    if batch < 2 or rows < 2:
+        raise ValueError("export_onnx: batch and rows must be >= 2 (a size-1 example would be specialised)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mod = TablesUNet(model).eval()
+    args = example_inputs(model, batch, rows, height, width)
+    external = _param_bytes(model.unet) > EXTERNAL_DATA_BYTES
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        dest = tmpdir / path.name
+        try:
+            with torch.no_grad():
+                _export_dynamo(mod, args, dest, opset, external)
+            export_onnx.last_exporter = "dynamo"
+        except Exception as e:  # noqa: BLE001 - any exporter failure: try the other exporter
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            warnings.warn(f"export_onnx: the dynamo exporter failed ({type(e).__name__}: {first}); "
+                          "falling back to the TorchScript exporter", RuntimeWarning, stacklevel=2)
+            for f in tmpdir.iterdir():
+                f.unlink()
+            with torch.no_grad():
+                _export_torchscript(mod, args, dest, opset, external)
+            export_onnx.last_exporter = "torchscript"
+        files = sorted(tmpdir.iterdir(), key=lambda f: f == dest)  # the .onnx last: the commit point
+        for f in files:
+            os.replace(f, path.parent / f.name)
+        stale = path.parent / (path.name + ".data")
+        if stale.exists() and not any(f.name == stale.name for f in files):
+            stale.unlink()  # a previous external-data export's weights; the new model has them inline
+    finally:
+        for f in tmpdir.iterdir() if tmpdir.exists() else ():
+            f.unlink()
+        if tmpdir.exists():
+            tmpdir.rmdir()
+    return path
+
+
+export_onnx.last_exporter = None
+
+
+# ----------------------------------------------------------------------------- caching
+
+FULL_HASH_BYTES = 512 << 20   # hash every byte of state_dicts up to this size (tiny: ~10 MB)
+SAMPLE_ELEMS = 4096           # above it: per tensor, this many evenly strided elements
+
+
+def fingerprint(model, height: int | None = None, width: int | None = None, opset: int | None = None) -> str:
+    """Identity of an export: the U-Net's weights, its config, dtype, spatial size, versions.
+
+    Up to FULL_HASH_BYTES of weights every byte is hashed. Larger models (SD 1.5: 3.4 GB) hash, per
+    tensor, its name, dtype, shape and SAMPLE_ELEMS evenly strided elements, plus the config: a
+    fine-tune changes essentially every element, so a sample catches it at ~1 % of the cost; an edit
+    of a handful of weights in a big model is not detected (re-export with `force=True`).
+    """
+    h = hashlib.sha256()
+    unet = model.unet
+    meta = {"format": FORMAT_VERSION, "neti_fast": _version(), "torch": torch.__version__,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()},
+            "dtype": str(model.dtype), "height": height or model.default_size, "width": width or model.default_size,
+            "opset": opset}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    sd = unet.state_dict()
+    full = _param_bytes(unet) <= FULL_HASH_BYTES
+    for name in sorted(sd):
+        t = sd[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        flat = t.reshape(-1)
+        if not full and flat.numel() > SAMPLE_ELEMS:
+            flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLE_ELEMS, device=flat.device).long()]
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_cached(model, out_dir, name: str = "unet_tables.onnx", height: int | None = None, width: int | None = None,
+                  opset: int | None = None, force: bool = False) -> Path:
+    """`out_dir/name`, exported only when missing or when its sidecar's fingerprint differs.
+
+    Sidecar: `out_dir/name.json` = {"fingerprint", "exporter", "onnx_bytes"}; written after the
+    model, so a crash mid-export leaves no sidecar and the next call exports again.
+    """
+    out_dir = Path(out_dir)
+    path, side = out_dir / name, out_dir / (name + ".json")
+    fp = fingerprint(model, height, width, opset)
+    if not force and path.exists() and side.exists():
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("fingerprint") == fp and meta.get("onnx_bytes") == path.stat().st_size:
+            return path
+    if side.exists():
+        side.unlink()  # the export below replaces the model: never leave a sidecar vouching for it early
+    export_onnx(model, path, height=height, width=width, opset=opset)
+    meta = {"fingerprint": fp, "exporter": export_onnx.last_exporter, "onnx_bytes": path.stat().st_size}
+    tmp = side.with_name(side.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, side)
+    return path
+
+
+# ----------------------------------------------------------------------------- onnxruntime backend
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+       "tensor(double)": np.float64}
+
+
+class OnnxDenoiser:
+    """An exported graph run by onnxruntime, with `TorchDenoiser`'s call signature.
+
+    Providers: CUDAExecutionProvider when onnxruntime-gpu offers it, else CPUExecutionProvider.
+    CPU: torch -> numpy views (no copy for contiguous tensors; the tables are shared across steps)
+    and the output wrapped back with torch.from_numpy. CUDA: IO binding on the torch tensors' device
+    pointers (no host round trip); this path is untested here (no GPU, onnxruntime-gpu not installed).
+    Inputs are cast to the graph's dtypes (e.g. an fp32 graph driven by an fp16 engine) and the
+    output is returned in the sample's dtype, on the sample's device.
+    """
+
+    def __init__(self, path, providers: list | None = None, threads: int | None = None):
+        import onnxruntime as ort
+        self.path = str(path)
+        if providers is None:
+            avail = ort.get_available_providers()
+            providers = (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(self.path, so, providers=providers)
+        self.cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        ins = {i.name: i for i in self.session.get_inputs()}
+        missing = [n for n in INPUT_NAMES if n not in ins]
+        if missing:
+            raise ValueError(f"{path}: not a neti-fast tables U-Net export (missing inputs {', '.join(missing[:4])})")
+        self.types = {n: _NP[ins[n].type] for n in INPUT_NAMES}
+        self.spatial = tuple(ins["sample"].shape[2:])  # fixed at export, e.g. (64, 64) for SD 1.5 at 512
+
+    def _check(self, x):
+        if tuple(x.shape[2:]) != self.spatial:
+            raise ValueError(f"{self.path}: exported for latents {self.spatial[0]}x{self.spatial[1]}, got "
+                             f"{x.shape[2]}x{x.shape[3]} (re-export with that --height/--width)")
+
+    def inputs(self, x, t, row_idx, k_tables, v_tables) -> list:
+        if len(k_tables) != NUM_LAYERS or len(v_tables) != NUM_LAYERS:
+            raise ValueError(f"expected {NUM_LAYERS} K and V tables")
+        return [x, _timestep(t), row_idx.reshape(-1), *k_tables, *v_tables]
+
+    def __call__(self, x, t, row_idx, k_tables, v_tables):
+        self._check(x)
+        tensors = self.inputs(x, t, row_idx, k_tables, v_tables)
+        if self.cuda and x.is_cuda:
+            return self._run_cuda(x, tensors)
+        feed = {}
+        for n, v in zip(INPUT_NAMES, tensors):
+            a = v.detach().cpu().numpy()  # a view for CPU tensors
+            feed[n] = np.ascontiguousarray(a, dtype=self.types[n])
+        eps = self.session.run(OUTPUT_NAMES, feed)[0]
+        return torch.from_numpy(eps).to(device=x.device, dtype=x.dtype)
+
+    def _run_cuda(self, x, tensors):  # untested here: needs onnxruntime-gpu and a GPU
+        dev = x.device.index or 0
+        to_torch = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64, np.float64: torch.float64}
+        binding = self.session.io_binding()
+        keep = []
+        for n, v in zip(INPUT_NAMES, tensors):
+            v = v.to(device=x.device, dtype=to_torch[self.types[n]]).contiguous()
+            keep.append(v)
+            binding.bind_input(n, "cuda", dev, self.types[n], tuple(v.shape), v.data_ptr())
+        out_t = self.session.get_outputs()[0].type
+        out = torch.empty(x.shape, device=x.device, dtype=to_torch[_NP[out_t]])
+        binding.bind_output(OUTPUT_NAMES[0], "cuda", dev, _NP[out_t], tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(x.device).synchronize()  # inputs written by torch's stream are ready
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return out.to(x.dtype)

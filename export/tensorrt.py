@@ -1,0 +1,153 @@
+"""TensorRT engine from the ONNX export, and a denoiser that runs it (TensorRT 10 Python API).
+
+UNTESTED HERE: TensorRT cannot be installed in the environment this was written in (no NVIDIA GPU),
+so this module has never been run; tests/test_export.py exercises it only where `tensorrt` and
+CUDA are available. Written against the TensorRT 10 name-based API: `Builder.create_network(0)`
+(explicit batch is the only mode), `OnnxParser.parse_from_file` (resolves `<name>.onnx.data`
+external weights relative to the file), one optimization profile, `build_serialized_network`;
+at run time `Runtime.deserialize_cuda_engine`, `set_input_shape`, `set_tensor_address`,
+`execute_async_v3` on torch's current CUDA stream.
+
+Profile: batch 1 .. 2 * max_batch (classifier-free guidance doubles the batch), rows 1 .. max_rows;
+spatial size is whatever the ONNX graph fixed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .onnx import INPUT_NAMES, OUTPUT_NAMES, _timestep
+from neti_fast.models import NUM_LAYERS
+
+ENGINE_FORMAT = "1"
+
+
+def _trt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise RuntimeError("TensorRT is not installed: pip install tensorrt on a machine with an NVIDIA GPU") from e
+    return trt
+
+
+def _onnx_digest(onnx_path: Path) -> str:
+    """Cheap identity of the ONNX export: its cache sidecar's fingerprint if any, else size + mtime."""
+    side = onnx_path.with_name(onnx_path.name + ".json")
+    try:
+        return json.loads(side.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        st = onnx_path.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16, max_rows: int = 4096,
+                 opt_batch: int | None = None, opt_rows: int | None = None, workspace_gb: float | None = None,
+                 force: bool = False) -> Path:
+    """Serialize a TensorRT engine for `onnx_path` to `engine_path` (cached).
+
+    Skipped when the engine is newer than the ONNX file and its sidecar (`<engine>.json`) records the
+    same ONNX fingerprint, TensorRT version, GPU and build options. max_rows bounds R of the K / V
+    tables (an engine batch of n distinct NeTI prompts at 50 steps has up to ~(n + 1) * 50 rows).
+    """
+    trt = _trt()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.exists():
+        raise FileNotFoundError(onnx_path)
+    opt_batch = opt_batch or max_batch            # per profile dim: min <= opt <= max
+    opt_rows = min(opt_rows or 2 * opt_batch, max_rows)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "?"
+    key = {"format": ENGINE_FORMAT, "onnx": _onnx_digest(onnx_path), "trt": trt.__version__, "gpu": gpu,
+           "fp16": fp16, "max_batch": max_batch, "max_rows": max_rows, "opt_batch": opt_batch, "opt_rows": opt_rows}
+    side = engine_path.with_name(engine_path.name + ".json")
+    if (not force and engine_path.exists() and side.exists()
+            and engine_path.stat().st_mtime_ns >= onnx_path.stat().st_mtime_ns):
+        try:
+            if json.loads(side.read_text()) == key:
+                return engine_path
+        except (OSError, ValueError):
+            pass
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    B = 2 * max_batch
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        shape = list(inp.shape)
+        if inp.name in ("sample", "row_idx"):
+            lo, opt, hi = ([n, *shape[1:]] for n in (1, min(2 * opt_batch, B), B))
+        elif inp.name == "timestep":
+            continue  # static [1]
+        else:  # k*/v* tables: [R, 77, C]
+            lo, opt, hi = ([n, *shape[1:]] for n in (1, opt_rows, max_rows))
+        profile.set_shape(inp.name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = engine_path.with_name(engine_path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(blob))
+    os.replace(tmp, engine_path)
+    tmp = side.with_name(side.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(key, indent=1))
+    os.replace(tmp, side)
+    return engine_path
+
+
+class TensorRTDenoiser:
+    """A TensorRT engine with `TorchDenoiser`'s call signature; CUDA tensors in, CUDA tensor out.
+
+    Inputs are cast to the engine's I/O dtypes (fp32 unless the ONNX graph was fp16; the FP16 build
+    flag changes internal precision, not I/O) and bound by device pointer: no host copies. Runs on
+    torch's current stream, so no extra synchronisation is needed around the call.
+    """
+
+    def __init__(self, engine_path, device: str | torch.device = "cuda"):
+        trt = _trt()
+        self.trt, self.device = trt, torch.device(device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{engine_path}: TensorRT could not load it (built by another TensorRT version or GPU?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        missing = [n for n in INPUT_NAMES + OUTPUT_NAMES if n not in names]
+        if missing:
+            raise ValueError(f"{engine_path}: not a neti-fast tables U-Net engine (missing {', '.join(missing[:4])})")
+        dt = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32}
+        self.dtypes = {n: dt[self.engine.get_tensor_dtype(n)] for n in names}
+
+    def __call__(self, x, t, row_idx, k_tables, v_tables):
+        if len(k_tables) != NUM_LAYERS or len(v_tables) != NUM_LAYERS:
+            raise ValueError(f"expected {NUM_LAYERS} K and V tables")
+        ctx, keep = self.context, []
+        for name, v in zip(INPUT_NAMES, [x, _timestep(t), row_idx.reshape(-1), *k_tables, *v_tables]):
+            v = v.to(device=self.device, dtype=self.dtypes[name]).contiguous()
+            keep.append(v)  # alive until the enqueued work has consumed it (same stream, see below)
+            ctx.set_input_shape(name, tuple(v.shape))
+            ctx.set_tensor_address(name, v.data_ptr())
+        out = torch.empty(tuple(ctx.get_tensor_shape(OUTPUT_NAMES[0])), device=self.device,
+                          dtype=self.dtypes[OUTPUT_NAMES[0]])
+        ctx.set_tensor_address(OUTPUT_NAMES[0], out.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (shapes outside the engine's profile?)")
+        # torch's caching allocator may reuse `keep`'s memory once freed on this stream; work on the
+        # same stream is ordered, so freeing after enqueueing is safe.
+        return out.to(x.dtype)

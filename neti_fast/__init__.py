@@ -1,0 +1,11 @@
+"""neti-fast: fast NeTI / XTI / Textual Inversion for Stable Diffusion 1.x.
+
+The Python API (see neti_fast/api.py):
+    load_model, load_concept, precompute, load_table, generate, generate_to_folder,
+    Engine, GenerateConfig, Request, NetiError
+"""
+__version__ = "0.1.0"
+
+from .api import (Engine, GenerateConfig, Request, generate, generate_to_folder, load_concept,  # noqa: F401
+                  load_model, load_table, precompute)
+from .errors import NetiError  # noqa: F401

@@ -1,0 +1,272 @@
+"""`neti-fast` command line. Every subcommand is a thin layer over the Python API.
+
+User mistakes raise NetiError and are printed as one line (exit status 2); anything else is a bug
+and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import NetiError
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def parse_seeds(tokens: list[str]) -> list[int]:
+    """`0-15`, `0 3 7`, `0,3,7` or a mix -> list of ints, in order, without repeats."""
+    seeds = []
+    for tok in tokens:
+        for part in str(tok).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part:
+                    a, b = (int(x) for x in part.split("-", 1))
+                    if b < a:
+                        raise ValueError
+                    seeds.extend(range(a, b + 1))
+                else:
+                    seeds.append(int(part))
+            except ValueError:
+                raise NetiError(f"--seeds {tok}: expected integers or ranges like 0-15") from None
+    if any(s < 0 or s >= 2**63 for s in seeds):
+        raise NetiError("--seeds: seeds must be between 0 and 2^63-1")
+    return list(dict.fromkeys(seeds))
+
+
+def _torch_setup(args):
+    import torch
+    from .api import default_device
+    device = args.device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NetiError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    return device, getattr(torch, DTYPES[dtype])
+
+
+def _quiet_libraries():
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    try:
+        import diffusers
+        import transformers
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # logging niceties only
+        pass
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+def cmd_tiny_model(args):
+    from .models import build_tiny
+    print(f"wrote {build_tiny(args.dir)}")
+
+
+def cmd_import(args):
+    from .importers import import_concept
+    concept = import_concept(args.src, placeholder=args.placeholder, embeds_path=args.embeds)
+    out = concept.save(args.out)
+    print(f"imported {concept.method.upper()} concept {concept.placeholder!r} ({concept.source}) -> {out}")
+
+
+def cmd_precompute(args):
+    from .concept import load_concept
+    from .table import precompute
+    concept = load_concept(args.concept, placeholder=args.placeholder)
+    if Path(args.out).exists() and not args.overwrite:
+        raise NetiError(f"--out {args.out}: exists; use --overwrite to replace it")
+    table = precompute(concept, args.truncation or ())
+    out = table.save(args.out)
+    print(f"table for {concept.placeholder!r}: 1000 timesteps x 16 layers, truncations {table.truncations or 'none'} -> {out}")
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise NetiError(f"--prompts-file {args.prompts_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise NetiError("give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def cmd_generate(args):
+    from .api import generate_to_folder
+    from .models import load_model
+    from .pipeline import Engine, GenerateConfig, check_request, Request
+    from .table import load_table
+    prompts = _read_prompts(args)
+    seeds = parse_seeds(args.seeds)
+    table = load_table(args.concept, placeholder=args.placeholder) if args.concept else None
+    truncs = args.truncation or [None]
+    if table is not None and table.concept.method != "neti" and truncs != [None]:
+        raise NetiError(f"--truncation applies to NeTI concepts; {args.concept} is a {table.concept.method.upper()} concept")
+    device, dtype = _torch_setup(args)
+    model = load_model(args.model, device=device, dtype=dtype)
+    for p in prompts:  # validate every prompt before any work
+        check_request(model, Request(p, 0, table))
+    cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
+                         width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+                         attention=args.attention)
+    engine = Engine(model, cfg, denoiser=_denoiser(args, model, cfg))
+    entries = generate_to_folder(model, table, prompts, seeds, args.out, truncs, cfg, overwrite=args.overwrite,
+                                 model_name=args.model, concept_name=args.concept, engine=engine)
+    print(f"{len(entries)} images, {len(prompts)} grid(s) and manifest.json in {args.out}")
+
+
+def _denoiser(args, model, cfg):
+    backend = getattr(args, "backend", "eager")
+    if backend in ("eager", "triton"):
+        return None  # Engine's default TorchDenoiser; attention backend picks triton when it can
+    if backend == "compile":
+        from .pipeline import TorchDenoiser
+        return TorchDenoiser(model, cfg.attention, compile=True)
+    from .export import onnx as onnx_export
+    cache = Path(args.export_dir or Path.home() / ".cache" / "neti-fast" / "exports")
+    path = onnx_export.export_cached(model, cache, height=cfg.height, width=cfg.width)
+    if backend == "onnx":
+        return onnx_export.OnnxDenoiser(path)
+    from .export import tensorrt as trt_export
+    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"))
+    return trt_export.TensorRTDenoiser(engine_path)
+
+
+def cmd_export(args):
+    from .export import onnx as onnx_export
+    from .models import load_model
+    device, dtype = _torch_setup(args)
+    model = load_model(args.model, device=device, dtype=dtype)
+    out = Path(args.out)
+    path = onnx_export.export_cached(model, out, height=args.height, width=args.width)
+    if args.format == "tensorrt":
+        from .export import tensorrt as trt_export
+        path = trt_export.build_engine(path, Path(path).with_suffix(".plan"))
+    print(f"exported {args.format} -> {path}")
+
+
+def cmd_train(args):
+    from . import train
+    train.main(args)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.out)
+
+
+def cmd_bench(args):
+    from .bench import ladder
+    ladder.main(args)
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _add_model_args(p, model_default=None):
+    p.add_argument("--model", default=model_default, required=model_default is None,
+                   help="diffusers folder, hub id, or built-in: tiny, sd15-shaped")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="neti-fast", description=(
+        "Fast NeTI / XTI / Textual Inversion for Stable Diffusion 1.x: train a concept, precompute its "
+        "table, generate in batches. Start with `neti-fast demo`."))
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train, precompute and generate on the built-in tiny model (about a minute on CPU)")
+    p.add_argument("--out", default="neti-fast-demo", help="output folder (default: ./neti-fast-demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a NeTI (default), XTI or TI concept from 3-5 images")
+    from . import train
+    train.add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("import", help="convert official NeTI / Textual Inversion / Automatic1111 files to a concept")
+    p.add_argument("src", help="mapper-steps-N.pt, learned_embeds.bin, A1111 .pt / .safetensors, or a neti-fast file")
+    p.add_argument("--out", required=True, help="concept .safetensors to write")
+    p.add_argument("--embeds", default=None, help="official NeTI learned_embeds-steps-N.bin (found automatically beside the mapper)")
+    p.add_argument("--placeholder", default=None, help="override the placeholder token")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("precompute", help="evaluate a concept on all 1000 timesteps x 16 layers into a table")
+    p.add_argument("concept", help="concept file (any supported format)")
+    p.add_argument("--out", required=True, help="table .safetensors to write")
+    p.add_argument("--truncation", type=int, nargs="*", default=None, metavar="K",
+                   help="also store rows with nested-dropout truncation K (NeTI only; e.g. 8 16 32)")
+    p.add_argument("--placeholder", default=None, help="override the placeholder token")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("generate", help="batched generation with a concept (or plain SD without one)")
+    _add_model_args(p)
+    p.add_argument("--concept", default=None, help="table or concept file (any supported format)")
+    p.add_argument("--placeholder", default=None, help="override the concept's placeholder token")
+    p.add_argument("--prompt", action="append", help='prompt with {} where the concept goes; repeatable')
+    p.add_argument("--prompts-file", default=None, help="one prompt per line")
+    p.add_argument("--seeds", nargs="+", default=["0"], help="e.g. 0-15 or 0 3 7 (default 0)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--scheduler", choices=["dpm++", "ddim", "euler"], default="dpm++")
+    p.add_argument("--truncation", type=int, nargs="+", default=None, metavar="K",
+                   help="nested-dropout truncation(s): smaller K = more editable, less faithful")
+    p.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--attention", choices=["auto", "triton", "sdpa", "xformers", "eager"], default="auto")
+    p.add_argument("--backend", choices=["eager", "triton", "compile", "onnx", "tensorrt"], default="eager",
+                   help="U-Net runtime (eager uses the Triton attention kernel on CUDA when it can)")
+    p.add_argument("--export-dir", default=None, help="cache for onnx / tensorrt exports")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tiny-model", help="write the built-in tiny model as a diffusers folder")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("export", help="export the U-Net (with per-layer K/V table inputs) to ONNX or TensorRT")
+    _add_model_args(p)
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", required=True, help="output folder (reused when the model is unchanged)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="latency / throughput ladder: reference -> diffusers -> neti-fast backends")
+    from .bench import ladder
+    ladder.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except NetiError as e:
+        print(f"neti-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"neti-fast {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

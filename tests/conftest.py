@@ -1,0 +1,43 @@
+"""Shared fixtures. Everything runs on CPU; GPU-only tests skip with a reason."""
+import os
+
+import torch
+
+# Triton kernels run under the interpreter on CPU. Triton reads the flag when a kernel is defined
+# (first import of neti_fast.kernels), so it must be set before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """The tiny model is built once per test session into a temporary cache (never ~/.cache)."""
+    if "NETI_FAST_CACHE" not in os.environ:
+        os.environ["NETI_FAST_CACHE"] = str(tmp_path_factory.mktemp("neti-fast-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(_cache_dir):
+    from neti_fast.models import load_model
+    return load_model("tiny")
+
+
+def _make_concept(method: str = "neti", dim: int = 32, seed: int = 0, bypass: bool = True, placeholder: str = "<c>"):
+    """A concept with deterministic random weights (NeTI mapper, XTI [16, D] or TI [1, D])."""
+    from neti_fast.concept import Concept
+    from neti_fast.mapper import MapperConfig, NeTIMapper
+    g = torch.Generator().manual_seed(seed)
+    if method == "neti":
+        torch.manual_seed(seed)  # nn.Linear init draws from the default generator
+        mapper = NeTIMapper(MapperConfig(output_dim=dim, target_norm=0.4, output_bypass=bypass), generator=g).eval()
+        return Concept("neti", placeholder, dim, mapper=mapper)
+    rows = 16 if method == "xti" else 1
+    return Concept(method, placeholder, dim, embeds=torch.randn(rows, dim, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="session")
+def make_concept():
+    return _make_concept

@@ -1,0 +1,124 @@
+"""`neti-fast bench`: FLOP counting and the ladder end to end on the tiny model (CPU, --quick)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from neti_fast.bench import flops, ladder
+
+
+def _onnx_importable() -> bool:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    try:
+        from neti_fast.export.onnx import OnnxDenoiser, export_cached  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from neti_fast.models import load_model
+    return load_model("tiny", "cpu", torch.float32)
+
+
+def test_flops_positive_and_linear_in_batch(tiny):
+    c = flops.count(tiny)
+    assert c["height"] == c["width"] == tiny.default_size
+    for k in ("unet_per_sample", "text_encoder_pass", "vae_decode"):
+        assert isinstance(c[k], int) and c[k] > 0, k
+    one, four = flops.unet_flops(tiny, batch=1), flops.unet_flops(tiny, batch=4)
+    assert one == c["unet_per_sample"]
+    assert 3.9 < four / one < 4.1
+    assert 1.9 < flops.text_encoder_flops(tiny, batch=2) / c["text_encoder_pass"] < 2.1
+    assert flops.image_flops(c, steps=10) == 20 * c["unet_per_sample"]
+    # resolution: 4x the pixels, about 4x the U-Net work (attention grows a bit faster)
+    big = flops.unet_flops(tiny, 2 * tiny.default_size, 2 * tiny.default_size)
+    assert 3.5 < big / one < 6
+
+
+RUNGS = ["reference", "diffusers", "batched", "triton", "compile", "tensorrt"] + (["onnx"] if _onnx_importable() else [])
+
+
+@pytest.fixture(scope="module")
+def ladder_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    js, png = out / "bench.json", out / "bench.png"
+    result = ladder.cli(["--model", "tiny", "--device", "cpu", "--quick", "--rungs", *RUNGS,
+                         "--json", str(js), "--chart", str(png)])
+    return result, js, png
+
+
+def test_ladder_json_rows_and_chart(ladder_run):
+    result, js, png = ladder_run
+    data = json.loads(js.read_text())
+    for key in ("schema", "date", "device", "versions", "args", "flops", "rows", "summary", "memory_kind",
+                "model", "height", "width", "steps"):
+        assert key in data, key
+    assert data["device"]["type"] == "cpu" and data["device"]["name"]
+    for v in ("torch", "diffusers", "transformers", "onnxruntime", "triton"):
+        assert v in data["versions"]
+    assert data["args"]["steps"] == 4 and data["args"]["batch_sizes"] == [1, 4] and data["args"]["repeats"] == 1
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    by = {}
+    for r in data["rows"]:
+        by.setdefault(r["rung"], []).append(r)
+    assert set(by) == set(RUNGS)
+    for name in ("reference", "diffusers", "batched"):
+        rows = by[name]
+        assert [r["status"] for r in rows] == ["ok", "ok"], rows
+        assert [r["batch"] for r in rows] == [1, 4]
+        for r in rows:
+            for k in ("cond_ms_per_prompt", "unet_ms_per_step", "images_per_s", "batch_latency_s", "latency1_s",
+                      "unet_tflops", "e2e_tflops"):
+                assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (name, k, r[k])
+            assert r["peak_mem_bytes"] >= 0 and r["utilization"] is None  # no peak on CPU
+            assert r["latency1_s"] == rows[0]["batch_latency_s"]
+    # the reference encodes every (step, layer) once, plus the negative prompt, per image
+    ref4 = by["reference"][1]
+    assert ref4["text_encoder_rows"] == 4 * (4 * 16 + 1)
+    assert ref4["unet_calls"] == 4 * 4 * 2
+    assert by["batched"][1]["unet_calls"] == 4  # one call per step for the whole batch, both CFG halves
+    for name in ("triton", "compile", "tensorrt"):
+        (r,) = by[name]
+        assert r["status"] == "skipped" and isinstance(r["reason"], str) and r["reason"]
+    assert by["compile"][0]["reason"] == ladder.COMPILE_CPU_REASON
+    if "onnx" in by:
+        for r in by["onnx"]:
+            assert r["status"] in ("ok", "skipped"), r
+            if r["status"] == "ok":
+                assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
+            else:
+                assert r["reason"]
+    s = data["summary"]
+    assert s["conditioning_speedup"] > 0 and s["images_per_s_speedup_largest_batch"] > 0
+    assert s["largest_common_batch"] == 4
+    assert result["rows"] == data["rows"] or len(result["rows"]) == len(data["rows"])
+
+
+def test_table_text(ladder_run):
+    result, _, _ = ladder_run
+    text = ladder.format_table(result)
+    assert "reference" in text and "conditioning speedup" in text and "skipped:" in text
+
+
+def test_diffusers_rung_restores_neti_processors(ladder_run, tiny):
+    # the ladder's model is its own; check on a fresh one that the swap-and-restore is exact
+    from neti_fast.attention import NetiCrossAttnProcessor, install_processors
+    install_processors(tiny)
+    before = dict(tiny.unet.attn_processors)
+    ctx = ladder.Context(ladder._resolve(ladder.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        ["--quick", "--device", "cpu"])), tiny, None, tiny.default_size, tiny.default_size, {}, None)
+    rung = ladder.DiffusersRung(ctx)
+    rung.setup()
+    assert not any(isinstance(p, NetiCrossAttnProcessor) for p in tiny.unet.attn_processors.values())
+    rung.teardown()
+    after = tiny.unet.attn_processors
+    assert all(after[k] is v for k, v in before.items())
+    assert sum(isinstance(p, NetiCrossAttnProcessor) for p in after.values()) == 16
