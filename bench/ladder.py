@@ -830,7 +830,11 @@ def run_ladder(args, log=print) -> dict:
 
 
 def main(args) -> dict:
-    result = run_ladder(args)
+    threads = torch.get_num_threads()
+    try:
+        result = run_ladder(args)
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this run only
     print()
     print(format_table(result))
     a = result["args"]

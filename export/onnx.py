@@ -103,14 +103,19 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def _export_dynamo(mod, args, dest: Path, opset, external: bool) -> None:
+def _export_dynamo(mod, args, dest: Path, opset, external: bool, optimize: bool = True) -> None:
     """torch.export-based exporter (torch >= 2.9's default): symbolic dims from `dynamic_shapes`."""
     from torch.export import Dim
-    batch, rows = Dim("batch", min=1, max=4096), Dim("rows", min=1, max=1 << 20)
+    # max=63: diffusers' Upsample2D does `if x.shape[0] >= 64: x = x.contiguous()` (a layout-only
+    # workaround); torch.export turns that branch into a guard and rejects a wider range (and the
+    # ONNX exporter then retries with slower strategies, minutes even for the tiny model). The bound
+    # exists only for torch.export: `.contiguous()` is no op in ONNX, the graph has no batch bound
+    # and is correct for any batch (`dim_param` "batch"); TensorRT profiles set their own range.
+    batch, rows = Dim("batch", min=1, max=63), Dim("rows", min=1, max=1 << 20)
     # `*kv` is one var-positional parameter: torch.export wants its spec as one nested tuple.
     dyn = ({0: batch}, None, {0: batch}, tuple({0: rows} for _ in range(2 * NUM_LAYERS)))
     prog = torch.onnx.export(mod, args, dynamo=True, dynamic_shapes=dyn, input_names=INPUT_NAMES,
-                             output_names=OUTPUT_NAMES, opset_version=opset, optimize=True,
+                             output_names=OUTPUT_NAMES, opset_version=opset, optimize=optimize,
                              verbose=False, report=False)
     prog.save(str(dest), external_data=external)  # external: weights in `<dest>.data`
 
@@ -134,12 +139,14 @@ def _export_torchscript(mod, args, dest: Path, opset, external: bool) -> None:
 
 
 def export_onnx(model, path, batch: int = 2, rows: int = 3, height: int | None = None, width: int | None = None,
-                opset: int | None = None) -> Path:
+                opset: int | None = None, optimize: bool = True) -> Path:
     """Write `TablesUNet(model)` to `path` (ONNX; dynamic batch and table rows; fixed spatial size).
 
     `batch` / `rows` only size the example inputs (both axes are dynamic; they must be >= 2 so the
     tracer does not specialise them to 1). height / width are pixels (default: the model's native
-    size); the graph's latent size is height / 8 x width / 8 and is fixed.
+    size); the graph's latent size is height / 8 x width / 8 and is fixed. optimize: run the
+    onnxscript graph optimizer (constant folding, cast / reshape cleanup; worth it for TensorRT,
+    about half the export time; dynamo exporter only).
 
     Exporter: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript; the default since torch
     2.9, and the only exporter still developed) is tried first. If it raises, the legacy TorchScript
@@ -164,7 +171,7 @@ def export_onnx(model, path, batch: int = 2, rows: int = 3, height: int | None =
         dest = tmpdir / path.name
         try:
             with torch.no_grad():
-                _export_dynamo(mod, args, dest, opset, external)
+                _export_dynamo(mod, args, dest, opset, external, optimize)
             export_onnx.last_exporter = "dynamo"
         except Exception as e:  # noqa: BLE001 - any exporter failure: try the other exporter
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -198,7 +205,8 @@ FULL_HASH_BYTES = 512 << 20   # hash every byte of state_dicts up to this size (
 SAMPLE_ELEMS = 4096           # above it: per tensor, this many evenly strided elements
 
 
-def fingerprint(model, height: int | None = None, width: int | None = None, opset: int | None = None) -> str:
+def fingerprint(model, height: int | None = None, width: int | None = None, opset: int | None = None,
+                optimize: bool = True) -> str:
     """Identity of an export: the U-Net's weights, its config, dtype, spatial size, versions.
 
     Up to FULL_HASH_BYTES of weights every byte is hashed. Larger models (SD 1.5: 3.4 GB) hash, per
@@ -211,7 +219,7 @@ def fingerprint(model, height: int | None = None, width: int | None = None, opse
     meta = {"format": FORMAT_VERSION, "neti_fast": _version(), "torch": torch.__version__,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()},
             "dtype": str(model.dtype), "height": height or model.default_size, "width": width or model.default_size,
-            "opset": opset}
+            "opset": opset, "optimize": optimize}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     sd = unet.state_dict()
     full = _param_bytes(unet) <= FULL_HASH_BYTES
@@ -226,7 +234,7 @@ def fingerprint(model, height: int | None = None, width: int | None = None, opse
 
 
 def export_cached(model, out_dir, name: str = "unet_tables.onnx", height: int | None = None, width: int | None = None,
-                  opset: int | None = None, force: bool = False) -> Path:
+                  opset: int | None = None, optimize: bool = True, force: bool = False) -> Path:
     """`out_dir/name`, exported only when missing or when its sidecar's fingerprint differs.
 
     Sidecar: `out_dir/name.json` = {"fingerprint", "exporter", "onnx_bytes"}; written after the
@@ -234,7 +242,7 @@ def export_cached(model, out_dir, name: str = "unet_tables.onnx", height: int | 
     """
     out_dir = Path(out_dir)
     path, side = out_dir / name, out_dir / (name + ".json")
-    fp = fingerprint(model, height, width, opset)
+    fp = fingerprint(model, height, width, opset, optimize)
     if not force and path.exists() and side.exists():
         try:
             meta = json.loads(side.read_text())
@@ -244,7 +252,7 @@ def export_cached(model, out_dir, name: str = "unet_tables.onnx", height: int | 
             return path
     if side.exists():
         side.unlink()  # the export below replaces the model: never leave a sidecar vouching for it early
-    export_onnx(model, path, height=height, width=width, opset=opset)
+    export_onnx(model, path, height=height, width=width, opset=opset, optimize=optimize)
     meta = {"fingerprint": fp, "exporter": export_onnx.last_exporter, "onnx_bytes": path.stat().st_size}
     tmp = side.with_name(side.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=1))

@@ -111,12 +111,11 @@ def cmd_generate(args):
     seeds = parse_seeds(args.seeds)
     table = load_table(args.concept, placeholder=args.placeholder) if args.concept else None
     truncs = args.truncation or [None]
-    if table is not None and table.concept.method != "neti" and truncs != [None]:
-        raise NetiError(f"--truncation applies to NeTI concepts; {args.concept} is a {table.concept.method.upper()} concept")
     device, dtype = _torch_setup(args)
     model = load_model(args.model, device=device, dtype=dtype)
-    for p in prompts:  # validate every prompt before any work
-        check_request(model, Request(p, 0, table))
+    for p in prompts:  # validate everything before any work
+        for t in truncs:
+            check_request(model, Request(p, 0, table, t))
     cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                          attention=args.attention)
