@@ -33,7 +33,8 @@ def model64():
 
 @pytest.fixture(scope="module")
 def onnx_path(model, tmp_path_factory):
-    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "unet.onnx")
+    """The one real export of this module (export_cached -> export_onnx, dynamo, optimized)."""
+    path = export_cached(model, tmp_path_factory.mktemp("onnx"))
     assert export_onnx.last_exporter == "dynamo", "dynamo exporter expected to work on this torch"
     return path
 
@@ -76,9 +77,10 @@ def test_graph_interface(onnx_path):
     assert len({dims[n][0] for n in INPUT_NAMES[3:]}) == 1 and dims["k0"][1:] == [77, 32]
 
 
-@pytest.mark.parametrize("batch,rows", [(2, 3), (6, 5), (6, 2), (1, 7)])
+@pytest.mark.parametrize("batch,rows", [(2, 3), (6, 5), (1, 7), (64, 2)])
 def test_onnx_matches_torch(model, model64, ort_denoiser, batch, rows):
-    # Export used batch 2 / rows 3: other sizes prove the dynamic axes; fresh random inputs each.
+    # Export used batch 2 / rows 3: other sizes prove the dynamic axes (64: beyond torch.export's
+    # batch bound of 63, see _export_dynamo); fresh random inputs each.
     args = example_inputs(model, batch, rows, seed=100 + 10 * batch + rows)
     with torch.no_grad():
         ref = _call(TorchDenoiser(model, "sdpa"), args)
@@ -138,7 +140,7 @@ def test_engine_end_to_end(model, onnx_path):
     torch.manual_seed(0)
     concept = Concept("neti", "<c>", 32, mapper=NeTIMapper(MapperConfig(output_dim=32, target_norm=0.4)).eval())
     table = neti_fast.table.precompute(concept, progress=False)
-    reqs = [Request("a photo of {}", 0, table), Request("a photo of {}", 1, table), Request("a painting of {}", 2, table)]
+    reqs = [Request("a photo of {}", 0, table), Request("a painting of {}", 1, table)]
     ref = Engine(model, GenerateConfig(steps=3)).generate(reqs)
     out = Engine(model, GenerateConfig(steps=3), denoiser=OnnxDenoiser(onnx_path, threads=2)).generate(reqs)
     assert out.shape == ref.shape and out.dtype == np.uint8
@@ -147,25 +149,43 @@ def test_engine_end_to_end(model, onnx_path):
     assert (diff == 0).mean() >= 0.99, (diff == 0).mean()
 
 
-def test_export_cache(model, tmp_path):
+def test_export_cache(model, onnx_path, tmp_path, monkeypatch):
+    """Same model: the file is reused untouched. Changed weight: export_onnx runs again.
+
+    Works on a copy of the module's export; the re-export is replaced by a stub writer (a real
+    export costs ~30-60 s here and is covered by the fixture), so this tests the cache logic only.
+    """
+    import shutil
+
+    import neti_fast.export.onnx as mod
+    for f in (onnx_path, onnx_path.with_name(onnx_path.name + ".json")):
+        shutil.copy2(f, tmp_path / f.name)
+    calls = []
+
+    def fake_export(m, path, **kw):
+        calls.append(m)
+        path.write_bytes(b"stub")
+        return path
+    fake_export.last_exporter = "stub"
+    monkeypatch.setattr(mod, "export_onnx", fake_export)
+
     p = export_cached(model, tmp_path)
     side = p.with_name(p.name + ".json")
     m1, s1 = p.stat().st_mtime_ns, side.read_text()
-    assert export_cached(model, tmp_path) == p and p.stat().st_mtime_ns == m1 and side.read_text() == s1
+    assert p == tmp_path / onnx_path.name and not calls and p.read_bytes() == onnx_path.read_bytes()
+    assert export_cached(model, tmp_path) == p and p.stat().st_mtime_ns == m1 and not calls
+
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.unet.conv_in.weight[0, 0, 0, 0] += 1e-3
-    os.utime(p, ns=(m1 - 10**9, m1 - 10**9))  # mtime resolution must not hide a rewrite
-    m1 = p.stat().st_mtime_ns
+    assert mod.fingerprint(changed) != mod.fingerprint(model)
     export_cached(changed, tmp_path)
-    assert p.stat().st_mtime_ns != m1 and side.read_text() != s1
-    # the new file is the changed model's graph
-    args = example_inputs(changed, 2, 3, seed=5)
-    with torch.no_grad():
-        ref = _call(TorchDenoiser(changed, "sdpa"), args)
-    out = _call(OnnxDenoiser(p, threads=2), args)
-    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")], "temporary files left behind"
+    assert calls == [changed] and p.read_bytes() == b"stub" and side.read_text() != s1
+    export_cached(changed, tmp_path)          # now cached for the changed weights
+    assert calls == [changed]
+    export_cached(model, tmp_path)            # and the original weights no longer match
+    assert len(calls) == 2
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".") or ".tmp" in f.name], "temporary files left"
 
 
 def test_tensorrt(model, onnx_path, tmp_path):
