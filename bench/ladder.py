@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--compile-on-cpu", action="store_true", help="run the torch.compile rung on CPU too (slow)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (CPU)")
     p.add_argument("--onnx-dir", default=None, help="where ONNX / TensorRT exports are cached "
-                   "(default $NETI_FAST_CACHE/bench-export)")
+                   "(default $NETI_FAST_CACHE/exports)")
     return p
 
 
@@ -338,34 +338,15 @@ class ReferenceRung(Rung):
         self.notes = "B seeds one after the other; 2 batch-1 U-Net calls per step; eager bmm attention"
 
     def cond(self):
-        reference_conditioning(self.m, PROMPT, self.ctx.table, self.cfg)
+        from neti_fast.pipeline import Request, make_scheduler, reference_conditioning
+        sched = make_scheduler(self.cfg.scheduler, self.m.scheduler_config)
+        sched.set_timesteps(self.cfg.steps)
+        reference_conditioning(self.m, Request(PROMPT, 0, self.ctx.table), self.cfg, sched.timesteps)
 
     def run(self, seeds):
         from neti_fast.pipeline import Request, generate_reference
         for s in seeds:
             generate_reference(self.m, Request(PROMPT, s, self.ctx.table), self.cfg)
-
-
-@torch.no_grad()
-def reference_conditioning(model, prompt: str, table, cfg) -> list:
-    """The text work of `generate_reference`, alone: the negative prompt, then steps x 16 encodes one at a time."""
-    from neti_fast.conditioning import encode, encode_plain, tokenize
-    from neti_fast.models import NUM_LAYERS
-    from neti_fast.pipeline import make_scheduler
-    m = model
-    sched = make_scheduler(cfg.scheduler, m.scheduler_config)
-    sched.set_timesteps(cfg.steps)
-    neg = encode_plain(m.text_encoder, m.tokenizer, cfg.negative_prompt)
-    concept = table.concept
-    toks = tokenize(m.tokenizer, prompt, concept.placeholder)
-    dt = m.text_encoder.dtype
-    per_step = [neg]
-    for t in sched.timesteps:
-        for l in range(NUM_LAYERS):
-            token, bypass = concept.rows(t.float().view(1), torch.tensor([float(l)]), None)
-            per_step.append(encode(m.text_encoder, toks.input_ids[None], toks.mask[None], token.to(dt),
-                                   None if bypass is None else bypass.to(dt)))
-    return per_step
 
 
 class DiffusersRung(Rung):
@@ -487,15 +468,12 @@ class CompileRung(EngineRung):
 
 
 def _export_dir(ctx) -> Path:
-    """One export folder per (model, size, dtype): export_cached re-exports when its fingerprint differs."""
-    import hashlib
-
-    from neti_fast.models import _cache_root
+    """`--onnx-dir`, else the shared export cache (the CLI and the tests use the same folders)."""
+    from neti_fast.export.onnx import default_export_dir
     a = ctx.args
-    root = Path(a.onnx_dir) if a.onnx_dir else _cache_root() / "bench-export"
-    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(a.model))[-40:]
-    tag += "-" + hashlib.sha1(str(a.model).encode()).hexdigest()[:8]
-    return root / f"{tag}-{ctx.height}x{ctx.width}-{a.dtype}"
+    if a.onnx_dir:
+        return Path(a.onnx_dir) / f"{ctx.height}x{ctx.width}-{a.dtype}"
+    return default_export_dir(a.model, ctx.height, ctx.width, ctx.model.dtype)
 
 
 class OnnxRung(EngineRung):

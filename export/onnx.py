@@ -233,6 +233,17 @@ def fingerprint(model, height: int | None = None, width: int | None = None, opse
     return h.hexdigest()
 
 
+def default_export_dir(model_name: str, height: int, width: int, dtype) -> Path:
+    """`$NETI_FAST_CACHE/exports/<model>-<h>x<w>-<dtype>`: one folder per (model, size, dtype); the
+    fingerprint in it decides whether an export is reused."""
+    import hashlib
+
+    from neti_fast.models import _cache_root
+    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model_name))[-40:]
+    tag += "-" + hashlib.sha1(str(model_name).encode()).hexdigest()[:8]
+    return _cache_root() / "exports" / f"{tag}-{height}x{width}-{str(dtype).replace('torch.', '')}"
+
+
 def export_cached(model, out_dir, name: str = "unet_tables.onnx", height: int | None = None, width: int | None = None,
                   opset: int | None = None, optimize: bool = True, force: bool = False) -> Path:
     """`out_dir/name`, exported only when missing or when its sidecar's fingerprint differs.

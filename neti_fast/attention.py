@@ -67,7 +67,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, backen
 def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, row_idx: torch.Tensor,
                 heads: int, backend: str = "auto", attn=None) -> torch.Tensor:
     """Attention where sample b uses K / V rows `row_idx[b]` of the [R, L, C] tables."""
-    if backend in ("auto", "triton"):
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        # `auto` never picks the CPU interpreter (TRITON_INTERPRET=1): that is a test device, not a fast path.
         from .kernels.cross_attention import cross_attention_op, triton_supported
         ok, why = triton_supported(q, k_table, heads)
         if ok:

@@ -133,12 +133,13 @@ def _denoiser(args, model, cfg):
         from .pipeline import TorchDenoiser
         return TorchDenoiser(model, cfg.attention, compile=True)
     from .export import onnx as onnx_export
-    cache = Path(args.export_dir or Path.home() / ".cache" / "neti-fast" / "exports")
-    path = onnx_export.export_cached(model, cache, height=cfg.height, width=cfg.width)
+    h, w = cfg.height or model.default_size, cfg.width or model.default_size
+    cache = Path(args.export_dir) if args.export_dir else onnx_export.default_export_dir(args.model, h, w, model.dtype)
+    path = onnx_export.export_cached(model, cache, height=h, width=w)
     if backend == "onnx":
         return onnx_export.OnnxDenoiser(path)
     from .export import tensorrt as trt_export
-    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"))
+    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), max_batch=cfg.batch_size)
     return trt_export.TensorRTDenoiser(engine_path)
 
 

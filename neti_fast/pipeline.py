@@ -241,6 +241,30 @@ class Engine:
 
 
 @torch.no_grad()
+def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, timesteps: torch.Tensor):
+    """The official PromptManager.embed_prompt: the negative prompt once, then every (t, l) encoded
+    on its own. Returns (negative [1, 77, D], per step: 16 x (enc, enc_bypass))."""
+    m = model
+    neg = encode_plain(m.text_encoder, m.tokenizer, cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt)
+    concept = req.table.concept if req.table is not None else None
+    toks = tokenize(m.tokenizer, req.prompt, concept.placeholder if concept else None)
+    dt = m.text_encoder.dtype
+    per_step = []
+    for t in timesteps:
+        layers = []
+        for l in range(NUM_LAYERS):
+            if concept is None:
+                enc = encode(m.text_encoder, toks.input_ids[None])[0]
+                layers.append((enc, enc))
+                continue
+            token, bypass = concept.rows(t.float().view(1), torch.tensor([float(l)]), req.truncation)
+            layers.append(encode(m.text_encoder, toks.input_ids[None], toks.mask[None], token.to(dt),
+                                 None if bypass is None else bypass.to(dt)))
+        per_step.append(layers)
+    return neg, per_step
+
+
+@torch.no_grad()
 def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.ndarray:
     """The official NeTI inference algorithm for one image (uint8 [1, H, W, 3]); slow on purpose."""
     m, st = model, install_processors(model)
@@ -249,32 +273,19 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
     f = m.vae_scale_factor
     sched = make_scheduler(cfg.scheduler, m.scheduler_config)
     sched.set_timesteps(cfg.steps)
-    neg = encode_plain(m.text_encoder, m.tokenizer, cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt)
-    concept = req.table.concept if req.table is not None else None
-    toks = tokenize(m.tokenizer, req.prompt, concept.placeholder if concept else None)
-    per_step = []  # official PromptManager.embed_prompt: every (t, l) encoded on its own
-    for t in sched.timesteps:
-        layers = []
-        for l in range(NUM_LAYERS):
-            if concept is None:
-                enc = encode(m.text_encoder, toks.input_ids[None])[0]
-                layers.append((enc, enc))
-                continue
-            token, bypass = concept.rows(t.float().view(1), torch.tensor([float(l)]), req.truncation)
-            dt = m.text_encoder.dtype
-            layers.append(encode(m.text_encoder, toks.input_ids[None], toks.mask[None], token.to(dt),
-                                 None if bypass is None else bypass.to(dt)))
-        per_step.append(layers)
+    neg, per_step = reference_conditioning(m, req, cfg, sched.timesteps)
     latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype).to(m.device)
     latents = latents * sched.init_noise_sigma
     st.backend = "eager"
-    for t, layers in zip(sched.timesteps, per_step):
-        x = sched.scale_model_input(latents, t)
-        st.mode = "plain"
-        u = m.unet(x, t, encoder_hidden_states=neg).sample
-        st.mode, st.enc, st.enc_bypass = "layers", [e for e, _ in layers], [eb for _, eb in layers]
-        c = m.unet(x, t, encoder_hidden_states=layers[0][0]).sample
-        eps = u + cfg.guidance * (c - u)
-        latents = sched.step(eps, t, latents).prev_sample
-    st.mode, st.enc, st.enc_bypass, st.backend = "plain", None, None, "auto"
+    try:
+        for t, layers in zip(sched.timesteps, per_step):
+            x = sched.scale_model_input(latents, t)
+            st.mode = "plain"
+            u = m.unet(x, t, encoder_hidden_states=neg).sample
+            st.mode, st.enc, st.enc_bypass = "layers", [e for e, _ in layers], [eb for _, eb in layers]
+            c = m.unet(x, t, encoder_hidden_states=layers[0][0]).sample
+            eps = u + cfg.guidance * (c - u)
+            latents = sched.step(eps, t, latents).prev_sample
+    finally:
+        st.mode, st.enc, st.enc_bypass, st.backend = "plain", None, None, "auto"
     return decode(m, latents)
