@@ -282,14 +282,17 @@ def cross_attention_triton(q, k_table, v_table, row_idx, heads, scale=None,
 # --------------------------------------------------------------------------- #
 @torch.library.custom_op("neti_fast::cross_attention", mutates_args=())
 def cross_attention_op(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
-                       row_idx: torch.Tensor, heads: int,
-                       scale: float | None = None) -> torch.Tensor:
-    """``torch.ops.neti_fast.cross_attention``: the Triton launcher as a custom op."""
+                       row_idx: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """``torch.ops.neti_fast.cross_attention``: the Triton launcher as a custom op.
+
+    `scale` is required here (a plain `float`, no optional default in the schema); callers pass
+    `head_dim ** -0.5` for the standard scale.
+    """
     return cross_attention_triton(q, k_table, v_table, row_idx, heads, scale)
 
 
 @cross_attention_op.register_fake
-def _(q, k_table, v_table, row_idx, heads, scale=None):
+def _(q, k_table, v_table, row_idx, heads, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

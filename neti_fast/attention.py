@@ -69,10 +69,13 @@ def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, r
     """Attention where sample b uses K / V rows `row_idx[b]` of the [R, L, C] tables."""
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         # `auto` never picks the CPU interpreter (TRITON_INTERPRET=1): that is a test device, not a fast path.
-        from .kernels.cross_attention import cross_attention_op, triton_supported
+        from .kernels.cross_attention import cross_attention_op, cross_attention_triton, triton_supported
         ok, why = triton_supported(q, k_table, heads)
         if ok:
-            return cross_attention_op(q, k_table, v_table, row_idx, heads)
+            scale = (q.shape[-1] // heads) ** -0.5
+            if not q.is_cuda:  # CPU interpreter (tests): no compile / export there, skip the op layer
+                return cross_attention_triton(q, k_table, v_table, row_idx, heads, scale)
+            return cross_attention_op(q, k_table, v_table, row_idx, heads, scale)
         if backend == "triton":
             raise RuntimeError(f"--attention triton: cannot run here ({why})")
         backend = "sdpa"

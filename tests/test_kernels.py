@@ -201,13 +201,13 @@ def test_reference_matches_sdpa():
 @needs_kernel
 def test_custom_op_opcheck():
     q, k, v, ri = make_inputs(32, 32, torch.float16)
-    torch.library.opcheck(cross_attention_op, (q, k, v, ri, 4, None))
+    torch.library.opcheck(cross_attention_op, (q, k, v, ri, 4, (q.shape[-1] // 4) ** -0.5))
     torch.library.opcheck(cross_attention_op, (q, k, v, ri, 4, 0.25))
 
 
 class _Attn(torch.nn.Module):
     def forward(self, q, k, v, ri):
-        return cross_attention_op(q, k, v, ri, 4)
+        return cross_attention_op(q, k, v, ri, 4, (q.shape[-1] // 4) ** -0.5)
 
 
 def test_custom_op_is_one_export_node():
