@@ -198,6 +198,27 @@ def test_reference_matches_sdpa():
     torch.testing.assert_close(ref, sdpa.transpose(1, 2).reshape(B, 32, 64))
 
 
+# On CPU, calls through the op's dispatcher entry (even its fake impl) were seen to fail with
+# `MemoryError: std::bad_alloc` in 2 of 3 full CI runs (torch 2.13.0+cpu, triton 3.9, long-lived
+# pytest process with diffusers / onnx exporters loaded), never in a fresh process (20+ runs).
+# The engine does not use the op on CPU (the dispatcher calls the launcher directly there), so on
+# CPU these op tests run in a fresh interpreter; on CUDA they run in-process.
+_IN_FRESH_PROCESS = os.environ.get("NETI_FAST_OP_TESTS_HERE") == "1" or torch.cuda.is_available()
+op_test = pytest.mark.skipif(not _IN_FRESH_PROCESS, reason="runs in a fresh process: see test_custom_op_tests_in_fresh_process")
+
+
+def test_custom_op_tests_in_fresh_process():
+    if _IN_FRESH_PROCESS:
+        pytest.skip("already running the op tests directly")
+    import subprocess
+    import sys
+    env = dict(os.environ, NETI_FAST_OP_TESTS_HERE="1", TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "custom_op_"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@op_test
 @needs_kernel
 def test_custom_op_opcheck():
     q, k, v, ri = make_inputs(32, 32, torch.float16)
@@ -210,6 +231,7 @@ class _Attn(torch.nn.Module):
         return cross_attention_op(q, k, v, ri, 4, (q.shape[-1] // 4) ** -0.5)
 
 
+@op_test
 def test_custom_op_is_one_export_node():
     """Export traces through the fake impl only, so this runs without a kernel."""
     q, k, v, ri = make_inputs(32, 32, torch.float32)
@@ -218,6 +240,7 @@ def test_custom_op_is_one_export_node():
     assert targets == [torch.ops.neti_fast.cross_attention.default]
 
 
+@op_test
 @needs_kernel
 def test_custom_op_under_compile():
     q, k, v, ri = make_inputs(32, 32, torch.float32)
