@@ -48,7 +48,6 @@ N block but are tiny (77 x d) and stay in L2.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -11,10 +11,9 @@ precompute and the on-the-fly path both call it, so the table equals the mapper 
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

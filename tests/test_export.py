@@ -5,7 +5,6 @@ TensorRT tests run only where `tensorrt` and CUDA exist (never in the CPU CI thi
 """
 import copy
 import json
-import os
 
 import numpy as np
 import pytest

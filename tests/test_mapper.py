@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from neti_fast.mapper import HIDDEN, MapperConfig, NeTIMapper
