@@ -118,7 +118,7 @@ def cmd_generate(args):
             check_request(model, Request(p, 0, table, t))
     cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                         attention=args.attention)
+                         attention="triton" if args.backend == "triton" else args.attention)
     engine = Engine(model, cfg, denoiser=_denoiser(args, model, cfg))
     entries = generate_to_folder(model, table, prompts, seeds, args.out, truncs, cfg, overwrite=args.overwrite,
                                  model_name=args.model, concept_name=args.concept, engine=engine)
@@ -128,7 +128,7 @@ def cmd_generate(args):
 def _denoiser(args, model, cfg):
     backend = getattr(args, "backend", "eager")
     if backend in ("eager", "triton"):
-        return None  # Engine's default TorchDenoiser; attention backend picks triton when it can
+        return None  # Engine's default TorchDenoiser; `triton` has set cfg.attention = "triton"
     if backend == "compile":
         from .pipeline import TorchDenoiser
         return TorchDenoiser(model, cfg.attention, compile=True)

@@ -51,11 +51,19 @@ class Concept:
         """Whether rows change with t (only NeTI's do); TI / XTI rows are constant over time."""
         return self.method == "neti"
 
+    def check_truncation(self, truncation: int | None) -> None:
+        """Truncation is NeTI's nested-dropout index K in 1..128; other methods have none."""
+        if truncation is None:
+            return
+        if self.method != "neti":
+            raise NetiError(f"--truncation applies to NeTI concepts; {self.placeholder!r} is a {self.method.upper()} concept")
+        if not 1 <= truncation <= 128:
+            raise NetiError(f"--truncation {truncation}: must be between 1 and 128")
+
     def rows(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
         """Token and bypass rows for each (t[i], l[i]): ([N, D], [N, D] or None), float32."""
+        self.check_truncation(truncation)
         if self.method == "neti":
-            if truncation is not None and not (1 <= truncation <= 128):
-                raise NetiError(f"--truncation {truncation}: must be between 1 and 128")
             m = self.mapper
             was_training = m.training
             m.eval()
@@ -63,8 +71,6 @@ class Concept:
             token, bypass = m(t.to(dev).float(), l.to(dev).float(), truncation)
             m.train(was_training)
             return token, bypass
-        if truncation is not None:
-            raise NetiError(f"--truncation applies to NeTI concepts; {self.placeholder!r} is a {self.method.upper()} concept")
         idx = l.long() if self.method == "xti" else torch.zeros_like(l, dtype=torch.long)
         return self.embeds[idx.to(self.embeds.device)].float(), None
 

@@ -98,12 +98,7 @@ def check_request(model: Model, req: Request) -> None:
     """Validate a request before any work: concept width, truncation, prompt (placeholder, length)."""
     if req.table is not None:
         req.table.concept.check_model(model, req.table.placeholder)
-        if req.truncation is not None:
-            if req.table.concept.method != "neti":
-                raise NetiError(f"--truncation applies to NeTI concepts; {req.table.placeholder!r} is a "
-                                f"{req.table.concept.method.upper()} concept")
-            if not 1 <= req.truncation <= 128:
-                raise NetiError(f"--truncation {req.truncation}: must be between 1 and 128")
+        req.table.concept.check_truncation(req.truncation)
     tokenize(model.tokenizer, req.prompt, req.table.placeholder if req.table else None)
 
 

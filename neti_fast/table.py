@@ -80,8 +80,7 @@ class Table:
 def precompute(concept: Concept, truncations=(), progress: bool = True, chunk: int = 4000) -> Table:
     """Evaluate `concept` at all 1000 integer timesteps x 16 layers, for full and each truncation."""
     for k in truncations:
-        if concept.method != "neti":
-            raise NetiError(f"--truncation applies to NeTI concepts; {concept.placeholder!r} is a {concept.method.upper()} concept")
+        concept.check_truncation(k)
     table = Table(concept)
     t = torch.arange(NUM_TIMESTEPS).repeat_interleave(NUM_LAYERS).float()
     l = torch.arange(NUM_LAYERS).repeat(NUM_TIMESTEPS).float()

@@ -16,12 +16,25 @@ def tables(B=3, R=4, N=16, C=32, heads=4, seed=0):
     return q, k, v, torch.tensor([3, 0, 3])
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_dispatch_backends_agree(backend):
     q, k, v, idx = tables()
+    if backend == "triton" and not triton_supported(q, k, 4)[0]:
+        pytest.skip(f"Triton kernel unavailable here: {triton_supported(q, k, 4)[1]}")
     ref = cross_attention_ref(q.double(), k.double(), v.double(), idx, 4).float()
     out = attend_rows(q, k, v, idx, 4, backend)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_never_uses_the_cpu_interpreter(monkeypatch):
+    """On CPU `auto` is SDPA even under TRITON_INTERPRET=1: a launcher that raises proves it is not called."""
+    import neti_fast.kernels.cross_attention as ca
+    monkeypatch.setattr(ca, "cross_attention_triton", lambda *a, **k: (_ for _ in ()).throw(AssertionError("called")))
+    q, k, v, idx = tables()
+    torch.testing.assert_close(attend_rows(q, k, v, idx, 4, "auto"), attend_rows(q, k, v, idx, 4, "sdpa"))
+    if triton_supported(q, k, 4)[0]:  # and the patch is live: the forced path does hit it
+        with pytest.raises(AssertionError, match="called"):
+            attend_rows(q, k, v, idx, 4, "triton")
 
 
 def test_kill_switch(monkeypatch):
