@@ -2,10 +2,13 @@
 
 The Python API (see neti_fast/api.py):
     load_model, load_concept, precompute, load_table, generate, generate_to_folder,
-    Engine, GenerateConfig, Request, NetiError
+    Engine, GenerateConfig, Request, NetiError,
+    load_tables, parse_layer_mix, parse_time_mix (several concepts, style mixing),
+    attach (NeTI inside a diffusers StableDiffusionPipeline)
 """
 __version__ = "0.1.0"
 
 from .api import (Engine, GenerateConfig, Request, generate, generate_to_folder, load_concept,  # noqa: F401
-                  load_model, load_table, precompute)
+                  load_model, load_table, load_tables, parse_layer_mix, parse_time_mix, precompute)
+from .adapter import attach  # noqa: F401
 from .errors import NetiError  # noqa: F401

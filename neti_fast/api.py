@@ -5,6 +5,9 @@
     table = nf.precompute(nf.load_concept("concept.safetensors"), truncations=[16])
     images = nf.generate(model, table, ["a photo of {} on a beach"], seeds=[0, 1])   # uint8 [N, H, W, 3]
     nf.generate_to_folder(model, table, prompts, seeds, out="out/")                    # PNGs, grids, manifest
+
+`table` is anything a `Request` takes: a Table, a MixedTable (`nf.parse_layer_mix`), or
+{name: table} for several concepts in one prompt ("a photo of {cat} in the style of {painting}").
 """
 from __future__ import annotations
 
@@ -18,14 +21,15 @@ from . import outputs
 from .concept import Concept, load_concept  # noqa: F401  (re-exported)
 from .models import Model, load_model  # noqa: F401
 from .pipeline import Engine, GenerateConfig, Request
-from .table import Table, load_table, precompute  # noqa: F401
+from .mixing import parse_layer_mix, parse_time_mix  # noqa: F401
+from .table import Table, load_table, load_tables, precompute  # noqa: F401
 
 
 def _requests(table, prompts, seeds, truncations, cfg):
     return [Request(p, s, table, t, cfg.negative_prompt) for p in prompts for t in truncations for s in seeds]
 
 
-def generate(model: Model, table: Table | None, prompts: list[str], seeds=(0,), truncations=(None,),
+def generate(model: Model, table, prompts: list[str], seeds=(0,), truncations=(None,),
              cfg: GenerateConfig | None = None, engine: Engine | None = None) -> np.ndarray:
     """Images for every (prompt, truncation, seed), in that nesting order: uint8 [N, H, W, 3]."""
     cfg = cfg or GenerateConfig()
@@ -33,11 +37,13 @@ def generate(model: Model, table: Table | None, prompts: list[str], seeds=(0,), 
     return engine.generate(_requests(table, prompts, seeds, truncations, cfg))
 
 
-def generate_to_folder(model: Model, table: Table | None, prompts: list[str], seeds, out: str | Path,
+def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str | Path,
                        truncations=(None,), cfg: GenerateConfig | None = None, overwrite: bool = False,
                        model_name: str | None = None, concept_name: str | None = None,
                        engine: Engine | None = None, progress: bool = True) -> dict:
-    """Generate into `out`: one PNG per (prompt, truncation, seed), a grid per prompt, manifest.json.
+    """Generate into `out`: one PNG per (prompt, truncation, seed), a grid per prompt, manifest.json;
+    with several truncations also a sweep grid per seed (rows prompts, columns truncations, labelled):
+    the paper's reconstruction-vs-editability figure.
 
     Images already in `out` with the same settings are skipped (resume). Returns the manifest entries.
     """
@@ -73,7 +79,17 @@ def generate_to_folder(model: Model, table: Table | None, prompts: list[str], se
         rows = [[np.asarray(Image.open(out / outputs.image_name(pi, prompt, t, s)).convert("RGB")) for s in seeds]
                 for t in truncations]
         outputs.write_grid(out / f"grid-{pi:03d}-{outputs.slug(prompt)}.png", rows)
+    if len(truncations) > 1:
+        cols = [_trunc_label(t) for t in truncations]
+        for s in seeds:
+            rows = [[np.asarray(Image.open(out / outputs.image_name(pi, prompt, t, s)).convert("RGB")) for t in truncations]
+                    for pi, prompt in enumerate(prompts)]
+            outputs.write_grid(out / f"sweep-s{s}.png", rows, row_labels=list(prompts), col_labels=cols)
     return {e["file"]: manifest[e["file"]] for e in wanted}
+
+
+def _trunc_label(t) -> str:
+    return "full (no truncation)" if t is None else f"truncation {t}"
 
 
 def default_device() -> str:

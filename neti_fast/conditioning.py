@@ -9,9 +9,13 @@ final layer norm) at that position:
 
 The official inference does this 50 x 16 times per prompt, one call each. `encode_rows` does the same
 in one deduplicated, chunked batch (TI rows are all equal, XTI rows repeat over t).
+
+Several concepts in one prompt (`{cat} ... {painting}`): each marker is a slot k with its own token
+and bypass rows; the bypass is added at every slot's position with that slot's vector.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,9 +29,17 @@ MAX_TOKENS = 77
 
 @dataclass
 class PromptTokens:
-    input_ids: torch.Tensor      # [77] ids fed to CLIP (placeholder id replaced by a valid one)
-    mask: torch.Tensor           # [77] bool, True where the concept's token goes
+    input_ids: torch.Tensor      # [77] ids fed to CLIP (placeholder ids replaced by a valid one)
+    slot: torch.Tensor           # [77] long: k where concept k's token goes, -1 elsewhere
     text: str
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[77] bool: positions that take a concept's token."""
+        return self.slot >= 0
+
+
+MARKER = re.compile(r"\{([^{}]*)\}")
 
 
 def ensure_placeholder(tokenizer, placeholder: str) -> int:
@@ -37,37 +49,83 @@ def ensure_placeholder(tokenizer, placeholder: str) -> int:
     return tokenizer.convert_tokens_to_ids(placeholder)
 
 
-def tokenize(tokenizer, prompt: str, placeholder: str | None) -> PromptTokens:
-    """Tokenize `prompt`, with `{}` replaced by the concept's placeholder token."""
-    if placeholder is not None and "{}" not in prompt:
+def markers(prompt: str) -> list[str]:
+    """Names inside the prompt's `{...}` markers, in order (`{}` gives "")."""
+    return [m.strip() for m in MARKER.findall(prompt)]
+
+
+def resolve_markers(prompt: str, names: list[str], default: str | None = None) -> list[str]:
+    """Which concept each `{...}` of `prompt` means. Bare `{}` means `default`, else the only concept."""
+    found = markers(prompt)
+    if names and not found:
         raise NetiError(f"prompt {prompt!r}: no {{}} marks where the concept goes")
-    if placeholder is None and "{}" in prompt:
+    if not names and found:
         raise NetiError(f"prompt {prompt!r}: has {{}} but no --concept was given")
-    text = prompt.replace("{}", placeholder) if placeholder is not None else prompt
-    pid = ensure_placeholder(tokenizer, placeholder) if placeholder is not None else None
+    out = []
+    for name in found:
+        if name == "":
+            if default is None and len(names) != 1:
+                raise NetiError(f"prompt {prompt!r}: bare {{}} is ambiguous with {len(names)} concepts; "
+                                f"write {{NAME}} with one of: {', '.join(names)}")
+            name = default if default is not None else names[0]
+        if name not in names:
+            raise NetiError(f"prompt {prompt!r}: {{{name}}} is not a concept given here (have: {', '.join(names) or 'none'})")
+        out.append(name)
+    return out
+
+
+def slot_token(k: int) -> str:
+    """The token a prompt's k-th concept is tokenized as. Its embedding is always replaced, so only
+    its being one added token matters: concepts' own placeholders (`*`, `<cat>`, ...) can never clash
+    or collide with a real word's BPE pieces."""
+    return f"<neti-slot-{k}>"
+
+
+def tokenize(tokenizer, prompt: str, concepts: str | list[str] | None, default: str | None = None) -> PromptTokens:
+    """Tokenize `prompt` with each `{name}` marker turned into its concept's slot token.
+
+    `concepts`: None (a plain prompt), one concept's placeholder (every marker means it: slot 0),
+    or the names of several concepts, slot k being the k-th name (bare `{}`: see resolve_markers).
+    """
+    if isinstance(concepts, str):
+        found = markers(prompt)
+        if not found:
+            raise NetiError(f"prompt {prompt!r}: no {{}} marks where the concept goes")
+        names, slot_of = [""] * len(found), {"": 0}
+    else:
+        names = resolve_markers(prompt, list(concepts or []), default)
+        slot_of = {n: k for k, n in enumerate(concepts or [])}
+    pids = [ensure_placeholder(tokenizer, slot_token(k)) for k in range(len(slot_of))]
+    it = iter(names)
+    text = MARKER.sub(lambda _m: slot_token(slot_of[next(it)]), prompt)
     ids = tokenizer(text, padding="max_length", max_length=MAX_TOKENS, truncation=False).input_ids
     if len(ids) > MAX_TOKENS:
         raise NetiError(f"prompt {prompt!r}: is {len(ids)} tokens long; CLIP takes at most {MAX_TOKENS} (with start and end)")
     ids = torch.tensor(ids)
-    mask = torch.zeros(MAX_TOKENS, dtype=torch.bool)
-    if placeholder is not None:
-        mask = ids == pid
-        ids = torch.where(mask, torch.tensor(tokenizer.eos_token_id), ids)  # any valid id: its embedding is replaced
-    return PromptTokens(ids, mask, text)
+    slot = torch.full((MAX_TOKENS,), -1, dtype=torch.long)
+    for k, pid in enumerate(pids):
+        slot[ids == pid] = k
+    ids = torch.where(slot >= 0, torch.tensor(tokenizer.eos_token_id), ids)  # any valid id: its embedding is replaced
+    return PromptTokens(ids, slot, text)
 
 
 def _text_model(text_encoder):
     return getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests it; 5.x does not
 
 
+def _per_position(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """rows [B, K, D], slot [B, 77] -> [B, 77, D]: the row of each position's slot (slot 0 where none)."""
+    return rows.gather(1, slot.clamp(min=0)[..., None].expand(-1, -1, rows.shape[-1]))
+
+
 @contextmanager
-def _hooks(text_encoder, mask, token):
-    """Swap the token embedding at `mask` for `token`, and capture the input of the final layer norm."""
+def _hooks(text_encoder, slot, token):
+    """Swap the token embedding where slot >= 0 for that slot's token; capture the final LN's input."""
     tm = _text_model(text_encoder)
     captured = {}
 
     def inject(_m, _inp, out):
-        return torch.where(mask[..., None], token[:, None, :].to(out.dtype), out)
+        return torch.where((slot >= 0)[..., None], _per_position(token, slot).to(out.dtype), out)
 
     def capture(_m, inp, _out):
         captured["pre_ln"] = inp[0]
@@ -82,50 +140,63 @@ def _hooks(text_encoder, mask, token):
             h.remove()
 
 
-def encode(text_encoder, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
+def encode(text_encoder, input_ids: torch.Tensor, slot: torch.Tensor | None = None,
            token: torch.Tensor | None = None, bypass: torch.Tensor | None = None):
-    """CLIP encodings for a batch: input_ids/mask [B, 77], token/bypass [B, D] (or None).
+    """CLIP encodings for a batch of B prompts with K concept slots.
 
-    Returns (enc, enc_bypass), each [B, 77, D]; enc_bypass is enc when there is no bypass.
+    input_ids [B, 77]; slot [B, 77] long (k or -1) or bool (one concept); token / bypass [B, K, D]
+    or [B, D] (one concept), or None. A zero bypass row means "no bypass" for its slot (TI / XTI
+    beside a NeTI concept). Returns (enc, enc_bypass), each [B, 77, D]; enc_bypass is enc when
+    there is no bypass.
     """
     dev = text_encoder.device
     input_ids = input_ids.to(dev)
-    if mask is not None:
-        mask = mask.to(dev)
+    if slot is not None:
+        slot = slot.to(dev)
+        if slot.dtype == torch.bool:
+            slot = torch.where(slot, 0, -1)
     if token is not None:
         token = token.to(dev)
-    if bypass is not None:
-        bypass = bypass.to(dev)
-    with _hooks(text_encoder, mask, token) as captured:
+        token = token[:, None] if token.ndim == 2 else token
+    with _hooks(text_encoder, slot, token) as captured:
         enc = text_encoder(input_ids).last_hidden_state
     if bypass is None:
         return enc, enc
     h = captured["pre_ln"]
-    b = bypass.to(h.dtype)
-    step = BYPASS_SCALE * (b / b.norm(dim=-1, keepdim=True))[:, None, :] * h.norm(dim=-1, keepdim=True)
-    enc_b = _text_model(text_encoder).final_layer_norm(h + mask[..., None] * step)
+    b = bypass.to(dev, h.dtype)
+    b = b[:, None] if b.ndim == 2 else b
+    unit = b / b.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)  # 0 stays 0
+    step = BYPASS_SCALE * _per_position(unit, slot) * h.norm(dim=-1, keepdim=True)
+    enc_b = _text_model(text_encoder).final_layer_norm(h + (slot >= 0)[..., None] * step)
     return enc, enc_b
 
 
 def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor, bypass: torch.Tensor | None,
-                chunk: int = 64):
-    """One prompt encoded for N (token, bypass) rows: [N, D] each -> ([N, 77, D], [N, 77, D]).
+                chunk: int = 64, dedup: bool = True):
+    """One prompt encoded for N rows of concept tokens: token / bypass [N, K, D] (or [N, D]) ->
+    ([N, 77, D], [N, 77, D]).
 
-    Equal rows are encoded once (torch.unique), the rest in batches of `chunk`.
+    With `dedup`, equal rows are encoded once (torch.unique); the rest run in batches of `chunk`.
     """
-    rows = token if bypass is None else torch.cat([token, bypass], dim=-1)
-    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    D = token.shape[-1]
+    N = token.shape[0]
+    token = token.reshape(N, -1, token.shape[-1])
+    K, D = token.shape[1:]
+    rows = token if bypass is None else torch.cat([token, bypass.reshape(N, K, D)], dim=1)
+    rows = rows.reshape(N, -1)
+    if dedup:
+        rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
     enc, enc_b = [], []
-    for i in range(0, len(uniq), chunk):
-        u = uniq[i:i + chunk]
+    for i in range(0, len(rows), chunk):
+        u = rows[i:i + chunk].view(-1, rows.shape[1] // D, D)
         n = len(u)
-        e, eb = encode(text_encoder, tokens.input_ids.expand(n, -1), tokens.mask.expand(n, -1),
-                       u[:, :D], None if bypass is None else u[:, D:])
+        e, eb = encode(text_encoder, tokens.input_ids.expand(n, -1), tokens.slot.expand(n, -1),
+                       u[:, :K], None if bypass is None else u[:, K:])
         enc.append(e)
         enc_b.append(eb)
-    inverse = inverse.to(enc[0].device)
-    enc, enc_b = torch.cat(enc)[inverse], torch.cat(enc_b)[inverse]
+    enc, enc_b = torch.cat(enc), torch.cat(enc_b)
+    if dedup:
+        inverse = inverse.to(enc.device)
+        enc, enc_b = enc[inverse], enc_b[inverse]
     return enc, enc_b
 
 

@@ -77,12 +77,28 @@ def plan(out: Path, wanted: list[dict], overwrite: bool) -> list[dict]:
     return todo
 
 
-def write_grid(path: Path, images: list[list[np.ndarray]]) -> None:
-    """Rows of equally sized uint8 images -> one PNG."""
+def write_grid(path: Path, images: list[list[np.ndarray]], row_labels: list[str] | None = None,
+               col_labels: list[str] | None = None) -> None:
+    """Rows of equally sized uint8 images -> one PNG, with optional labels left of rows / above columns."""
     rows, cols = len(images), max(len(r) for r in images)
     h, w, _ = images[0][0].shape
-    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    left = 0 if row_labels is None else 160
+    top = 0 if col_labels is None else 24
+    grid = np.full((top + rows * h, left + cols * w, 3), 255, dtype=np.uint8)
     for i, row in enumerate(images):
         for j, img in enumerate(row):
-            grid[i * h:(i + 1) * h, j * w:(j + 1) * w] = img
-    save_png(path, grid)
+            grid[top + i * h:top + (i + 1) * h, left + j * w:left + (j + 1) * w] = img
+    pic = Image.fromarray(grid)
+    if row_labels or col_labels:
+        from PIL import ImageDraw
+        draw = ImageDraw.Draw(pic)
+        for j, label in enumerate(col_labels or []):
+            draw.text((left + j * w + 4, 6), label, fill=(0, 0, 0))
+        for i, label in enumerate(row_labels or []):
+            words, lines = label.split(), [""]
+            for word in words:  # wrap to the label column
+                if len(lines[-1]) + len(word) + 1 > 24:
+                    lines.append("")
+                lines[-1] = f"{lines[-1]} {word}".strip()
+            draw.multiline_text((4, top + i * h + 4), "\n".join(lines[: max(1, h // 12)]), fill=(0, 0, 0))
+    atomic_write(path, lambda tmp: pic.save(tmp, format="PNG"))

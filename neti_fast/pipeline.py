@@ -25,7 +25,6 @@ from .attention import install_processors
 from .conditioning import encode, encode_plain, encode_rows, tokenize
 from .errors import NetiError
 from .models import NUM_LAYERS, Model
-from .table import Table
 
 SCHEDULERS = ("dpm++", "ddim", "euler")
 
@@ -56,9 +55,27 @@ class GenerateConfig:
 class Request:
     prompt: str
     seed: int
-    table: Table | None = None        # None: plain SD, prompt without {}
-    truncation: int | None = None
+    table: object = None              # None (plain SD), a Table / MixedTable, or {name: table} for several
+    truncation: int | None = None     # NeTI nested-dropout truncation (applies to every NeTI concept)
     negative_prompt: str | None = None  # None: GenerateConfig.negative_prompt
+
+    @property
+    def tables(self) -> dict:
+        """{name: table}: what the prompt's `{name}` markers may refer to."""
+        if self.table is None:
+            return {}
+        return dict(self.table) if isinstance(self.table, dict) else {self.table.name: self.table}
+
+
+def _default_marker(tables: dict) -> str | None:
+    """Bare `{}` means the only concept, or else the only mix (XTI style mixing: `a photo of {}`)."""
+    from .mixing import MixedTable
+    mixes = [n for n, t in tables.items() if isinstance(t, MixedTable)]
+    return mixes[0] if len(tables) > 1 and len(mixes) == 1 else None
+
+
+def tokenize_request(model: Model, prompt: str, tables: dict):
+    return tokenize(model.tokenizer, prompt, list(tables) if tables else None, _default_marker(tables))
 
 
 @dataclass
@@ -95,11 +112,29 @@ def _size(model: Model, cfg: GenerateConfig) -> tuple[int, int]:
 
 
 def check_request(model: Model, req: Request) -> None:
-    """Validate a request before any work: concept width, truncation, prompt (placeholder, length)."""
-    if req.table is not None:
-        req.table.concept.check_model(model, req.table.placeholder)
-        req.table.concept.check_truncation(req.truncation)
-    tokenize(model.tokenizer, req.prompt, req.table.placeholder if req.table else None)
+    """Validate a request before any work: concept widths, truncation, prompt (markers, length)."""
+    tables = req.tables
+    for name, t in tables.items():
+        t.check(model, req.truncation, f"concept {name!r}")
+    if req.truncation is not None and not any(t.truncatable for t in tables.values()):
+        what = ", ".join(f"{n!r}" for n in tables) or "no concept"
+        raise NetiError(f"--truncation applies to NeTI concepts; this request has {what} without a NeTI mapper")
+    tokenize_request(model, req.prompt, tables)
+
+
+def concept_rows(tables: dict, timesteps: torch.Tensor, truncation: int | None):
+    """Every concept's rows for a schedule, stacked by slot: ([S, 16, K, D], same or None).
+
+    S = len(timesteps) if any concept varies over time, else 1 (one row serves every step). A
+    concept without a bypass gets zero rows beside one with it (a zero bypass changes nothing).
+    """
+    vary = any(t.time_varying for t in tables.values())
+    ts = timesteps if vary else timesteps[:1]
+    rows = [t.rows(ts, truncation) for t in tables.values()]
+    token = torch.stack([r[0] for r in rows], dim=2)
+    if all(r[1] is None for r in rows):
+        return token, None
+    return token, torch.stack([r[1] if r[1] is not None else torch.zeros_like(r[0]) for r in rows], dim=2)
 
 
 class TorchDenoiser:
@@ -165,22 +200,25 @@ class Engine:
             return Cond(*self._kv(enc, enc), time_varying=False)
         return self._cached(("neg", prompt, m.dtype), build)
 
-    def conditioning(self, prompt: str, table: Table | None, truncation: int | None, timesteps: torch.Tensor) -> Cond:
+    def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor) -> Cond:
+        """Per-layer K / V rows for `prompt` with `table` (a Table, a MixedTable or {name: table})."""
         m = self.model
-        if table is None:
+        tables = Request(prompt, 0, table).tables
+        if not tables:
             return self.negative(prompt)  # a plain prompt is encoded like a negative one
 
         def build():
-            toks = tokenize(m.tokenizer, prompt, table.placeholder)
-            ts = timesteps if table.time_varying else timesteps[:1]
-            token, bypass = table.rows(ts, truncation)                 # [S, 16, D]
-            S, L, D = token.shape
+            toks = tokenize_request(m, prompt, tables)
+            token, bypass = concept_rows(tables, timesteps, truncation)     # [S, 16, K, D]
+            S, L, K, D = token.shape
             dt = m.text_encoder.dtype
-            enc, enc_b = encode_rows(m.text_encoder, toks, token.reshape(S * L, D).to(dt),
-                                     None if bypass is None else bypass.reshape(S * L, D).to(dt))
+            enc, enc_b = encode_rows(m.text_encoder, toks, token.reshape(S * L, K, D).to(dt),
+                                     None if bypass is None else bypass.reshape(S * L, K, D).to(dt),
+                                     dedup=S == 1)  # time-varying rows are all distinct: no point sorting them
             enc, enc_b = enc.view(S, L, *enc.shape[1:]), enc_b.view(S, L, *enc_b.shape[1:])
-            return Cond(*self._kv(enc, enc_b), time_varying=table.time_varying)
-        key = ("cond", prompt, id(table), truncation, tuple(timesteps.tolist()), m.dtype)
+            return Cond(*self._kv(enc, enc_b), time_varying=S > 1)
+        key = ("cond", prompt, tuple((n, id(t)) for n, t in tables.items()), truncation,
+               tuple(timesteps.tolist()), m.dtype)
         return self._cached(key, build)
 
     # ------------------------------------------------------------------ denoising
@@ -193,6 +231,30 @@ class Engine:
             out.append(self.generate_batch(requests[i:i + bs], progress))
         return np.concatenate(out)
 
+    def pack(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool):
+        """The batch's conditionings as one K and one V table per layer, and each sample's rows.
+
+        Rows of distinct conditionings are concatenated once (negative prompts first: shared, not
+        copied per sample). U-Net batch row b (negative halves first when `guided`) reads
+        `base[b] + step * stride[b]`; stride is 0 for conditionings constant over time.
+        Returns (k_tables 16 x [R, 77, C_l], v_tables, base [B'], stride [B']).
+        """
+        m, cfg = self.model, self.cfg
+        entries, index = [], {}
+
+        def add(c: Cond) -> int:
+            if id(c) not in index:
+                index[id(c)] = (sum(e.k[0].shape[0] for e in entries), c)
+                entries.append(c)
+            return index[id(c)][0]
+        conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps) for r in reqs]
+        negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt) for r in reqs] if guided else []
+        base = [add(c) for c in negs + conds]
+        stride = [int(c.time_varying) for c in negs + conds]
+        k_tables = [torch.cat([e.k[l] for e in entries]) for l in range(NUM_LAYERS)]
+        v_tables = [torch.cat([e.v[l] for e in entries]) for l in range(NUM_LAYERS)]
+        return k_tables, v_tables, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
+
     @torch.no_grad()
     def generate_batch(self, reqs: list[Request], progress: bool = False) -> np.ndarray:
         m, cfg = self.model, self.cfg
@@ -204,23 +266,7 @@ class Engine:
         ts = sched.timesteps
         guided = cfg.guidance != 1.0
 
-        # Distinct conditionings -> rows of one table per layer; each sample gets (base, stride).
-        entries, index = [], {}
-
-        def add(c: Cond) -> int:
-            if id(c) not in index:
-                index[id(c)] = (sum(e.k[0].shape[0] for e in entries), c)
-                entries.append(c)
-            return index[id(c)][0]
-        conds = [self.conditioning(r.prompt, r.table, r.truncation, ts) for r in reqs]
-        negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt) for r in reqs] if guided else []
-        base = [add(c) for c in negs + conds]
-        stride = [int(c.time_varying) for c in negs + conds]
-        k_tables = [torch.cat([e.k[l] for e in entries]) for l in range(NUM_LAYERS)]
-        v_tables = [torch.cat([e.v[l] for e in entries]) for l in range(NUM_LAYERS)]
-        base = torch.tensor(base, device=m.device)
-        stride = torch.tensor(stride, device=m.device)
-
+        k_tables, v_tables, base, stride = self.pack(reqs, ts, guided)
         latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype) for r in reqs])
         latents = latents.to(m.device) * sched.init_noise_sigma
         from tqdm.auto import tqdm
@@ -241,19 +287,23 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
     on its own. Returns (negative [1, 77, D], per step: 16 x (enc, enc_bypass))."""
     m = model
     neg = encode_plain(m.text_encoder, m.tokenizer, cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt)
-    concept = req.table.concept if req.table is not None else None
-    toks = tokenize(m.tokenizer, req.prompt, concept.placeholder if concept else None)
+    tables = req.tables
+    toks = tokenize_request(m, req.prompt, tables)
     dt = m.text_encoder.dtype
     per_step = []
     for t in timesteps:
         layers = []
         for l in range(NUM_LAYERS):
-            if concept is None:
+            if not tables:
                 enc = encode(m.text_encoder, toks.input_ids[None])[0]
                 layers.append((enc, enc))
                 continue
-            token, bypass = concept.rows(t.float().view(1), torch.tensor([float(l)]), req.truncation)
-            layers.append(encode(m.text_encoder, toks.input_ids[None], toks.mask[None], token.to(dt),
+            rows = [tb.exact(t.float().view(1), torch.tensor([float(l)]), req.truncation) for tb in tables.values()]
+            token = torch.stack([r[0][0] for r in rows])[None]                     # [1, K, D]
+            bypass = None
+            if any(r[1] is not None for r in rows):
+                bypass = torch.stack([r[1][0] if r[1] is not None else torch.zeros_like(r[0][0]) for r in rows])[None]
+            layers.append(encode(m.text_encoder, toks.input_ids[None], toks.slot[None], token.to(dt),
                                  None if bypass is None else bypass.to(dt)))
         per_step.append(layers)
     return neg, per_step

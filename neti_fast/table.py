@@ -9,6 +9,7 @@ embeddings indexed by (t, l). File (safetensors):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,20 @@ def _key(name: str, truncation: int | None) -> str:
     return name if truncation is None else f"{name}.trunc{truncation}"
 
 
+def default_name(placeholder: str) -> str:
+    """The name a prompt uses for a concept, `{name}`: its placeholder without <>, e.g. <my-cat> -> my-cat."""
+    return placeholder.strip().strip("<>").strip() or placeholder
+
+
 @dataclass
 class Table:
     concept: Concept
     token: dict = field(default_factory=dict)    # truncation (None = full) -> [1000, 16, D]
     bypass: dict = field(default_factory=dict)
+    name: str | None = None                      # `{name}` in prompts; default from the placeholder
+
+    def __post_init__(self):
+        self.name = self.name or default_name(self.concept.placeholder)
 
     @property
     def placeholder(self) -> str:
@@ -39,6 +49,25 @@ class Table:
     @property
     def time_varying(self) -> bool:
         return self.concept.time_varying
+
+    @property
+    def has_bypass(self) -> bool:
+        return self.concept.has_bypass
+
+    @property
+    def truncatable(self) -> bool:
+        """Whether nested-dropout truncation means anything here (NeTI only)."""
+        return self.concept.method == "neti"
+
+    def check(self, model, truncation: int | None, where: str) -> None:
+        """Refuse a model of another text width or an out-of-range truncation."""
+        self.concept.check_model(model, where)
+        if self.truncatable:
+            self.concept.check_truncation(truncation)
+
+    def exact(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
+        """The concept evaluated at each (t[i], l[i]), as the official code does: ([N, D], [N, D] or None)."""
+        return self.concept.rows(t, l, truncation if self.truncatable else None)
 
     @property
     def truncations(self) -> list:
@@ -50,6 +79,7 @@ class Table:
         Integer timesteps with a precomputed truncation are a lookup; anything else (fractional t,
         a truncation not in the file) evaluates the concept, which is what the table holds anyway.
         """
+        truncation = truncation if self.truncatable else None
         ts = timesteps.detach().float().cpu()
         S = len(ts)
         integral = bool((ts == ts.round()).all()) and bool(((ts >= 0) & (ts < NUM_TIMESTEPS)).all())
@@ -60,12 +90,17 @@ class Table:
         t = ts.repeat_interleave(NUM_LAYERS)
         l = torch.arange(NUM_LAYERS).repeat(S).float()
         with torch.no_grad():
-            token, bypass = self.concept.rows(t, l, truncation)
+            token, bypass = self.exact(t, l, truncation)
         D = token.shape[-1]
         return token.cpu().view(S, NUM_LAYERS, D), None if bypass is None else bypass.cpu().view(S, NUM_LAYERS, D)
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
+        tensors, md = self.file_contents()
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
+
+    def file_contents(self) -> tuple[dict, dict]:
+        """(tensors, metadata) of this table's file."""
         tensors = dict(self.concept.tensors())
         for trunc, tok in self.token.items():
             tensors[_key("token", trunc)] = tok.contiguous()
@@ -74,7 +109,7 @@ class Table:
         md = self.concept.metadata()
         md["neti_fast.format"] = "table"
         md["truncations"] = ",".join(str(k) for k in self.truncations)
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
+        return tensors, md
 
 
 def precompute(concept: Concept, truncations=(), progress: bool = True, chunk: int = 4000) -> Table:
@@ -102,29 +137,103 @@ def precompute(concept: Concept, truncations=(), progress: bool = True, chunk: i
     return table
 
 
-def load_table(path: str | Path, placeholder: str | None = None) -> Table:
+def _add_rows(table: Table, tensors: dict, where) -> Table:
+    """Fill a table's token / bypass rows from a table file's tensors, validating their shapes."""
+    dim = table.concept.text_dim
+    for key, v in tensors.items():
+        base, _, trunc = key.partition(".trunc")
+        if base not in ("token", "bypass"):
+            continue
+        if v.ndim != 3 or v.shape[:2] != (NUM_TIMESTEPS, NUM_LAYERS) or v.shape[2] != dim:
+            raise NetiError(f"{where}: table tensor has shape {tuple(v.shape)}, expected [1000, 16, {dim}]")
+        if not torch.isfinite(v).all():
+            raise NetiError(f"{where}: table contains NaN or Inf")
+        (table.token if base == "token" else table.bypass)[int(trunc) if trunc else None] = v
+    return table
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (OSError, ValueError) as e:
+        raise NetiError(f"{path}: cannot read it ({e})") from None
+
+
+def load_table(path: str | Path, placeholder: str | None = None, name: str | None = None) -> Table:
     """A table file, or any concept file (then rows are evaluated on demand, exactly as precompute would)."""
     from safetensors import safe_open
 
     from .concept import load_concept
-    concept = load_concept(path, placeholder=placeholder)
-    table = Table(concept)
     path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), "pt") as f:
-                md = f.metadata() or {}
-                if md.get("neti_fast.format") == "table":
-                    for name in f.keys():
-                        base, _, trunc = name.partition(".trunc")
-                        if base in ("token", "bypass"):
-                            k = int(trunc) if trunc else None
-                            (table.token if base == "token" else table.bypass)[k] = f.get_tensor(name)
-        except (OSError, ValueError) as e:
-            raise NetiError(f"{path}: cannot read the table ({e})") from None
-        for k, v in list(table.token.items()) + list(table.bypass.items()):
-            if v.ndim != 3 or v.shape[:2] != (NUM_TIMESTEPS, NUM_LAYERS) or v.shape[2] != concept.text_dim:
-                raise NetiError(f"{path}: table tensor has shape {tuple(v.shape)}, expected [1000, 16, {concept.text_dim}]")
-            if not torch.isfinite(v).all():
-                raise NetiError(f"{path}: table contains NaN or Inf")
+    md = _metadata(path) if path.suffix == ".safetensors" and path.is_file() else {}
+    if md.get("neti_fast.format") == "bundle":
+        raise NetiError(f"{path}: is a bundle of concepts ({', '.join(json.loads(md['names']))}); "
+                        "load it with --concept (neti_fast.load_tables)")
+    table = Table(load_concept(path, placeholder=placeholder), name=name)
+    if md.get("neti_fast.format") == "table":
+        with safe_open(str(path), "pt") as f:
+            _add_rows(table, {k: f.get_tensor(k) for k in f.keys() if k.split(".")[0] in ("token", "bypass")}, path)
     return table
+
+
+def save_bundle(tables: dict, path: str | Path) -> Path:
+    """Several concepts (with their precomputed rows) in one file: `neti-fast merge` (TI's "merge embeddings")."""
+    from safetensors.torch import save_file
+    from .mixing import MixedTable
+    tensors, md = {}, {"neti_fast.format": "bundle", "version": "1", "names": json.dumps(list(tables))}
+    for name, t in tables.items():
+        if isinstance(t, MixedTable) or "/" in name:
+            raise NetiError(f"merge: {name!r} cannot go in a bundle (mixes are made at generation time; names have no '/')")
+        tt, tm = t.file_contents()
+        tensors.update({f"{name}/{k}": v for k, v in tt.items()})
+        md[f"{name}/metadata"] = json.dumps(tm)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
+
+
+def load_bundle(path: str | Path) -> dict:
+    """{name: Table} from a bundle written by `save_bundle`."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    md = _metadata(path)
+    try:
+        names = json.loads(md["names"])
+        tensors = load_file(str(path))
+        out = {}
+        for name in names:
+            tm = json.loads(md[f"{name}/metadata"])
+            mine = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}/")}
+            table = Table(Concept.from_tensors(mine, tm, f"{path} [{name}]"), name=name)
+            out[name] = _add_rows(table, mine, f"{path} [{name}]") if tm.get("neti_fast.format") == "table" else table
+    except (KeyError, ValueError, TypeError) as e:
+        raise NetiError(f"{path}: malformed concept bundle ({e})") from None
+    return out
+
+
+def load_tables(specs: list[str], placeholder: str | None = None) -> dict:
+    """`--concept` values, each `PATH` or `NAME=PATH` -> {name: Table}, in order.
+
+    The name is what prompts write as `{name}`; by default the concept's placeholder without <>.
+    Two concepts with the same name are an error that says how to rename one.
+    """
+    import re
+    if placeholder is not None and len(specs) > 1:
+        raise NetiError("--placeholder: only with a single --concept (name several with --concept NAME=PATH)")
+    tables, where = {}, {}
+    for spec in specs:
+        m = re.match(r"^([A-Za-z0-9_.+-]+)=(.+)$", spec)
+        name, path = (m.group(1), m.group(2)) if m and not Path(spec).exists() else (None, spec)
+        p = Path(path)
+        if p.suffix == ".safetensors" and p.is_file() and _metadata(p).get("neti_fast.format") == "bundle":
+            if name is not None:
+                raise NetiError(f"--concept {spec}: a bundle keeps its own names ({', '.join(load_bundle(p))}); drop NAME=")
+            found = list(load_bundle(p).values())
+        else:
+            found = [load_table(path, placeholder=placeholder, name=name)]
+        for table in found:
+            if table.name in tables:
+                raise NetiError(f"--concept {spec}: the name {table.name!r} is already used by {where[table.name]}; "
+                                f"give it another with --concept NAME={path}")
+            tables[table.name], where[table.name] = table, spec
+    return tables

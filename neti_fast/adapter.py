@@ -1,0 +1,109 @@
+"""NeTI inside an existing diffusers `StableDiffusionPipeline`.
+
+    from diffusers import StableDiffusionPipeline, DPMSolverMultistepScheduler
+    import neti_fast as nf
+    pipe = StableDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # NeTI's default
+    handle = nf.attach(pipe, nf.load_table("my-cat.table.safetensors"), truncation=None)
+    image = pipe("A photo of {} on a beach", generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    handle.detach()                                   # the pipeline is plain SD again
+
+`attach` takes what a `Request` takes: a Table, a MixedTable, or {name: table} for `{name}`
+markers. Same image as `neti-fast generate` for the same seed, steps, guidance and scheduler (a test
+checks it); for a batch, pass one CPU generator per image, as `generate` draws each image's noise
+from its own seed.
+
+How: on this pipeline instance only, `encode_prompt` is replaced by one that records each
+sample's prompt and negative prompt (and returns their plain CLIP encodings, which the pipeline
+only uses for shapes); the U-Net's 16 cross-attention layers get neti-fast's bound processors, and
+a pre-hook on the U-Net turns each call's timestep into a step index and points them at the
+engine's per-layer K / V tables (built on the first step of a call, cached across calls).
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import NetiError
+from .models import Model
+from .pipeline import Engine, GenerateConfig, Request, check_request
+
+
+class Attachment:
+    def __init__(self, pipe, table, truncation: int | None = None, attention: str = "auto"):
+        self.pipe, self.table, self.truncation = pipe, table, truncation
+        model = Model(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, dict(pipe.scheduler.config),
+                      name=getattr(pipe, "name_or_path", None) or "pipeline")
+        self.engine = Engine(model, GenerateConfig(attention=attention))  # binds the processors to pipe.unet
+        self.state = model.attn_state
+        self._requests: list[Request] = []
+        self._packed = None
+        self._original = pipe.__dict__.get("encode_prompt")
+        pipe.encode_prompt = self.encode_prompt
+        self._hooks = [pipe.unet.register_forward_pre_hook(self._before, with_kwargs=True),
+                       pipe.unet.register_forward_hook(self._after)]
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, **_ignored):
+        if prompt is None or prompt_embeds is not None or negative_prompt_embeds is not None:
+            raise NetiError("neti_fast.attach: pass `prompt` (with {} where the concept goes), not prompt_embeds")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if len(negs) != len(prompts):
+            raise NetiError(f"neti_fast.attach: {len(negs)} negative prompts for {len(prompts)} prompts")
+        n = num_images_per_prompt
+        m = self.engine.model
+        self._requests = [Request(p, 0, self.table, self.truncation, ng) for p, ng in zip(prompts, negs) for _ in range(n)]
+        for r in self._requests:
+            check_request(m, r)
+        self._packed = None
+        enc = self._plain([r.negative_prompt for r in self._requests]).to(device)  # shapes only: tables carry the text
+        return enc, (enc if do_classifier_free_guidance else None)
+
+    def _plain(self, texts: list[str]) -> torch.Tensor:
+        from .conditioning import encode_plain
+        m = self.engine.model
+        with torch.no_grad():
+            return torch.cat([encode_plain(m.text_encoder, m.tokenizer, t) for t in texts])
+
+    def _before(self, _module, args, kwargs):
+        if not self._requests:
+            return None
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        ts = self.pipe.scheduler.timesteps
+        B = len(self._requests)
+        guided = x.shape[0] == 2 * B
+        if x.shape[0] not in (B, 2 * B):
+            raise NetiError(f"neti_fast.attach: U-Net batch {x.shape[0]} does not match {B} prompts' images")
+        key = (tuple(ts.tolist()), guided)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, self.engine.pack(self._requests, ts, guided))
+        k_tables, v_tables, base, stride = self._packed[1]
+        step = int(torch.argmin((ts.to(torch.float64).cpu() - float(t)).abs()))
+        st = self.state
+        st.mode, st.backend, st.k_tables, st.v_tables = "tables", self.engine.cfg.attention, k_tables, v_tables
+        st.row_idx = base + step * stride
+        return None
+
+    def _after(self, _module, _args, _output):
+        st = self.state
+        st.mode, st.row_idx, st.k_tables, st.v_tables = "plain", None, [], []
+
+    def detach(self) -> None:
+        """Remove the hooks and the prompt override; the processors stay, in plain mode (= diffusers' math)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._original is None:
+            self.pipe.__dict__.pop("encode_prompt", None)
+        else:
+            self.pipe.encode_prompt = self._original
+        self._after(None, None, None)
+
+
+def attach(pipe, table, truncation: int | None = None, attention: str = "auto") -> Attachment:
+    """Make `pipe("... {} ...")` generate with `table` (see the module docstring); returns a handle to `detach()`."""
+    for name in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        if getattr(pipe, name, None) is None:
+            raise NetiError(f"neti_fast.attach: the pipeline has no {name}; a StableDiffusionPipeline (SD 1.x) is needed")
+    return Attachment(pipe, table, truncation, attention)

@@ -1,0 +1,192 @@
+"""Mixing concepts over U-Net layers (XTI / P+ style mixing) and over denoising time.
+
+A `MixedTable` is a concept made of others: at each (t, l) exactly one part serves the token and
+bypass rows. XTI's style mixing sends one concept to the coarse layers and another to the rest:
+
+    --layer-mix "IN01-IN08:cat,MID-OUT11:painting"      (layer names: neti_fast.models.UNET_LAYERS)
+    --time-mix  "t>=600:cat,t<600:painting"              (t: the scheduler's timestep, 999 = pure noise)
+
+Every layer (every t in 0..999) must be covered exactly once. The mix is named `mix` (or
+`NAME=...` before the spec) and a prompt refers to it as `{mix}`, or as bare `{}` when it is the
+only mix. Parts without a bypass (TI / XTI) contribute a zero bypass, which leaves CLIP's output
+unchanged at their positions, exactly as if they were used alone.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NetiError
+from .models import NUM_LAYERS, UNET_LAYERS
+from .table import NUM_TIMESTEPS
+
+
+@dataclass
+class MixedTable:
+    parts: list                                   # Tables
+    layer_part: list | None = None                # layer mix: part index for each of the 16 layers
+    time_rules: list | None = None                # time mix: [(lo, hi, part index)], lo <= t < hi
+    name: str = "mix"
+    spec: str = ""
+
+    @property
+    def placeholder(self) -> str:
+        return f"<{self.name}>"
+
+    @property
+    def time_varying(self) -> bool:
+        return self.time_rules is not None or any(p.time_varying for p in self.parts)
+
+    @property
+    def has_bypass(self) -> bool:
+        return any(p.has_bypass for p in self.parts)
+
+    @property
+    def truncatable(self) -> bool:
+        return any(p.truncatable for p in self.parts)
+
+    def check(self, model, truncation, where: str) -> None:
+        for p in self.parts:
+            p.check(model, truncation, where)
+
+    def which(self, t: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        """Part index for each (t[i], l[i])."""
+        if self.layer_part is not None:
+            return torch.tensor(self.layer_part)[l.long().cpu()]
+        out = torch.full(t.shape, -1, dtype=torch.long)
+        for lo, hi, k in self.time_rules:
+            out[(t.cpu() >= lo) & (t.cpu() < hi)] = k
+        return out
+
+    def _select(self, results, idx: torch.Tensor):
+        """Per-part (token, bypass) results of the same shape -> the chosen part's rows."""
+        token = torch.stack([r[0].cpu() for r in results])                      # [P, ..., D]
+        pick = idx.view(1, *idx.shape, 1).expand(1, *token.shape[1:])
+        token = token.gather(0, pick)[0]
+        if not self.has_bypass:
+            return token, None
+        bypass = torch.stack([r[1].cpu() if r[1] is not None else torch.zeros_like(r[0].cpu()) for r in results])
+        return token, bypass.gather(0, pick)[0]
+
+    def rows(self, timesteps: torch.Tensor, truncation: int | None = None):
+        """As `Table.rows`: ([S, 16, D], [S, 16, D] or None)."""
+        ts = timesteps.detach().float().cpu()
+        t = ts[:, None].expand(-1, NUM_LAYERS)
+        l = torch.arange(NUM_LAYERS)[None].expand(len(ts), -1)
+        return self._select([p.rows(ts, truncation) for p in self.parts], self.which(t, l))
+
+    def exact(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
+        """As `Table.exact`: each (t[i], l[i]) evaluated by the part that serves it."""
+        return self._select([p.exact(t, l, truncation) for p in self.parts], self.which(t, l))
+
+
+def _split_name(spec: str, flag: str) -> tuple[str, str]:
+    m = re.match(r"^\s*([A-Za-z0-9_.+-]+)\s*=(.*)$", spec)
+    name, body = (m.group(1), m.group(2)) if m else ("mix", spec)
+    if not body.strip():
+        raise NetiError(f"{flag} {spec!r}: empty")
+    return name, body
+
+
+def _entries(spec: str, body: str, flag: str, tables: dict) -> list[tuple[str, object]]:
+    """`A:name, B:name` -> [(A, table)], names checked against `tables`."""
+    out = []
+    for part in body.split(","):
+        where, sep, name = part.rpartition(":")
+        name = name.strip().strip("{}").strip()
+        if not sep or not where.strip():
+            raise NetiError(f"{flag} {spec!r}: entry {part.strip()!r} should look like RANGE:NAME")
+        if name not in tables:
+            raise NetiError(f"{flag} {spec!r}: {name!r} is not a concept given here (have: {', '.join(tables) or 'none'})")
+        out.append((where.strip(), tables[name]))
+    return out
+
+
+def _parts(entries) -> tuple[list, list[int]]:
+    parts, index = [], []
+    for _, table in entries:
+        if all(p is not table for p in parts):
+            parts.append(table)
+        index.append(next(i for i, p in enumerate(parts) if p is table))
+    return parts, index
+
+
+def _layer(name: str, spec: str) -> int:
+    upper = name.strip().upper()
+    if upper not in UNET_LAYERS:
+        raise NetiError(f"--layer-mix {spec!r}: unknown layer {name.strip()!r}; layers are {', '.join(UNET_LAYERS)}")
+    return UNET_LAYERS.index(upper)
+
+
+def parse_layer_mix(spec: str, tables: dict) -> MixedTable:
+    """`[NAME=]IN01-IN08:cat,MID-OUT11:painting` -> a MixedTable; every layer covered exactly once."""
+    name, body = _split_name(spec, "--layer-mix")
+    entries = _entries(spec, body, "--layer-mix", tables)
+    parts, index = _parts(entries)
+    owner = [None] * NUM_LAYERS
+    for (rng, _), k in zip(entries, index):
+        if rng.lower() == "all":
+            lo, hi = 0, NUM_LAYERS - 1
+        else:
+            a, _, b = rng.partition("-")
+            lo, hi = _layer(a, spec), _layer(b or a, spec)
+        if hi < lo:
+            raise NetiError(f"--layer-mix {spec!r}: range {rng!r} runs backwards (order: {', '.join(UNET_LAYERS)})")
+        for l in range(lo, hi + 1):
+            if owner[l] is not None:
+                raise NetiError(f"--layer-mix {spec!r}: layer {UNET_LAYERS[l]} is given twice")
+            owner[l] = k
+    missing = [UNET_LAYERS[l] for l in range(NUM_LAYERS) if owner[l] is None]
+    if missing:
+        raise NetiError(f"--layer-mix {spec!r}: no concept for layer(s) {', '.join(missing)}")
+    return MixedTable(parts, layer_part=owner, name=name, spec=spec)
+
+
+_TIME = [(re.compile(r"^t\s*>=\s*(\d+)$"), lambda m: (int(m[1]), NUM_TIMESTEPS)),
+         (re.compile(r"^t\s*<\s*(\d+)$"), lambda m: (0, int(m[1]))),
+         (re.compile(r"^(\d+)\s*<=\s*t\s*<\s*(\d+)$"), lambda m: (int(m[1]), int(m[2])))]
+
+
+def parse_time_mix(spec: str, tables: dict) -> MixedTable:
+    """`[NAME=]t>=600:cat,t<600:painting` (also `200<=t<600:x`) -> a MixedTable; t in 0..999 covered once.
+
+    Bounds are integers, so covering the integers covers the fractional timesteps of Euler too.
+    """
+    name, body = _split_name(spec, "--time-mix")
+    entries = _entries(spec, body, "--time-mix", tables)
+    parts, index = _parts(entries)
+    rules, owner = [], [None] * NUM_TIMESTEPS
+    for (cond, _), k in zip(entries, index):
+        for rx, bounds in _TIME:
+            m = rx.match(cond.replace(" ", ""))
+            if m:
+                lo, hi = bounds(m)
+                break
+        else:
+            raise NetiError(f"--time-mix {spec!r}: condition {cond!r} should be t>=N, t<N or N<=t<M")
+        for t in range(lo, min(hi, NUM_TIMESTEPS)):
+            if owner[t] is not None:
+                raise NetiError(f"--time-mix {spec!r}: t={t} is covered twice")
+            owner[t] = k
+        rules.append((float(lo), float("inf") if hi >= NUM_TIMESTEPS else float(hi), k))
+    missing = [t for t in range(NUM_TIMESTEPS) if owner[t] is None]
+    if missing:
+        raise NetiError(f"--time-mix {spec!r}: no concept for t in {missing[0]}..{missing[-1]}"
+                        + ("" if len(missing) == missing[-1] - missing[0] + 1 else " (in part)"))
+    return MixedTable(parts, time_rules=rules, name=name, spec=spec)
+
+
+def add_mixes(tables: dict, layer_mix: str | None = None, time_mix: str | None = None) -> dict:
+    """`tables` plus the mix that `--layer-mix` or `--time-mix` describes (one at a time)."""
+    if layer_mix and time_mix:
+        raise NetiError("--layer-mix and --time-mix: give one of them (a mix of mixes is not supported)")
+    spec = layer_mix or time_mix
+    if not spec:
+        return tables
+    mix = parse_layer_mix(spec, tables) if layer_mix else parse_time_mix(spec, tables)
+    if mix.name in tables:
+        raise NetiError(f"{'--layer-mix' if layer_mix else '--time-mix'} {spec!r}: the name {mix.name!r} is "
+                        "already a concept; write NAME=... before the spec")
+    return {**tables, mix.name: mix}
