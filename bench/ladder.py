@@ -1,7 +1,7 @@
 """`neti-fast bench`: the latency / throughput ladder, every rung measured side by side in one run.
 
     neti-fast bench [--model tiny] [--device cuda] [--dtype fp16] [--steps 50] [--batch-sizes 1 4 16]
-                    [--rungs reference diffusers eager batched triton compile onnx tensorrt]
+                    [--rungs reference diffusers eager batched concepts triton compile onnx tensorrt]
                     [--repeats 3] [--json out.json] [--chart out.png] [--quick]
     python -m neti_fast.bench.ladder ...   (same arguments)
 
@@ -17,6 +17,8 @@ every rung; the rungs, from the official algorithm to the fastest backend:
   eager      neti-fast Engine, PyTorch eager, batch size 1 (one seed at a time; the engine always
              runs both guidance halves in one U-Net call), SDPA attention.
   batched    Engine with batch size B: all seeds of the batch in one U-Net call, SDPA attention.
+  concepts   batched, but each image of the batch has its own NeTI concept (B concepts in one
+             U-Net call); the summary compares its U-Net ms/step with `batched` (one concept).
   triton     batched + the fused row-gather Triton cross-attention kernel (CUDA only).
   compile    batched + `torch.compile` of the U-Net (attention "auto"); GPU-only unless --compile-on-cpu.
   onnx       batched + the exported ONNX denoiser on onnxruntime (`neti_fast.export.onnx`).
@@ -61,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-RUNGS = ("reference", "diffusers", "eager", "batched", "triton", "compile", "onnx", "tensorrt")
+RUNGS = ("reference", "diffusers", "eager", "batched", "concepts", "triton", "compile", "onnx", "tensorrt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a photo of {}"                  # NeTI prompt (rungs with the concept)
 PLAIN_PROMPT = "a photo of a dog"         # diffusers rung: no concept
@@ -435,6 +437,29 @@ class BatchedRung(EngineRung):
     name, label = "batched", "neti-fast batched (all seeds in one U-Net call), SDPA"
 
 
+class ConceptsRung(BatchedRung):
+    """Serving many users at once: batch B holds B *different* NeTI concepts (one per seed)."""
+    name, label = "concepts", "neti-fast batched, a different concept per image"
+
+    def setup(self):
+        from neti_fast.concept import Concept
+        from neti_fast.mapper import MapperConfig, NeTIMapper
+        from neti_fast.table import precompute
+        self.tables = []
+        for i in range(max(self.a.batch_sizes)):
+            torch.manual_seed(1000 + i)
+            mapper = NeTIMapper(MapperConfig(output_dim=self.m.text_dim, target_norm=0.4)).eval()
+            self.tables.append(precompute(Concept("neti", f"<c{i}>", self.m.text_dim, mapper=mapper), (), progress=False))
+        self.notes = "B concepts in one batch: each sample indexes its own K/V rows (compare with `batched`: one concept)"
+        super().setup()
+
+    @torch.no_grad()
+    def run(self, seeds):
+        from neti_fast.pipeline import Request
+        self.engine._cache.clear()
+        self.engine.generate_batch([Request(PROMPT, s, self.tables[i]) for i, s in enumerate(seeds)])
+
+
 class TritonRung(EngineRung):
     name, label, attention = "triton", "neti-fast batched + Triton cross-attention", "triton"
 
@@ -528,7 +553,7 @@ class TensorRTRung(EngineRung):
         return self._den
 
 
-RUNG_CLASSES = {c.name: c for c in (ReferenceRung, DiffusersRung, EagerRung, BatchedRung, TritonRung,
+RUNG_CLASSES = {c.name: c for c in (ReferenceRung, DiffusersRung, EagerRung, BatchedRung, ConceptsRung, TritonRung,
                                     CompileRung, OnnxRung, TensorRTRung)}
 
 
@@ -649,6 +674,16 @@ def summary(rows: list[dict]) -> dict:
         refB = ok.get(("reference", best["batch"])) or max(ref, key=lambda r: r["batch"])
         out["best"] = {"rung": best["rung"], "batch": best["batch"], "images_per_s": best["images_per_s"],
                        "speedup_vs_reference": best["images_per_s"] / refB["images_per_s"]}
+    many = [r for (n, _), r in ok.items() if n == "concepts"]
+    if many and bat:
+        common = sorted({r["batch"] for r in many} & {r["batch"] for r in bat})
+        if common:
+            B = common[-1]
+            # denoising cost of B different concepts vs one (target: within 5%); img/s also pays B conditionings
+            out["concepts_vs_one_concept"] = {
+                "batch": B,
+                "unet_ms_per_step_ratio": ok[("concepts", B)]["unet_ms_per_step"] / ok[("batched", B)]["unet_ms_per_step"],
+                "images_per_s_ratio": ok[("concepts", B)]["images_per_s"] / ok[("batched", B)]["images_per_s"]}
     dif = [r for (n, _), r in ok.items() if n == "diffusers"]
     if dif and bat:
         common = sorted({r["batch"] for r in dif} & {r["batch"] for r in bat})
@@ -696,6 +731,10 @@ def format_table(result: dict) -> str:
             out.append(f"{l[0].ljust(widths[0])}  {l[2]}")
     s = result["summary"]
     out.append("")
+    if "concepts_vs_one_concept" in s:
+        c = s["concepts_vs_one_concept"]
+        out.append(f"{c['batch']} different concepts vs one, batch {c['batch']}: U-Net ms/step x{c['unet_ms_per_step_ratio']:.3f}, "
+                   f"img/s x{c['images_per_s_ratio']:.3f} (img/s includes {c['batch']} cold conditionings)")
     if "conditioning_speedup" in s:
         out.append(f"conditioning speedup (reference / batched cond ms per prompt): {s['conditioning_speedup']:.1f}x")
     if "images_per_s_speedup_largest_batch" in s:

@@ -89,6 +89,15 @@ def cmd_precompute(args):
     print(f"table for {concept.placeholder!r}: 1000 timesteps x 16 layers, truncations {table.truncations or 'none'} -> {out}")
 
 
+def cmd_merge(args):
+    from .table import load_tables, save_bundle
+    if Path(args.out).exists() and not args.overwrite:
+        raise NetiError(f"--out {args.out}: exists; use --overwrite to replace it")
+    tables = load_tables(args.concepts)
+    out = save_bundle(tables, args.out)
+    print(f"bundle of {len(tables)} concepts ({', '.join('{' + n + '}' for n in tables)}) -> {out}")
+
+
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -104,29 +113,54 @@ def _read_prompts(args) -> list[str]:
 
 def cmd_generate(args):
     from .api import generate_to_folder
+    from .mixing import add_mixes
     from .models import load_model
-    from .pipeline import Engine, GenerateConfig, check_request, Request
-    from .table import load_table
+    from .pipeline import Engine, GenerateConfig, Request, check_request
+    from .table import load_tables
     prompts = _read_prompts(args)
     seeds = parse_seeds(args.seeds)
-    table = load_table(args.concept, placeholder=args.placeholder) if args.concept else None
+    tables = add_mixes(load_tables(args.concept or [], args.placeholder), args.layer_mix, args.time_mix)
     truncs = args.truncation or [None]
     device, dtype = _torch_setup(args)
     model = load_model(args.model, device=device, dtype=dtype)
     for p in prompts:  # validate everything before any work
         for t in truncs:
-            check_request(model, Request(p, 0, table, t))
+            check_request(model, Request(p, 0, tables or None, t))
     cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                         attention="triton" if args.backend == "triton" else args.attention)
+                         attention=attention_choice(args))
     engine = Engine(model, cfg, denoiser=_denoiser(args, model, cfg))
-    entries = generate_to_folder(model, table, prompts, seeds, args.out, truncs, cfg, overwrite=args.overwrite,
-                                 model_name=args.model, concept_name=args.concept, engine=engine)
-    print(f"{len(entries)} images, {len(prompts)} grid(s) and manifest.json in {args.out}")
+    described = ",".join(args.concept or []) + "".join(f" {f}={v}" for f, v in (("layer-mix", args.layer_mix), ("time-mix", args.time_mix)) if v)
+    entries = generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, cfg, overwrite=args.overwrite,
+                                 model_name=args.model, concept_name=described or None, engine=engine)
+    sweep = " and truncation sweep grid(s)" if len(truncs) > 1 else ""
+    print(f"{len(entries)} images, {len(prompts)} grid(s){sweep} and manifest.json in {args.out}")
+
+
+BACKENDS = ("auto", "eager", "triton", "compile", "onnx", "tensorrt")
+
+
+def add_runtime_args(p) -> None:
+    """--attention / --backend / --export-dir, shared by `generate` and `run`."""
+    p.add_argument("--attention", choices=["auto", "triton", "sdpa", "xformers", "eager"], default="auto",
+                   help="cross-attention kernel (auto: the Triton kernel on CUDA when its guards pass, else SDPA)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="U-Net runtime. auto = eager today: it has no build step, and the others (compile, "
+                        "onnx, tensorrt) have no GPU measurement yet to justify their minutes of export / build")
+    p.add_argument("--export-dir", default=None, help="cache for onnx / tensorrt exports")
+
+
+def resolve_backend(args) -> str:
+    backend = getattr(args, "backend", "auto")
+    return "eager" if backend == "auto" else backend
+
+
+def attention_choice(args) -> str:
+    return "triton" if resolve_backend(args) == "triton" else args.attention
 
 
 def _denoiser(args, model, cfg):
-    backend = getattr(args, "backend", "eager")
+    backend = resolve_backend(args)
     if backend in ("eager", "triton"):
         return None  # Engine's default TorchDenoiser; `triton` has set cfg.attention = "triton"
     if backend == "compile":
@@ -211,11 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_precompute)
 
+    p = sub.add_parser("merge", help="bundle several concepts in one file (prompts use {NAME} for each)")
+    p.add_argument("concepts", nargs="+", metavar="[NAME=]PATH", help="concept / table files (any supported format, or bundles)")
+    p.add_argument("--out", required=True, help="bundle .safetensors to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("generate", help="batched generation with a concept (or plain SD without one)")
     _add_model_args(p)
-    p.add_argument("--concept", default=None, help="table or concept file (any supported format)")
-    p.add_argument("--placeholder", default=None, help="override the concept's placeholder token")
-    p.add_argument("--prompt", action="append", help='prompt with {} where the concept goes; repeatable')
+    p.add_argument("--concept", action="append", metavar="[NAME=]PATH",
+                   help="table or concept file (any supported format); repeat for several concepts, written "
+                        "{NAME} in prompts (default NAME: the placeholder without <>)")
+    p.add_argument("--placeholder", default=None, help="override the concept's placeholder token (one concept)")
+    p.add_argument("--layer-mix", default=None, metavar="SPEC",
+                   help='XTI style mixing, e.g. "IN01-IN08:cat,MID-OUT11:painting"; the prompt\'s {} (or {mix}) '
+                        "takes each layer's token from the concept named for it")
+    p.add_argument("--time-mix", default=None, metavar="SPEC",
+                   help='mixing over time, e.g. "t>=600:cat,t<600:painting" (t = scheduler timestep, 999 = noise)')
+    p.add_argument("--prompt", action="append", help='prompt with {} (or {NAME}) where the concept goes; repeatable')
     p.add_argument("--prompts-file", default=None, help="one prompt per line")
     p.add_argument("--seeds", nargs="+", default=["0"], help="e.g. 0-15 or 0 3 7 (default 0)")
     p.add_argument("--steps", type=int, default=50)
@@ -223,17 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--scheduler", choices=["dpm++", "ddim", "euler"], default="dpm++")
     p.add_argument("--truncation", type=int, nargs="+", default=None, metavar="K",
-                   help="nested-dropout truncation(s): smaller K = more editable, less faithful")
+                   help="nested-dropout truncation(s): smaller K = more editable, less faithful; several "
+                        "also write a sweep grid per seed (rows prompts, columns truncations)")
     p.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--attention", choices=["auto", "triton", "sdpa", "xformers", "eager"], default="auto")
-    p.add_argument("--backend", choices=["eager", "triton", "compile", "onnx", "tensorrt"], default="eager",
-                   help="U-Net runtime (eager uses the Triton attention kernel on CUDA when it can)")
-    p.add_argument("--export-dir", default=None, help="cache for onnx / tensorrt exports")
+    add_runtime_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("run", help="run a JSONL job of many requests: packed batches, resumable, torchrun-aware")
+    from . import jobs
+    jobs.add_arguments(p)
+    p.set_defaults(func=lambda args: jobs.main(args))
 
     p = sub.add_parser("tiny-model", help="write the built-in tiny model as a diffusers folder")
     p.add_argument("dir")
@@ -251,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import ladder
     ladder.add_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="CLIP image / text and DINO similarity of generated images (per truncation)")
+    from . import evaluate
+    evaluate.add_arguments(p)
+    p.set_defaults(func=lambda args: evaluate.main(args))
     return ap
 
 

@@ -162,21 +162,82 @@ def encode(text_encoder, input_ids: torch.Tensor, slot: torch.Tensor | None = No
         enc = text_encoder(input_ids).last_hidden_state
     if bypass is None:
         return enc, enc
-    h = captured["pre_ln"]
-    b = bypass.to(dev, h.dtype)
+    return enc, _bypassed(text_encoder, captured["pre_ln"], slot, bypass)
+
+
+def _bypassed(text_encoder, h: torch.Tensor, slot: torch.Tensor, bypass: torch.Tensor) -> torch.Tensor:
+    """LN(h + 0.2 b / ||b|| ||h||) at each slot's positions; h is CLIP's state before its final LN."""
+    b = bypass.to(h.device, h.dtype)
     b = b[:, None] if b.ndim == 2 else b
     unit = b / b.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)  # 0 stays 0
     step = BYPASS_SCALE * _per_position(unit, slot) * h.norm(dim=-1, keepdim=True)
-    enc_b = _text_model(text_encoder).final_layer_norm(h + (slot >= 0)[..., None] * step)
-    return enc, enc_b
+    return _text_model(text_encoder).final_layer_norm(h + (slot >= 0)[..., None] * step)
+
+
+# ----------------------------------------------------------------------------- prefix reuse
+# CLIP's text transformer is causal: positions before the first placeholder see only the prompt,
+# never the concept, so they are the same for every (t, l) row. `encode_prefixed` runs them once
+# (batch 1), keeps each layer's keys / values, and runs only positions p..76 for the N rows,
+# attending to the cached prefix. Same math as `encode`; it saves p/77 of the text encoder's work
+# and memory traffic per row (more for prompts whose concept comes late), and skips the hooks.
+
+def _prefix_capable(text_encoder) -> bool:
+    tm = _text_model(text_encoder)
+    layers = getattr(getattr(tm, "encoder", None), "layers", None)
+    return layers is not None and all(hasattr(layer, a) for layer in layers
+                                      for a in ("self_attn", "layer_norm1", "layer_norm2", "mlp"))
+
+
+def _clip_blocks(text_encoder, x: torch.Tensor, start: int, cache: list | None):
+    """CLIP's encoder layers over positions start..start+n-1 (x [B, n, D], embeddings included),
+    attending to `cache` (each layer's K, V [1, H, start, dh] of the earlier positions) and causally
+    to themselves. Returns (state before the final LN [B, n, D], this call's per-layer K, V)."""
+    import torch.nn.functional as F
+    B, n, D = x.shape
+    allowed = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start)  # query i sees keys <= start + i
+    kv = []
+    for i, layer in enumerate(_text_model(text_encoder).encoder.layers):
+        a = layer.self_attn
+        h = layer.layer_norm1(x)
+        heads = (B, n, a.num_heads, a.head_dim)
+        q, k, v = (proj(h).view(heads).transpose(1, 2) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        kv.append((k, v))
+        if cache:
+            k = torch.cat([cache[i][0].expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([cache[i][1].expand(B, -1, -1, -1), v], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=a.scale)
+        x = x + a.out_proj(o.transpose(1, 2).reshape(B, n, D))
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x, kv
+
+
+def encode_prefixed(text_encoder, tokens: PromptTokens, token: torch.Tensor, bypass: torch.Tensor | None):
+    """`encode` for N rows of one prompt (token / bypass [N, K, D]), with the prefix run once."""
+    tm = _text_model(text_encoder)
+    dev = text_encoder.device
+    ids, slot = tokens.input_ids.to(dev)[None], tokens.slot.to(dev)[None]
+    N = token.shape[0]
+    p = int(tokens.mask.nonzero()[0, 0])
+    emb = tm.embeddings
+    tok_emb = emb.token_embedding(ids)                                           # [1, 77, D]
+    pos_emb = emb.position_embedding(torch.arange(ids.shape[1], device=dev))[None]
+    prefix, cache = _clip_blocks(text_encoder, (tok_emb + pos_emb)[:, :p], 0, None)
+    rows = torch.where((slot >= 0)[..., None], _per_position(token.to(dev, tok_emb.dtype), slot.expand(N, -1)), tok_emb)
+    suffix, _ = _clip_blocks(text_encoder, (rows + pos_emb)[:, p:], p, cache)
+    h = torch.cat([prefix.expand(N, -1, -1), suffix], dim=1)
+    enc = tm.final_layer_norm(h)
+    if bypass is None:
+        return enc, enc
+    return enc, _bypassed(text_encoder, h, slot.expand(N, -1), bypass.to(dev))
 
 
 def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor, bypass: torch.Tensor | None,
-                chunk: int = 64, dedup: bool = True):
+                chunk: int = 64, dedup: bool = True, prefix: bool = True):
     """One prompt encoded for N rows of concept tokens: token / bypass [N, K, D] (or [N, D]) ->
     ([N, 77, D], [N, 77, D]).
 
-    With `dedup`, equal rows are encoded once (torch.unique); the rest run in batches of `chunk`.
+    With `dedup`, equal rows are encoded once (torch.unique); the rest run in batches of `chunk`,
+    through `encode_prefixed` (`prefix`: the positions before the first placeholder run once).
     """
     N = token.shape[0]
     token = token.reshape(N, -1, token.shape[-1])
@@ -185,12 +246,16 @@ def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor, bypass:
     rows = rows.reshape(N, -1)
     if dedup:
         rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    prefixed = prefix and bool(tokens.mask.any()) and _prefix_capable(text_encoder)
     enc, enc_b = [], []
     for i in range(0, len(rows), chunk):
         u = rows[i:i + chunk].view(-1, rows.shape[1] // D, D)
         n = len(u)
-        e, eb = encode(text_encoder, tokens.input_ids.expand(n, -1), tokens.slot.expand(n, -1),
-                       u[:, :K], None if bypass is None else u[:, K:])
+        if prefixed:
+            e, eb = encode_prefixed(text_encoder, tokens, u[:, :K], None if bypass is None else u[:, K:])
+        else:
+            e, eb = encode(text_encoder, tokens.input_ids.expand(n, -1), tokens.slot.expand(n, -1),
+                           u[:, :K], None if bypass is None else u[:, K:])
         enc.append(e)
         enc_b.append(eb)
     enc, enc_b = torch.cat(enc), torch.cat(enc_b)

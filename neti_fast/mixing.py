@@ -14,13 +14,13 @@ unchanged at their positions, exactly as if they were used alone.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import NetiError
 from .models import NUM_LAYERS, UNET_LAYERS
-from .table import NUM_TIMESTEPS
+from .table import NUM_TIMESTEPS, new_uid
 
 
 @dataclass
@@ -30,6 +30,7 @@ class MixedTable:
     time_rules: list | None = None                # time mix: [(lo, hi, part index)], lo <= t < hi
     name: str = "mix"
     spec: str = ""
+    uid: int = field(default_factory=new_uid, compare=False, repr=False)
 
     @property
     def placeholder(self) -> str:

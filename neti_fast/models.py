@@ -227,11 +227,12 @@ def tiny_model_dir() -> Path:
     if not (d / "neti_fast_tiny.json").exists():
         try:
             build_tiny(d)
-        except FileExistsError:  # another process won the race
-            pass
-        except OSError as e:
+        except (OSError, NetiError) as e:
+            # Several processes (torchrun ranks, parallel tests) may build it at once: each builds in
+            # its own temporary folder and renames it into place; whoever loses finds it there.
             if not (d / "neti_fast_tiny.json").exists():
-                raise NetiError(f"cannot build the tiny model in {d}: {e.strerror or e} (set NETI_FAST_CACHE)") from e
+                why = e.strerror or e if isinstance(e, OSError) else e
+                raise NetiError(f"cannot build the tiny model in {d}: {why} (set NETI_FAST_CACHE)") from e
     return d
 
 

@@ -217,7 +217,7 @@ class Engine:
                                      dedup=S == 1)  # time-varying rows are all distinct: no point sorting them
             enc, enc_b = enc.view(S, L, *enc.shape[1:]), enc_b.view(S, L, *enc_b.shape[1:])
             return Cond(*self._kv(enc, enc_b), time_varying=S > 1)
-        key = ("cond", prompt, tuple((n, id(t)) for n, t in tables.items()), truncation,
+        key = ("cond", prompt, tuple((n, t.uid) for n, t in tables.items()), truncation,
                tuple(timesteps.tolist()), m.dtype)
         return self._cached(key, build)
 

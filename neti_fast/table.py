@@ -9,6 +9,7 @@ embeddings indexed by (t, l). File (safetensors):
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,12 @@ from .errors import NetiError
 from .models import NUM_LAYERS
 
 NUM_TIMESTEPS = 1000
+_UIDS = itertools.count()
+
+
+def new_uid() -> int:
+    """A process-unique id for a table object: caches key on it (never on id(), which is reused)."""
+    return next(_UIDS)
 
 
 def _key(name: str, truncation: int | None) -> str:
@@ -38,6 +45,7 @@ class Table:
     token: dict = field(default_factory=dict)    # truncation (None = full) -> [1000, 16, D]
     bypass: dict = field(default_factory=dict)
     name: str | None = None                      # `{name}` in prompts; default from the placeholder
+    uid: int = field(default_factory=new_uid, compare=False, repr=False)
 
     def __post_init__(self):
         self.name = self.name or default_name(self.concept.placeholder)

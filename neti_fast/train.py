@@ -15,6 +15,13 @@ concept file, so `Concept.from_tensors` reads one), the AdamW state and every RN
 non-tensor state (step, python / numpy RNG internals, data order) is a JSON string in the
 safetensors metadata (`neti_fast.train_state`), so one atomic file carries everything, and no
 pickle is involved. Resuming reproduces an uninterrupted run bit for bit (CPU, fp32).
+
+Data-parallel (under torchrun / accelerate launch, WORLD_SIZE > 1): every rank holds the same concept
+(same init, broadcast from rank 0) and draws its own data / noise / nested-dropout stream (rank 0 the
+single-process one); gradients are averaged across ranks before each optimizer step, so the ranks stay
+identical; the effective batch is batch_size x grad_accum x world (scale_lr scales by all three, as
+the official script does with num_processes). Rank 0 alone writes; checkpoints carry every rank's RNG
+state, so a resume with the same number of processes continues each stream exactly.
 """
 from __future__ import annotations
 
@@ -279,7 +286,8 @@ def unet_dtype_is_fp16(model) -> bool:
 
 
 def save_checkpoint(path: Path, step: int, cfg: TrainConfig, trainable: Trainable, optimizer, train_gen,
-                    dataset, device, text_dim: int, scaler=None) -> Path:
+                    dataset, device, text_dim: int, scaler=None, ranks: list | None = None) -> Path:
+    """`ranks`: under data parallelism, every rank's (_rng_state js, tensors), gathered by `_gather_rng`."""
     from safetensors.torch import save_file
     concept = trainable.concept(text_dim)
     tensors = concept.tensors()  # a checkpoint is also a loadable concept file
@@ -291,13 +299,19 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, trainable: Trainabl
     tensors.update({k: v.cpu().contiguous() for k, v in rng_t.items()})
     md = concept.metadata()
     scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
-    md["neti_fast.train_state"] = json.dumps({"step": step, "num_params": len(params), "rng": rng_js,
-                                              "scaler": scaler_state, "config": asdict(cfg)})
+    state = {"step": step, "num_params": len(params), "rng": rng_js, "scaler": scaler_state, "config": asdict(cfg)}
+    if ranks:
+        state["world_size"] = len(ranks)
+        state["rank_rng"] = {str(r): js for r, (js, _) in enumerate(ranks) if r > 0}
+        for r, (_, ts) in enumerate(ranks):
+            if r > 0:
+                tensors.update({f"rank{r}.{k}": v.cpu().contiguous() for k, v in ts.items()})
+    md["neti_fast.train_state"] = json.dumps(state)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, trainable: Trainable, optimizer, train_gen, dataset, device,
-                    scaler=None) -> int:
+                    scaler=None, rank: int = 0) -> int:
     from safetensors import safe_open
     where = str(path)
     try:
@@ -324,7 +338,14 @@ def load_checkpoint(path: Path, cfg: TrainConfig, trainable: Trainable, optimize
     sd = optimizer.state_dict()
     sd["state"] = opt_state
     optimizer.load_state_dict(sd)
-    _set_rng_state(state["rng"], tensors, train_gen, dataset, device)
+    rng_js, rng_t = state["rng"], tensors
+    if rank > 0:
+        rng_js = state.get("rank_rng", {}).get(str(rank))
+        rng_t = {k[len(f"rank{rank}."):]: v for k, v in tensors.items() if k.startswith(f"rank{rank}.")}
+    if rng_js is not None:
+        _set_rng_state(rng_js, rng_t, train_gen, dataset, device)
+    else:  # a checkpoint from fewer processes has no stream for this rank: a fresh one, seeded by the step
+        _seed_globals(_rank_seed(cfg.seed, rank) + int(state["step"]))
     if scaler is not None and scaler.is_enabled() and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     return int(state["step"])
@@ -338,12 +359,61 @@ def _lr_factor(cfg: TrainConfig, step: int) -> float:
     return 1.0
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps the single-process seed, so one process and rank 0 draw the same stream."""
+    return seed + 1_000_003 * rank
+
+
+def _seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _gather_rng(dd, train_gen, dataset, device) -> list | None:
+    """Every rank's RNG state, on every rank (None in a single process)."""
+    if dd.world == 1:
+        return None
+    import torch.distributed as dist
+    mine = _rng_state(train_gen, dataset, device)
+    everyone = [None] * dd.world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _average_grads(params: list, loss: float, world: int) -> float:
+    """All-reduce the gradients (and the loss, for logging) in one flat buffer, averaged over ranks."""
+    import torch.distributed as dist
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[i:i + g.numel()].view_as(g).to(g.dtype)
+        i += g.numel()
+    return float(flat[-1])
+
+
 def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> Path:
     """Train the concept described by `cfg`; returns the path of `concept.safetensors`.
 
     `model`: an already loaded `Model` (else `load_model(cfg.model, cfg.device, cfg.dtype)`); its
     tokenizer is not modified. `on_step(step, loss, trainable)` is called after every optimizer step.
+    Under torchrun / accelerate launch (WORLD_SIZE > 1) it trains data-parallel (module docstring).
     """
+    from .jobs import setup_distributed
+
+    _check_config(cfg)
+    device = _device(cfg)
+    dd = setup_distributed(str(device))  # "cuda" -> cuda:LOCAL_RANK under torchrun
+    try:
+        return _train(cfg, model, progress, on_step, dd)
+    finally:
+        dd.close()
+
+
+def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -352,8 +422,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
     from .data import TextualInversionDataset, load_images
     from .models import load_model
 
-    _check_config(cfg)
-    device = _device(cfg)
+    device = torch.device(dd.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg.placeholder)
     folder = Path(cfg.images)  # the folder's basic checks before the (slow) model load
     if not folder.is_dir():
@@ -380,6 +449,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if model is None:
+        from .jobs import prepare_builtin
+        prepare_builtin(cfg.model, dd)
         model = load_model(cfg.model, device=device, dtype=DTYPES[cfg.dtype])
         model.text_encoder.to(torch.float32)  # as official: only the U-Net and VAE run in the low dtype
     device = model.device
@@ -394,18 +465,25 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    dataset = TextualInversionDataset(images, size, cfg.learnable_property, cfg.center_crop, seed=cfg.seed)
-    train_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    data_seed = _rank_seed(cfg.seed, dd.rank)
+    dataset = TextualInversionDataset(images, size, cfg.learnable_property, cfg.center_crop, seed=data_seed)
+    train_gen = torch.Generator().manual_seed(data_seed + 1)
     trainable = Trainable(cfg, init_embed, model.text_dim).to(device)
+    if dd.world > 1:
+        import torch.distributed as dist
+        for p in trainable.parameters():  # identical start on every rank, whatever each drew
+            dist.broadcast(p.data, 0)
+        if dd.rank > 0:
+            _seed_globals(data_seed)  # its own nested-dropout stream
 
-    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum if cfg.scale_lr else 1)
+    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * dd.world if cfg.scale_lr else 1)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     # fp16 gradients through the frozen U-Net underflow without loss scaling (accelerate's fp16 does the same)
     scaler = torch.amp.GradScaler(device.type, enabled=unet_dtype_is_fp16(model))
     start = 0
     if resume_path is not None:
-        start = load_checkpoint(resume_path, cfg, trainable, optimizer, train_gen, dataset, device, scaler)
+        start = load_checkpoint(resume_path, cfg, trainable, optimizer, train_gen, dataset, device, scaler, dd.rank)
 
     sched = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
     pred_type = sched.config.prediction_type
@@ -420,7 +498,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
     if int(probe.mask.sum()) != 1:
         raise NetiError(f"--placeholder {cfg.placeholder!r}: the tokenizer does not keep it as one token; choose another")
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {cfg.method}", unit="step")
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or dd.rank > 0, desc=f"train {cfg.method}", unit="step")
     step = start
     try:
         while step < cfg.steps:
@@ -458,6 +536,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
                 scaler.scale(loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
+            if dd.world > 1:
+                total = _average_grads(trainable.parameters(), total, dd.world)
             if not math.isfinite(total):
                 raise NetiError(f"training diverged at step {step + 1} (loss {total}); lower --lr or use --dtype float32")
             scaler.step(optimizer)
@@ -469,15 +549,21 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
             if on_step is not None:
                 on_step(step, total, trainable)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                save_checkpoint(out / f"checkpoint-{step}.safetensors", step, cfg, trainable, optimizer,
-                                train_gen, dataset, device, model.text_dim, scaler)
+                ranks = _gather_rng(dd, train_gen, dataset, device)
+                if dd.rank == 0:
+                    save_checkpoint(out / f"checkpoint-{step}.safetensors", step, cfg, trainable, optimizer,
+                                    train_gen, dataset, device, model.text_dim, scaler, ranks)
     finally:
         bar.close()
         state.mode, state.enc, state.enc_bypass = "plain", None, None
 
     concept = trainable.concept(model.text_dim)
-    concept.check_finite(str(out / "concept.safetensors"))
-    return concept.save(out / "concept.safetensors")
+    path = out / "concept.safetensors"
+    concept.check_finite(str(path))
+    if dd.rank == 0:
+        concept.save(path)
+    dd.barrier()  # the other ranks return once the file is there
+    return path
 
 
 # ----------------------------------------------------------------------------- official YAML config
@@ -648,6 +734,13 @@ def config_from_args(args) -> TrainConfig:
 
 def main(args) -> Path:
     cfg = config_from_args(args)
-    path = train(cfg)
-    print(f"concept saved to {path}")
+    rank = int(os.environ.get("RANK", "0") or 0)
+    try:
+        path = train(cfg)
+    except NetiError:
+        if rank > 0:
+            raise SystemExit(2) from None  # every rank hit the same error: rank 0 alone prints it
+        raise
+    if rank == 0:
+        print(f"concept saved to {path}")
     return path

@@ -41,3 +41,12 @@ def _make_concept(method: str = "neti", dim: int = 32, seed: int = 0, bypass: bo
 @pytest.fixture(scope="session")
 def make_concept():
     return _make_concept
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a test module, restored after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -42,7 +42,7 @@ def test_flops_positive_and_linear_in_batch(tiny):
     assert 3.5 < big / one < 6
 
 
-RUNGS = ["reference", "diffusers", "batched", "triton", "compile", "tensorrt"] + (["onnx"] if _onnx_importable() else [])
+RUNGS = ["reference", "diffusers", "batched", "concepts", "triton", "compile", "tensorrt"] + (["onnx"] if _onnx_importable() else [])
 
 
 _THREADS = torch.get_num_threads()
@@ -75,7 +75,7 @@ def test_ladder_json_rows_and_chart(ladder_run):
     for r in data["rows"]:
         by.setdefault(r["rung"], []).append(r)
     assert set(by) == set(RUNGS)
-    for name in ("reference", "diffusers", "batched"):
+    for name in ("reference", "diffusers", "batched", "concepts"):
         rows = by[name]
         assert [r["status"] for r in rows] == ["ok", "ok"], rows
         assert [r["batch"] for r in rows] == [1, 2]
@@ -104,6 +104,9 @@ def test_ladder_json_rows_and_chart(ladder_run):
     s = data["summary"]
     assert s["conditioning_speedup"] > 0 and s["images_per_s_speedup_largest_batch"] > 0
     assert s["largest_common_batch"] == 2
+    many = s["concepts_vs_one_concept"]
+    assert many["batch"] == 2 and many["unet_ms_per_step_ratio"] > 0 and many["images_per_s_ratio"] > 0
+    assert by["concepts"][1]["unet_calls"] == 2  # two concepts, still one U-Net call per step
     assert len(result["rows"]) == len(data["rows"])
 
 

@@ -19,12 +19,9 @@ from neti_fast.train import (TrainConfig, Trainable, add_arguments, config_from_
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     # tiny-model ops are too small for intra-op threads; on a busy 2-core machine they oversubscribe badly
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

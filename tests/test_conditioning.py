@@ -1,0 +1,36 @@
+"""Batched conditioning (prefix reuse, several slots, bypass) equals CLIP run row by row."""
+import pytest
+import torch
+
+from neti_fast.conditioning import encode, encode_prefixed, encode_rows, tokenize
+
+
+@pytest.mark.parametrize("prompt,names", [
+    ("a photo of {} on a beach", None),                        # placeholder at position 4
+    ("{} on a beach", None),                                   # right after BOS: prefix of one
+    ("a painting of {cat} in the style of {style}, {cat} again", ["cat", "style"]),
+])
+def test_prefixed_equals_full_forward(tiny_model, prompt, names):
+    te = tiny_model.text_encoder
+    toks = tokenize(tiny_model.tokenizer, prompt, names or "<c>")
+    K = 1 if names is None else len(names)
+    g = torch.Generator().manual_seed(0)
+    token = torch.randn(5, K, tiny_model.text_dim, generator=g)
+    bypass = torch.randn(5, K, tiny_model.text_dim, generator=g)
+    bypass[1, 0] = 0  # a zero bypass row (TI / XTI beside NeTI) leaves that slot unchanged
+    with torch.no_grad():
+        ref = encode(te, toks.input_ids.expand(5, -1), toks.slot.expand(5, -1), token, bypass)
+        fast = encode_prefixed(te, toks, token, bypass)
+        rows = encode_rows(te, toks, token, bypass, chunk=2)
+        one = [encode(te, toks.input_ids[None], toks.slot[None], token[i:i + 1], bypass[i:i + 1]) for i in range(5)]
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ref, rows):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([o[1] for o in one]), ref[1], rtol=1e-5, atol=1e-5)
+    # the prefix is shared, the rest really depends on the row
+    p = int(toks.mask.nonzero()[0, 0])
+    assert torch.equal(fast[0][0, :p], fast[0][1, :p]) and not torch.allclose(fast[0][0, p:], fast[0][1, p:])
+    no_bypass = encode(te, toks.input_ids[None], toks.slot[None], token[1:2], None)[0]
+    if K == 1:  # slot 0 of row 1 has a zero bypass: values' encoding equals keys' encoding
+        torch.testing.assert_close(ref[1][1:2], no_bypass, rtol=1e-5, atol=1e-5)
