@@ -8,7 +8,8 @@ final layer norm) at that position:
     h'[p] = h[p] + 0.2 * b / ||b|| * ||h[p]||           (values use LN(h'))
 
 The official inference does this 50 x 16 times per prompt, one call each. `encode_rows` does the same
-in one deduplicated, chunked batch (TI rows are all equal, XTI rows repeat over t).
+in one deduplicated, chunked batch (TI rows are all equal, XTI rows repeat over t), running the
+causal prefix before the first placeholder once (`encode_prefixed`).
 
 Several concepts in one prompt (`{cat} ... {painting}`): each marker is a slot k with its own token
 and bypass rows; the bypass is added at every slot's position with that slot's vector.
