@@ -117,8 +117,11 @@ def check_request(model: Model, req: Request) -> None:
     for name, t in tables.items():
         t.check(model, req.truncation, f"concept {name!r}")
     if req.truncation is not None and not any(t.truncatable for t in tables.values()):
-        what = ", ".join(f"{n!r}" for n in tables) or "no concept"
-        raise NetiError(f"--truncation applies to NeTI concepts; this request has {what} without a NeTI mapper")
+        if not tables:
+            raise NetiError(f"--truncation {req.truncation}: applies to NeTI concepts, and no --concept was given")
+        names = ", ".join(f"{n!r}" for n in tables)
+        raise NetiError(f"--truncation applies to NeTI concepts; {names} {'has' if len(tables) == 1 else 'have'} "
+                        "no NeTI mapper (TI / XTI)")
     tokenize_request(model, req.prompt, tables)
 
 

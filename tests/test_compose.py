@@ -136,8 +136,10 @@ def test_truncation_applies_to_neti_parts_only(tiny_model, concepts):
     """With a NeTI and an XTI concept, a truncation truncates the NeTI one and leaves the XTI one."""
     both = {"cat": concepts["cat"], "painting": concepts["painting"]}
     Engine(tiny_model, CFG).generate([Request("{cat} by {painting}", 0, both, 8)])  # accepted
-    with pytest.raises(NetiError, match="applies to NeTI"):
+    with pytest.raises(NetiError, match="applies to NeTI concepts; 'painting' has no NeTI mapper"):
         Engine(tiny_model, CFG).generate([Request("{painting}", 0, {"painting": concepts["painting"]}, 8)])
+    with pytest.raises(NetiError, match="no --concept was given"):
+        Engine(tiny_model, CFG).generate([Request("a cat", 0, None, 8)])
 
 
 def test_merge_bundle_and_cli(tiny_model, concepts, tmp_path, capsys):
