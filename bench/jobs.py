@@ -33,27 +33,14 @@ TEMPLATES = ["a photo of {}", "a painting of {} in the snow", "{} on a beach", "
 METHODS = ("neti", "xti", "ti")
 
 
-def make_concept(method: str, dim: int, seed: int, placeholder: str):
-    """A concept with deterministic random weights (as the tests' fixture builds them)."""
-    from neti_fast.concept import Concept
-    from neti_fast.mapper import MapperConfig, NeTIMapper
-    g = torch.Generator().manual_seed(seed)
-    if method == "neti":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # nn.Linear init draws from the default generator
-            mapper = NeTIMapper(MapperConfig(output_dim=dim, target_norm=0.4, output_bypass=True), generator=g).eval()
-        return Concept("neti", placeholder, dim, mapper=mapper)
-    rows = 16 if method == "xti" else 1
-    return Concept(method, placeholder, dim, embeds=torch.randn(rows, dim, generator=g) * 0.1)
-
-
 def build_workload(work: Path, dim: int, n_requests: int, n_seeds: int, n_concepts: int) -> list[dict]:
     """Concept files in `work`, and the requests (job lines with absolute concept paths)."""
+    from neti_fast.concept import random_concept
     paths = []
     for c in range(n_concepts):
         method = METHODS[c % len(METHODS)]
         p = work / f"concept{c:02d}-{method}.safetensors"
-        make_concept(method, dim, 1000 + c, f"<c{c}>").save(p)
+        random_concept(method, dim, 1000 + c, f"<c{c}>").save(p)
         paths.append((p, method))
     lines = []
     for i in range(n_requests):
@@ -95,7 +82,7 @@ def _busy_others(seconds: float = 1.0) -> list[dict]:
 
 
 def run(args) -> dict:
-    from neti_fast.bench.ladder import _device_info, _versions
+    from neti_fast.bench.ladder import DTYPES, _device_info, _versions
 
     from neti_fast.api import generate_to_folder
     from neti_fast.jobs import run_job
@@ -106,8 +93,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or
-                                                                                  ("fp16" if device.startswith("cuda") else "fp32")]
+    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     model = load_model(args.model, device=device, dtype=dtype)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="neti-bench-jobs-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -154,13 +140,12 @@ def run(args) -> dict:
 
     from PIL import Image
 
-    from neti_fast.jobs import image_name
-    from neti_fast.outputs import image_name as generate_name
+    from neti_fast.outputs import image_name
     diff = 0
     for i, ln in enumerate(lines):
         for seed in ln["seeds"]:
-            a = np.asarray(Image.open(work / "packed-0" / image_name(i + 1, ln["prompt"], ln["truncation"], seed)))
-            b = np.asarray(Image.open(work / "per-request-0" / f"{i:03d}" / generate_name(0, ln["prompt"], ln["truncation"], seed)))
+            a = np.asarray(Image.open(work / "packed-0" / image_name(i + 1, ln["prompt"], ln["truncation"], seed, digits=5)))
+            b = np.asarray(Image.open(work / "per-request-0" / f"{i:03d}" / image_name(0, ln["prompt"], ln["truncation"], seed)))
             diff = max(diff, int(np.abs(a.astype(np.int32) - b).max()))
     ratio = per_s / packed_s
     log(f"  packed / per request (best of {args.repeats}): {ratio:.2f}x images/s; images differ by at most {diff}/255")

@@ -442,14 +442,10 @@ class ConceptsRung(BatchedRung):
     name, label = "concepts", "neti-fast batched, a different concept per image"
 
     def setup(self):
-        from neti_fast.concept import Concept
-        from neti_fast.mapper import MapperConfig, NeTIMapper
+        from neti_fast.concept import random_concept
         from neti_fast.table import precompute
-        self.tables = []
-        for i in range(max(self.a.batch_sizes)):
-            torch.manual_seed(1000 + i)
-            mapper = NeTIMapper(MapperConfig(output_dim=self.m.text_dim, target_norm=0.4)).eval()
-            self.tables.append(precompute(Concept("neti", f"<c{i}>", self.m.text_dim, mapper=mapper), (), progress=False))
+        self.tables = [precompute(random_concept("neti", self.m.text_dim, 1000 + i, f"<c{i}>"), (), progress=False)
+                       for i in range(max(self.a.batch_sizes))]
         self.notes = "B concepts in one batch: each sample indexes its own K/V rows (compare with `batched`: one concept)"
         super().setup()
 
@@ -785,8 +781,7 @@ def write_chart(result: dict, path: str | Path) -> Path:
 
 
 def run_ladder(args, log=print) -> dict:
-    from neti_fast.concept import Concept
-    from neti_fast.mapper import MapperConfig, NeTIMapper
+    from neti_fast.concept import random_concept
     from neti_fast.models import load_model
     from neti_fast.table import precompute
 
@@ -803,10 +798,7 @@ def run_ladder(args, log=print) -> dict:
     height, width = a.height or model.default_size, a.width or model.default_size
     if height % f or width % f:
         raise SystemExit(f"neti-fast bench: --height/--width must be multiples of {f}")
-    torch.manual_seed(0)
-    concept = Concept("neti", "<c>", model.text_dim,
-                      mapper=NeTIMapper(MapperConfig(output_dim=model.text_dim, target_norm=0.4)).eval())
-    table = precompute(concept, (), progress=False)
+    table = precompute(random_concept("neti", model.text_dim, seed=0), (), progress=False)
     fl = flops_mod.count(model, height, width)
     peak = a.peak_tflops if a.peak_tflops else measure_peak_tflops(dev, dtype)
     ctx = Context(a, model, table, height, width, fl, peak)

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a JSONL job of many requests: packed batches, resumable, torchrun-aware")
     from . import jobs
     jobs.add_arguments(p)
-    p.set_defaults(func=lambda args: jobs.main(args))
+    p.set_defaults(func=jobs.main)
 
     p = sub.add_parser("tiny-model", help="write the built-in tiny model as a diffusers folder")
     p.add_argument("dir")
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="CLIP image / text and DINO similarity of generated images (per truncation)")
     from . import evaluate
     evaluate.add_arguments(p)
-    p.set_defaults(func=lambda args: evaluate.main(args))
+    p.set_defaults(func=evaluate.main)
     return ap
 
 

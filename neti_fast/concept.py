@@ -136,6 +136,20 @@ class Concept:
                             f"but the model's is {model.text_dim} (SD 1.x is 768, SD 2.x is 1024)")
 
 
+def random_concept(method: str = "neti", dim: int = 768, seed: int = 0, placeholder: str = "<c>",
+                   bypass: bool = True) -> Concept:
+    """A concept with deterministic random weights (tests, benchmarks: nothing trained): a NeTI
+    mapper, XTI [16, D] or TI [1, D] embeddings. The global RNG is left as it was."""
+    g = torch.Generator().manual_seed(seed)
+    if method == "neti":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # nn.Linear init draws from the default generator
+            mapper = NeTIMapper(MapperConfig(output_dim=dim, target_norm=0.4, output_bypass=bypass), generator=g).eval()
+        return Concept("neti", placeholder, dim, mapper=mapper)
+    rows = NUM_LAYERS if method == "xti" else 1
+    return Concept(method, placeholder, dim, embeds=torch.randn(rows, dim, generator=g) * 0.1)
+
+
 def atomic_write(path: str | Path, write) -> Path:
     """Write via `write(tmp_path)` to a temporary file beside `path`, then rename over it atomically."""
     path = Path(path)

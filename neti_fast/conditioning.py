@@ -82,20 +82,15 @@ def slot_token(k: int) -> str:
     return f"<neti-slot-{k}>"
 
 
-def tokenize(tokenizer, prompt: str, concepts: str | list[str] | None, default: str | None = None) -> PromptTokens:
+def tokenize(tokenizer, prompt: str, concepts: list[str] | None, default: str | None = None) -> PromptTokens:
     """Tokenize `prompt` with each `{name}` marker turned into its concept's slot token.
 
-    `concepts`: None (a plain prompt), one concept's placeholder (every marker means it: slot 0),
-    or the names of several concepts, slot k being the k-th name (bare `{}`: see resolve_markers).
+    `concepts`: the names a marker may use (None or [] for a plain prompt), slot k being the k-th
+    name; bare `{}` means `default`, or the only concept (resolve_markers).
     """
-    if isinstance(concepts, str):
-        found = markers(prompt)
-        if not found:
-            raise NetiError(f"prompt {prompt!r}: no {{}} marks where the concept goes")
-        names, slot_of = [""] * len(found), {"": 0}
-    else:
-        names = resolve_markers(prompt, list(concepts or []), default)
-        slot_of = {n: k for k, n in enumerate(concepts or [])}
+    concepts = list(concepts or [])
+    names = resolve_markers(prompt, concepts, default)
+    slot_of = {n: k for k, n in enumerate(concepts)}
     pids = [ensure_placeholder(tokenizer, slot_token(k)) for k in range(len(slot_of))]
     it = iter(names)
     text = MARKER.sub(lambda _m: slot_token(slot_of[next(it)]), prompt)
@@ -182,13 +177,6 @@ def _bypassed(text_encoder, h: torch.Tensor, slot: torch.Tensor, bypass: torch.T
 # attending to the cached prefix. Same math as `encode`; it saves p/77 of the text encoder's work
 # and memory traffic per row (more for prompts whose concept comes late), and skips the hooks.
 
-def _prefix_capable(text_encoder) -> bool:
-    tm = _text_model(text_encoder)
-    layers = getattr(getattr(tm, "encoder", None), "layers", None)
-    return layers is not None and all(hasattr(layer, a) for layer in layers
-                                      for a in ("self_attn", "layer_norm1", "layer_norm2", "mlp"))
-
-
 def _clip_blocks(text_encoder, x: torch.Tensor, start: int, cache: list | None):
     """CLIP's encoder layers over positions start..start+n-1 (x [B, n, D], embeddings included),
     attending to `cache` (each layer's K, V [1, H, start, dh] of the earlier positions) and causally
@@ -233,12 +221,12 @@ def encode_prefixed(text_encoder, tokens: PromptTokens, token: torch.Tensor, byp
 
 
 def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor, bypass: torch.Tensor | None,
-                chunk: int = 64, dedup: bool = True, prefix: bool = True):
+                chunk: int = 64, dedup: bool = True):
     """One prompt encoded for N rows of concept tokens: token / bypass [N, K, D] (or [N, D]) ->
     ([N, 77, D], [N, 77, D]).
 
-    With `dedup`, equal rows are encoded once (torch.unique); the rest run in batches of `chunk`,
-    through `encode_prefixed` (`prefix`: the positions before the first placeholder run once).
+    With `dedup`, equal rows are encoded once (torch.unique); the rest run in batches of `chunk`
+    through `encode_prefixed` (the positions before the first placeholder run once).
     """
     N = token.shape[0]
     token = token.reshape(N, -1, token.shape[-1])
@@ -247,16 +235,10 @@ def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor, bypass:
     rows = rows.reshape(N, -1)
     if dedup:
         rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    prefixed = prefix and bool(tokens.mask.any()) and _prefix_capable(text_encoder)
     enc, enc_b = [], []
     for i in range(0, len(rows), chunk):
         u = rows[i:i + chunk].view(-1, rows.shape[1] // D, D)
-        n = len(u)
-        if prefixed:
-            e, eb = encode_prefixed(text_encoder, tokens, u[:, :K], None if bypass is None else u[:, K:])
-        else:
-            e, eb = encode(text_encoder, tokens.input_ids.expand(n, -1), tokens.slot.expand(n, -1),
-                           u[:, :K], None if bypass is None else u[:, K:])
+        e, eb = encode_prefixed(text_encoder, tokens, u[:, :K], None if bypass is None else u[:, K:])
         enc.append(e)
         enc_b.append(eb)
     enc, enc_b = torch.cat(enc), torch.cat(enc_b)

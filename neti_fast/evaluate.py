@@ -133,9 +133,9 @@ def read_manifest_entries(out_dir: str | Path) -> list[dict]:
         raise NetiError(f"{out}: output folder does not exist")
     if not out.is_dir():
         raise NetiError(f"{out}: is not a folder (give the folder written by `neti-fast generate`)")
-    pj, pl = out / MANIFEST_JSON, out / MANIFEST_JSONL
-    jsonl = ([pl] if pl.is_file() else []) + sorted(
-        (p for p in out.glob("manifest.rank*.jsonl") if p.is_file()), key=lambda p: (len(p.name), p.name))
+    from .jobs import manifest_files
+    pj = out / MANIFEST_JSON
+    jsonl = manifest_files(out)  # the job runner's manifest.jsonl and per-rank files, in its order
     if not pj.is_file() and not jsonl:
         raise NetiError(f"{out}: no {MANIFEST_JSON} or {MANIFEST_JSONL} (give a folder written by `neti-fast generate`)")
     entries: dict[str, dict] = {}
@@ -355,17 +355,21 @@ class Similarity:
         import torch
         return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
 
-    def image_embeds(self, images):
-        """CLIP image embeddings [N, projection_dim] (the model's visual projection), normalised."""
+    def _embed_images(self, images, processor, model, forward, width: int):
+        """Batched `forward(model, pixel_values)` over images, normalised: [N, width]."""
         import torch
-        images = _as_pil(images)
         chunks = []
         with torch.inference_mode():
-            for batch in self._batches(images):
-                px = self.clip_processor(images=batch, return_tensors="pt")["pixel_values"]
-                px = px.to(self.device, self.clip_model.dtype)
-                chunks.append(self._normalize(_pooled(self.clip_model.get_image_features(pixel_values=px))))
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.clip_model.config.projection_dim)
+            for batch in self._batches(_as_pil(images)):
+                px = processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device, model.dtype)
+                chunks.append(self._normalize(forward(model, px)))
+        return torch.cat(chunks) if chunks else torch.zeros(0, width)
+
+    def image_embeds(self, images):
+        """CLIP image embeddings [N, projection_dim] (the model's visual projection), normalised."""
+        return self._embed_images(images, self.clip_processor, self.clip_model,
+                                  lambda m, px: _pooled(m.get_image_features(pixel_values=px)),
+                                  self.clip_model.config.projection_dim)
 
     def text_embeds(self, texts: list[str]):
         """CLIP text embeddings [N, projection_dim] (the model's text projection), normalised."""
@@ -384,17 +388,11 @@ class Similarity:
 
     def dino_embeds(self, images):
         """DINO CLS embeddings [N, hidden] (last hidden state after the final layer norm), normalised."""
-        import torch
         if self.dino_model is None:
             raise NetiError("DINO was not loaded (--no-dino)")
-        images = _as_pil(images)
-        chunks = []
-        with torch.inference_mode():
-            for batch in self._batches(images):
-                px = self.dino_processor(images=batch, return_tensors="pt")["pixel_values"]
-                px = px.to(self.device, self.dino_model.dtype)
-                chunks.append(self._normalize(self.dino_model(pixel_values=px).last_hidden_state[:, 0]))
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.dino_model.config.hidden_size)
+        return self._embed_images(images, self.dino_processor, self.dino_model,
+                                  lambda m, px: m(pixel_values=px).last_hidden_state[:, 0],
+                                  self.dino_model.config.hidden_size)
 
 
 def _default_device() -> str:

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .distributed import Dist, prepare_builtin, setup_distributed
 from .errors import NetiError
 
 KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
@@ -43,88 +44,6 @@ SUMMARY = "job.json"
 # an existing image is the same image when these agree (as outputs.SETTINGS_KEYS for `generate`)
 SETTINGS = ("prompt", "concept", "seed", "truncation", "negative_prompt", "steps", "guidance", "scheduler",
             "height", "width", "model", "dtype")
-
-
-# ----------------------------------------------------------------------------- torch.distributed
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun / accelerate launch (world 1 when launched plainly)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-    owns_group: bool = False
-
-    def _group(self):
-        import torch.distributed as dist
-        return dist
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist = self._group()
-            if self.device.startswith("cuda"):
-                import torch
-                dist.barrier(device_ids=[torch.device(self.device).index or 0])
-            else:
-                dist.barrier()
-
-    def reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """All-reduce a few numbers (sum or max) across ranks."""
-        if self.world == 1:
-            return list(values)
-        import torch
-        dist = self._group()
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def all_ok(self, ok: bool) -> bool:
-        return self.reduce([0.0 if ok else 1.0], "max")[0] == 0.0
-
-    def close(self) -> None:
-        if self.owns_group:
-            self._group().destroy_process_group()
-            self.owns_group = False
-
-
-def setup_distributed(device: str | None) -> Dist:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun and accelerate launch); init the process
-    group only when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU). `device` "cuda" becomes cuda:LOCAL_RANK."""
-    import torch
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise NetiError("WORLD_SIZE / RANK / LOCAL_RANK must be integers (torchrun and accelerate launch set them)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise NetiError(f"RANK {rank} / WORLD_SIZE {world}: need 0 <= RANK < WORLD_SIZE")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1 and device == "cuda":
-        device = f"cuda:{local}"
-    d = Dist(rank, world, local, device)
-    if world > 1:
-        import torch.distributed as dist
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        if not dist.is_initialized():
-            try:
-                dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-            except (ValueError, RuntimeError) as e:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR
-                raise NetiError(f"WORLD_SIZE={world}: cannot start torch.distributed ({str(e).splitlines()[0]}); "
-                                "launch with torchrun or accelerate launch") from None
-            d.owns_group = True
-    return d
-
-
-def prepare_builtin(spec: str, d: Dist) -> None:
-    """Rank 0 builds the cached `tiny` model before the others load it (ranks must not race to build it)."""
-    if spec == "tiny" and d.world > 1:
-        if d.rank == 0:
-            from .models import tiny_model_dir
-            tiny_model_dir()
-        d.barrier()
 
 
 # ----------------------------------------------------------------------------- the job file
@@ -168,11 +87,6 @@ class Img:
                 "truncation": self.truncation, "negative_prompt": L.negative_prompt, "steps": L.steps,
                 "guidance": L.guidance, "scheduler": L.scheduler, "height": self.height, "width": self.width,
                 "model": model_name, "dtype": dtype, "status": "done"}
-
-
-def image_name(line: int, prompt: str, truncation: int | None, seed: int) -> str:
-    from .outputs import slug
-    return f"{line:05d}-{slug(prompt)}_{'full' if truncation is None else f't{truncation}'}_s{seed}.png"
 
 
 _JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
@@ -292,18 +206,6 @@ def parse_job(path: str | Path, defaults: dict) -> tuple[list[Line], list[tuple[
     return lines, errors
 
 
-def _is_bundle(path: str) -> bool:
-    p = Path(path)
-    if p.suffix != ".safetensors" or not p.is_file():
-        return False
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(p), "pt") as f:
-            return (f.metadata() or {}).get("neti_fast.format") == "bundle"
-    except (OSError, ValueError, SafetensorError):
-        return False  # load_table says what is wrong with it
-
-
 class Concepts:
     """Concept files by path, loaded on first use and kept within `budget_mb` (least recently used
     first out): a precomputed SD 1.x table is ~50 MB per truncation, too many to hold for a big job.
@@ -325,13 +227,13 @@ class Concepts:
         return {str(Path(p).resolve()) for p in self._paths(L).values()}
 
     def _get(self, path: str):
-        from .table import load_bundle, load_table
+        from .table import load_any
         key = str(Path(path).resolve())
         if key in self.errors:
             raise self.errors[key]
         if key not in self.tables:
             try:
-                self.tables[key] = load_bundle(path) if _is_bundle(path) else load_table(path)
+                self.tables[key] = load_any(path)
             except NetiError as e:
                 self.errors[key] = e
                 raise
@@ -351,9 +253,7 @@ class Concepts:
                 bad.append(str(e))
         if bad:
             raise NetiError("; ".join(bad))
-        if None in got and isinstance(got[None], dict):  # a bundle: several {name}s, or just `{}` for one
-            return got[None] if len(got[None]) > 1 else next(iter(got[None].values()))
-        return got.get(None, got) if got else None
+        return got[None] if None in got else (got or None)  # one file (a Table, or a bundle's {name: Table}) or a dict
 
     def trim(self, keep: set = frozenset()) -> bool:
         """Evict least recently used tables not in `keep` until within budget; True if any was."""
@@ -376,7 +276,7 @@ class Concepts:
 def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int, str]]:
     """Model-dependent checks (prompt, placeholder, length, truncation, size); a line whose concept
     file cannot be loaded is marked failed instead (not an error of the job file)."""
-    from .conditioning import tokenize
+    from .conditioning import markers, tokenize
     from .pipeline import Request, check_request
     errors = []
     f = model.vae_scale_factor
@@ -385,35 +285,33 @@ def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int,
         h, w = L.height or model.default_size, L.width or model.default_size
         if h % f or w % f:
             problems.append(f"height/width {h}x{w}: must be multiples of {f}")
-        if "{}" in L.negative_prompt:
-            problems.append("negative_prompt must not contain {}")
+        if markers(L.negative_prompt):
+            problems.append("negative_prompt must not contain {} markers")
         else:
             try:
                 tokenize(model.tokenizer, L.negative_prompt, None)
             except NetiError as e:
                 problems.append(f"negative_prompt: {e}")
-        if L.paths is None and "{}" in L.prompt:
-            problems.append(f"prompt {L.prompt!r} has {{}} but the line has no \"concept\"")
-        else:
-            try:
-                tables = concepts.for_line(L)
-                concepts.trim()
+        try:
+            tables = concepts.for_line(L)
+            concepts.trim()
+        except NetiError as e:
+            L.failed = str(e)
+        for t in L.truncations if L.failed is None else ():
+            try:  # the engine's own checks; its messages name CLI flags, a job line has keys
+                check_request(model, Request(L.prompt, 0, tables, t))
             except NetiError as e:
-                L.failed = str(e)
-            for t in L.truncations if L.failed is None else ():
-                try:
-                    check_request(model, Request(L.prompt, 0, tables, t))
-                except NetiError as e:
-                    msg = str(e).replace("--truncation", "truncation").replace("--concept", "\"concept\"")
-                    if msg not in problems:
-                        problems.append(msg)
+                msg = str(e).replace("--truncation", "truncation").replace("no --concept was given", 'the line has no "concept"')
+                if msg not in problems:
+                    problems.append(msg)
         if problems:
             errors.append((L.line, "; ".join(problems)))
     return errors
 
 
 def expand(lines: list[Line], model) -> list[Img]:
-    return [Img(L, t, s, image_name(L.line, L.prompt, t, s), L.height or model.default_size,
+    from . import outputs
+    return [Img(L, t, s, outputs.image_name(L.line, L.prompt, t, s, digits=5), L.height or model.default_size,
                 L.width or model.default_size)
             for L in lines if L.failed is None for t in L.truncations for s in L.seeds]
 
@@ -429,7 +327,8 @@ def pack(images: list[Img], batch_size: int) -> list[list[Img]]:
 
 # ----------------------------------------------------------------------------- manifests
 
-def _manifest_files(out: Path) -> list[Path]:
+def manifest_files(out: Path) -> list[Path]:
+    """manifest.jsonl (if any), then manifest.rank{r}.jsonl in rank order."""
     ranks = sorted(out.glob("manifest.rank*.jsonl"), key=lambda p: (len(p.name), p.name))
     return ([out / MANIFEST] if (out / MANIFEST).exists() else []) + ranks
 
@@ -439,7 +338,7 @@ def read_manifests(out: Path) -> tuple[dict, int]:
 
     A torn last line (a killed run) is skipped: its images are checked again before being trusted."""
     done, bad = {}, 0
-    for p in _manifest_files(out):
+    for p in manifest_files(out):
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -467,7 +366,7 @@ def merge_manifests(out: Path, extra: list[dict] = (), keep_failed: bool = True)
     """Rank 0: all manifests -> one manifest.jsonl (one entry per file, the latest; sorted), atomically;
     then the rank files are removed. Failed entries are kept only from this run (`keep_failed`)."""
     from .concept import atomic_write
-    files = _manifest_files(out)
+    files = manifest_files(out)
     by_file, failed_lines = {}, []
     for p in files:
         for raw in p.read_text(encoding="utf-8").splitlines():
@@ -533,10 +432,10 @@ def run_job(job: str | Path, out: str | Path, model, cfg=None, *, seeds=(0,), tr
     `dist`: `setup_distributed(device)` to share the work among torchrun ranks (default: this process
     alone does everything).
     """
+    from . import outputs
     import numpy as np
     from tqdm.auto import tqdm
 
-    from . import outputs
     from .pipeline import Engine, GenerateConfig, Request
     t_start = time.perf_counter()
     cfg = cfg or GenerateConfig()

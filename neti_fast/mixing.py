@@ -20,7 +20,7 @@ import torch
 
 from .errors import NetiError
 from .models import NUM_LAYERS, UNET_LAYERS
-from .table import NUM_TIMESTEPS, new_uid
+from .table import NUM_TIMESTEPS, new_uid, stack_rows
 
 
 @dataclass
@@ -63,13 +63,9 @@ class MixedTable:
 
     def _select(self, results, idx: torch.Tensor):
         """Per-part (token, bypass) results of the same shape -> the chosen part's rows."""
-        token = torch.stack([r[0].cpu() for r in results])                      # [P, ..., D]
+        token, bypass = stack_rows([(t.cpu(), None if b is None else b.cpu()) for t, b in results], dim=0)  # [P, ..., D]
         pick = idx.view(1, *idx.shape, 1).expand(1, *token.shape[1:])
-        token = token.gather(0, pick)[0]
-        if not self.has_bypass:
-            return token, None
-        bypass = torch.stack([r[1].cpu() if r[1] is not None else torch.zeros_like(r[0].cpu()) for r in results])
-        return token, bypass.gather(0, pick)[0]
+        return token.gather(0, pick)[0], None if bypass is None else bypass.gather(0, pick)[0]
 
     def rows(self, timesteps: torch.Tensor, truncation: int | None = None):
         """As `Table.rows`: ([S, 16, D], [S, 16, D] or None)."""

@@ -23,9 +23,10 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "prompt"
 
 
-def image_name(prompt_index: int, prompt: str, truncation: int | None, seed: int) -> str:
+def image_name(prompt_index: int, prompt: str, truncation: int | None, seed: int, digits: int = 3) -> str:
+    """`{index}-{prompt slug}_{full|tK}_s{seed}.png` (jobs number by job-file line, 5 digits)."""
     t = "full" if truncation is None else f"t{truncation}"
-    return f"{prompt_index:03d}-{slug(prompt)}_{t}_s{seed}.png"
+    return f"{prompt_index:0{digits}d}-{slug(prompt)}_{t}_s{seed}.png"
 
 
 def check_writable(out: Path) -> None:

@@ -25,6 +25,7 @@ from .attention import install_processors
 from .conditioning import encode, encode_plain, encode_rows, tokenize
 from .errors import NetiError
 from .models import NUM_LAYERS, Model
+from .table import stack_rows
 
 SCHEDULERS = ("dpm++", "ddim", "euler")
 
@@ -62,9 +63,14 @@ class Request:
     @property
     def tables(self) -> dict:
         """{name: table}: what the prompt's `{name}` markers may refer to."""
-        if self.table is None:
-            return {}
-        return dict(self.table) if isinstance(self.table, dict) else {self.table.name: self.table}
+        return as_tables(self.table)
+
+
+def as_tables(table) -> dict:
+    """None, a Table / MixedTable, or {name: table} -> {name: table}."""
+    if table is None:
+        return {}
+    return dict(table) if isinstance(table, dict) else {table.name: table}
 
 
 def _default_marker(tables: dict) -> str | None:
@@ -133,11 +139,7 @@ def concept_rows(tables: dict, timesteps: torch.Tensor, truncation: int | None):
     """
     vary = any(t.time_varying for t in tables.values())
     ts = timesteps if vary else timesteps[:1]
-    rows = [t.rows(ts, truncation) for t in tables.values()]
-    token = torch.stack([r[0] for r in rows], dim=2)
-    if all(r[1] is None for r in rows):
-        return token, None
-    return token, torch.stack([r[1] if r[1] is not None else torch.zeros_like(r[0]) for r in rows], dim=2)
+    return stack_rows([t.rows(ts, truncation) for t in tables.values()], dim=2)
 
 
 class TorchDenoiser:
@@ -206,7 +208,7 @@ class Engine:
     def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor) -> Cond:
         """Per-layer K / V rows for `prompt` with `table` (a Table, a MixedTable or {name: table})."""
         m = self.model
-        tables = Request(prompt, 0, table).tables
+        tables = as_tables(table)
         if not tables:
             return self.negative(prompt)  # a plain prompt is encoded like a negative one
 
@@ -301,11 +303,8 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
                 enc = encode(m.text_encoder, toks.input_ids[None])[0]
                 layers.append((enc, enc))
                 continue
-            rows = [tb.exact(t.float().view(1), torch.tensor([float(l)]), req.truncation) for tb in tables.values()]
-            token = torch.stack([r[0][0] for r in rows])[None]                     # [1, K, D]
-            bypass = None
-            if any(r[1] is not None for r in rows):
-                bypass = torch.stack([r[1][0] if r[1] is not None else torch.zeros_like(r[0][0]) for r in rows])[None]
+            token, bypass = stack_rows([tb.exact(t.float().view(1), torch.tensor([float(l)]), req.truncation)
+                                        for tb in tables.values()], dim=1)           # [1, K, D]
             layers.append(encode(m.text_encoder, toks.input_ids[None], toks.slot[None], token.to(dt),
                                  None if bypass is None else bypass.to(dt)))
         per_step.append(layers)

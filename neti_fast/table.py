@@ -30,6 +30,18 @@ def new_uid() -> int:
     return next(_UIDS)
 
 
+def stack_rows(rows: list, dim: int):
+    """[(token, bypass or None)] of several concepts -> (tokens, bypasses or None) stacked on `dim`.
+
+    A concept without a bypass (TI / XTI) beside one with it gets zero rows: a zero bypass changes
+    nothing (conditioning.encode), so mixing methods needs no special case downstream.
+    """
+    token = torch.stack([r[0] for r in rows], dim=dim)
+    if all(r[1] is None for r in rows):
+        return token, None
+    return token, torch.stack([r[1] if r[1] is not None else torch.zeros_like(r[0]) for r in rows], dim=dim)
+
+
 def _key(name: str, truncation: int | None) -> str:
     return name if truncation is None else f"{name}.trunc{truncation}"
 
@@ -169,21 +181,44 @@ def _metadata(path: Path) -> dict:
         raise NetiError(f"{path}: cannot read it ({e})") from None
 
 
+def _neti_format(path: Path) -> str | None:
+    """`neti_fast.format` of a neti-fast safetensors file (concept | table | bundle), else None."""
+    return _metadata(path).get("neti_fast.format") if path.suffix == ".safetensors" and path.is_file() else None
+
+
+def _bundle_names(path: Path) -> list[str]:
+    try:
+        return json.loads(_metadata(path)["names"])
+    except (KeyError, ValueError):
+        raise NetiError(f"{path}: malformed concept bundle (no list of names)") from None
+
+
 def load_table(path: str | Path, placeholder: str | None = None, name: str | None = None) -> Table:
     """A table file, or any concept file (then rows are evaluated on demand, exactly as precompute would)."""
     from safetensors import safe_open
 
     from .concept import load_concept
     path = Path(path)
-    md = _metadata(path) if path.suffix == ".safetensors" and path.is_file() else {}
-    if md.get("neti_fast.format") == "bundle":
-        raise NetiError(f"{path}: is a bundle of concepts ({', '.join(json.loads(md['names']))}); "
+    fmt = _neti_format(path)
+    if fmt == "bundle":
+        raise NetiError(f"{path}: is a bundle of concepts ({', '.join(_bundle_names(path))}); "
                         "load it with --concept (neti_fast.load_tables)")
     table = Table(load_concept(path, placeholder=placeholder), name=name)
-    if md.get("neti_fast.format") == "table":
+    if fmt == "table":
         with safe_open(str(path), "pt") as f:
             _add_rows(table, {k: f.get_tensor(k) for k in f.keys() if k.split(".")[0] in ("token", "bypass")}, path)
     return table
+
+
+def load_any(path: str | Path, placeholder: str | None = None, name: str | None = None):
+    """A bundle as {name: Table}; any other concept / table file as one Table."""
+    path = Path(path)
+    if _neti_format(path) != "bundle":
+        return load_table(path, placeholder=placeholder, name=name)
+    if name is not None or placeholder is not None:
+        raise NetiError(f"{path}: a bundle keeps its own names and placeholders ({', '.join(_bundle_names(path))}); "
+                        "give it without NAME=")
+    return load_bundle(path)
 
 
 def save_bundle(tables: dict, path: str | Path) -> Path:
@@ -204,9 +239,8 @@ def load_bundle(path: str | Path) -> dict:
     """{name: Table} from a bundle written by `save_bundle`."""
     from safetensors.torch import load_file
     path = Path(path)
-    md = _metadata(path)
+    md, names = _metadata(path), _bundle_names(path)
     try:
-        names = json.loads(md["names"])
         tensors = load_file(str(path))
         out = {}
         for name in names:
@@ -232,13 +266,8 @@ def load_tables(specs: list[str], placeholder: str | None = None) -> dict:
     for spec in specs:
         m = re.match(r"^([A-Za-z0-9_.+-]+)=(.+)$", spec)
         name, path = (m.group(1), m.group(2)) if m and not Path(spec).exists() else (None, spec)
-        p = Path(path)
-        if p.suffix == ".safetensors" and p.is_file() and _metadata(p).get("neti_fast.format") == "bundle":
-            if name is not None:
-                raise NetiError(f"--concept {spec}: a bundle keeps its own names ({', '.join(load_bundle(p))}); drop NAME=")
-            found = list(load_bundle(p).values())
-        else:
-            found = [load_table(path, placeholder=placeholder, name=name)]
+        got = load_any(path, placeholder=placeholder, name=name)
+        found = list(got.values()) if isinstance(got, dict) else [got]
         for table in found:
             if table.name in tables:
                 raise NetiError(f"--concept {spec}: the name {table.name!r} is already used by {where[table.name]}; "

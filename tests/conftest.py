@@ -26,16 +26,8 @@ def tiny_model(_cache_dir):
 
 
 def _make_concept(method: str = "neti", dim: int = 32, seed: int = 0, bypass: bool = True, placeholder: str = "<c>"):
-    """A concept with deterministic random weights (NeTI mapper, XTI [16, D] or TI [1, D])."""
-    from neti_fast.concept import Concept
-    from neti_fast.mapper import MapperConfig, NeTIMapper
-    g = torch.Generator().manual_seed(seed)
-    if method == "neti":
-        torch.manual_seed(seed)  # nn.Linear init draws from the default generator
-        mapper = NeTIMapper(MapperConfig(output_dim=dim, target_norm=0.4, output_bypass=bypass), generator=g).eval()
-        return Concept("neti", placeholder, dim, mapper=mapper)
-    rows = 16 if method == "xti" else 1
-    return Concept(method, placeholder, dim, embeds=torch.randn(rows, dim, generator=g) * 0.1)
+    from neti_fast.concept import random_concept
+    return random_concept(method, dim, seed, placeholder, bypass)
 
 
 @pytest.fixture(scope="session")

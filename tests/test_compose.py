@@ -34,15 +34,15 @@ def concepts(tiny_model, make_concept):
 
 def test_tokenize_slots(tiny_model):
     toks = tokenize(tiny_model.tokenizer, "a photo of {cat} in the style of {painting} and {cat}",
-                    {"cat": "<cat>", "painting": "<painting>"})
+                    ["cat", "painting"])
     slots = toks.slot[toks.slot >= 0].tolist()
     assert slots == [0, 1, 0]
     with pytest.raises(NetiError, match="ambiguous"):
-        tokenize(tiny_model.tokenizer, "a photo of {}", {"cat": "<cat>", "painting": "<painting>"})
+        tokenize(tiny_model.tokenizer, "a photo of {}", ["cat", "painting"])
     with pytest.raises(NetiError, match="dog"):
-        tokenize(tiny_model.tokenizer, "a photo of {dog}", {"cat": "<cat>"})
-    one = tokenize(tiny_model.tokenizer, "a photo of {}", {"cat": "<cat>"})  # bare {} = the only concept
-    assert one.slot.tolist() == tokenize(tiny_model.tokenizer, "a photo of {cat}", {"cat": "<cat>"}).slot.tolist()
+        tokenize(tiny_model.tokenizer, "a photo of {dog}", ["cat"])
+    one = tokenize(tiny_model.tokenizer, "a photo of {}", ["cat"])  # bare {} = the only concept
+    assert one.slot.tolist() == tokenize(tiny_model.tokenizer, "a photo of {cat}", ["cat"]).slot.tolist()
 
 
 def test_two_concepts_equal_reference(tiny_model, concepts):
@@ -109,27 +109,20 @@ def test_time_mix(tiny_model, concepts):
     assert max_diff(Engine(tiny_model, CFG).generate([r])[0], generate_reference(tiny_model, r, CFG)[0]) <= TOL
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("IN01-IN08:cat", "no concept for layer"),
-    ("IN01-OUT11:cat,MID:painting", "given twice"),
-    ("IN01-IN09:cat,MID-OUT11:painting", "unknown layer"),
-    ("OUT11-IN01:cat", "backwards"),
-    ("IN01-OUT11:dog", "not a concept"),
-    ("IN01-OUT11", "RANGE:NAME"),
+@pytest.mark.parametrize("parse,spec,match", [
+    (parse_layer_mix, "IN01-IN08:cat", "no concept for layer"),
+    (parse_layer_mix, "IN01-OUT11:cat,MID:painting", "given twice"),
+    (parse_layer_mix, "IN01-IN09:cat,MID-OUT11:painting", "unknown layer"),
+    (parse_layer_mix, "OUT11-IN01:cat", "backwards"),
+    (parse_layer_mix, "IN01-OUT11:dog", "not a concept"),
+    (parse_layer_mix, "IN01-OUT11", "RANGE:NAME"),
+    (parse_time_mix, "t>=600:cat", "no concept for t in 0..599"),
+    (parse_time_mix, "t>=500:cat,t<600:ti", "covered twice"),
+    (parse_time_mix, "t>600.5:cat,t<600:ti", "should be"),
 ])
-def test_layer_mix_errors(concepts, spec, match):
+def test_mix_spec_errors(concepts, parse, spec, match):
     with pytest.raises(NetiError, match=match):
-        parse_layer_mix(spec, dict(concepts))
-
-
-@pytest.mark.parametrize("spec,match", [
-    ("t>=600:cat", "no concept for t in 0..599"),
-    ("t>=500:cat,t<600:ti", "covered twice"),
-    ("t>600.5:cat,t<600:ti", "should be"),
-])
-def test_time_mix_errors(concepts, spec, match):
-    with pytest.raises(NetiError, match=match):
-        parse_time_mix(spec, dict(concepts))
+        parse(spec, dict(concepts))
 
 
 def test_truncation_applies_to_neti_parts_only(tiny_model, concepts):

@@ -12,7 +12,7 @@ from neti_fast.conditioning import encode, encode_prefixed, encode_rows, tokeniz
 ])
 def test_prefixed_equals_full_forward(tiny_model, prompt, names):
     te = tiny_model.text_encoder
-    toks = tokenize(tiny_model.tokenizer, prompt, names or "<c>")
+    toks = tokenize(tiny_model.tokenizer, prompt, names or ["c"])
     K = 1 if names is None else len(names)
     g = torch.Generator().manual_seed(0)
     token = torch.randn(5, K, tiny_model.text_dim, generator=g)
