@@ -20,7 +20,8 @@ every rung; the rungs, from the official algorithm to the fastest backend:
   concepts   batched, but each image of the batch has its own NeTI concept (B concepts in one
              U-Net call); the summary compares its U-Net ms/step with `batched` (one concept).
   triton     batched + the fused row-gather Triton cross-attention kernel (CUDA only).
-  compile    batched + `torch.compile` of the U-Net (attention "auto"); GPU-only unless --compile-on-cpu.
+  compile    batched + `torch.compile` of the U-Net, replayed as a CUDA graph per batch shape on CUDA
+             (attention "auto"); GPU-only unless --compile-on-cpu (then no graphs).
   onnx       batched + the exported ONNX denoiser on onnxruntime (`neti_fast.export.onnx`).
   tensorrt   batched + a TensorRT engine built from that ONNX graph (`neti_fast.export.tensorrt`).
 
@@ -480,12 +481,14 @@ class CompileRung(EngineRung):
     def setup(self):
         if self.m.device.type != "cuda" and not self.a.compile_on_cpu:
             raise Skip(COMPILE_CPU_REASON)
-        self.notes = "torch.compile(unet, dynamic=False); attention auto; warm-up (compile) per batch size"
+        self.notes = ("torch.compile(unet, dynamic=False)" + (" + CUDA graph per batch shape" if self.m.device.type == "cuda" else "")
+                      + "; attention auto; warm-up (compile, capture) per batch size")
         super().setup()
 
     def make_denoiser(self):
+        from neti_fast.cudagraph import CudaGraphDenoiser
         from neti_fast.pipeline import TorchDenoiser
-        return TorchDenoiser(self.m, self.attention, compile=True)
+        return CudaGraphDenoiser(TorchDenoiser(self.m, self.attention, compile=True))
 
 
 def _export_dir(ctx) -> Path:

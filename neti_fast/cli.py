@@ -164,8 +164,9 @@ def _denoiser(args, model, cfg):
     if backend in ("eager", "triton"):
         return None  # Engine's default TorchDenoiser; `triton` has set cfg.attention = "triton"
     if backend == "compile":
+        from .cudagraph import CudaGraphDenoiser
         from .pipeline import TorchDenoiser
-        return TorchDenoiser(model, cfg.attention, compile=True)
+        return CudaGraphDenoiser(TorchDenoiser(model, cfg.attention, compile=True))  # graphs on CUDA only
     from .export import onnx as onnx_export
     h, w = cfg.height or model.default_size, cfg.width or model.default_size
     cache = Path(args.export_dir) if args.export_dir else onnx_export.default_export_dir(args.model, h, w, model.dtype)

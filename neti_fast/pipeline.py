@@ -291,7 +291,8 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
     """The official PromptManager.embed_prompt: the negative prompt once, then every (t, l) encoded
     on its own. Returns (negative [1, 77, D], per step: 16 x (enc, enc_bypass))."""
     m = model
-    neg = encode_plain(m.text_encoder, m.tokenizer, cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt)
+    negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt
+    neg = encode(m.text_encoder, tokenize(m.tokenizer, negative, None).input_ids[None])[0]
     tables = req.tables
     toks = tokenize_request(m, req.prompt, tables)
     dt = m.text_encoder.dtype

@@ -1,14 +1,15 @@
-"""Batched conditioning (prefix reuse, several slots, bypass) equals CLIP run row by row."""
+"""Batched conditioning (shared prefix and first-layer keys, several slots, bypass) equals CLIP run row by row."""
 import pytest
 import torch
 
-from neti_fast.conditioning import encode, encode_prefixed, encode_rows, tokenize
+from neti_fast.conditioning import encode, encode_shared, encode_rows, tokenize
 
 
 @pytest.mark.parametrize("prompt,names", [
     ("a photo of {} on a beach", None),                        # placeholder at position 4
     ("{} on a beach", None),                                   # right after BOS: prefix of one
     ("a painting of {cat} in the style of {style}, {cat} again", ["cat", "style"]),
+    ("{style} first, then {cat}", ["cat", "style"]),            # slot 1 before slot 0; adjacent to BOS
 ])
 def test_prefixed_equals_full_forward(tiny_model, prompt, names):
     te = tiny_model.text_encoder
@@ -20,7 +21,7 @@ def test_prefixed_equals_full_forward(tiny_model, prompt, names):
     bypass[1, 0] = 0  # a zero bypass row (TI / XTI beside NeTI) leaves that slot unchanged
     with torch.no_grad():
         ref = encode(te, toks.input_ids.expand(5, -1), toks.slot.expand(5, -1), token, bypass)
-        fast = encode_prefixed(te, toks, token, bypass)
+        fast = encode_shared(te, toks, token, bypass)
         rows = encode_rows(te, toks, token, bypass, chunk=2)
         one = [encode(te, toks.input_ids[None], toks.slot[None], token[i:i + 1], bypass[i:i + 1]) for i in range(5)]
     for a, b in zip(ref, fast):
@@ -34,3 +35,34 @@ def test_prefixed_equals_full_forward(tiny_model, prompt, names):
     no_bypass = encode(te, toks.input_ids[None], toks.slot[None], token[1:2], None)[0]
     if K == 1:  # slot 0 of row 1 has a zero bypass: values' encoding equals keys' encoding
         torch.testing.assert_close(ref[1][1:2], no_bypass, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_prompt_equals_clip(tiny_model):
+    """A prompt with no concept (negative prompts) through the shared path equals CLIP's forward."""
+    te, tok = tiny_model.text_encoder, tiny_model.tokenizer
+    toks = tokenize(tok, "a blurry photo, low quality", None)
+    with torch.no_grad():
+        enc, enc_b = encode_rows(te, toks, None, None)
+        ref = te(toks.input_ids[None]).last_hidden_state
+    assert enc.shape == (1, 77, tiny_model.text_dim) and enc_b is enc
+    torch.testing.assert_close(enc, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_error_like_clips_own(tiny_model, dtype):
+    """fp16 / bf16 (the GPU dtypes): the shared-work path's error against fp32 is at most twice CLIP's
+    own same-dtype error plus a small atol (flash-attention's test rule)."""
+    import copy
+    te32 = tiny_model.text_encoder
+    te = copy.deepcopy(te32).to(dtype)
+    toks = tokenize(tiny_model.tokenizer, "a painting of {cat} in the style of {style}", ["cat", "style"])
+    g = torch.Generator().manual_seed(1)
+    token, bypass = torch.randn(6, 2, tiny_model.text_dim, generator=g), torch.randn(6, 2, tiny_model.text_dim, generator=g)
+    ids, slot = toks.input_ids.expand(6, -1), toks.slot.expand(6, -1)
+    with torch.no_grad():
+        ref = encode(te32, ids, slot, token, bypass)
+        ours = encode_rows(te, toks, token.to(dtype), bypass.to(dtype))
+        theirs = encode(te, ids, slot, token.to(dtype), bypass.to(dtype))
+    for r, a, b in zip(ref, ours, theirs):
+        assert a.dtype == dtype
+        assert (a.float() - r).abs().max() <= 2 * (b.float() - r).abs().max() + 1e-3
