@@ -274,11 +274,12 @@ class Engine:
         k_tables, v_tables, base, stride = self.pack(reqs, ts, guided)
         latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype) for r in reqs])
         latents = latents.to(m.device) * sched.init_noise_sigma
+        ts_dev = ts.to(m.device)  # the U-Net's t, on the device once: no host-to-device copy per step
         from tqdm.auto import tqdm
         for i, t in enumerate(tqdm(ts, desc="denoise", leave=False, disable=not progress)):
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
-            eps = self.denoiser(x, t, base + i * stride, k_tables, v_tables)
+            eps = self.denoiser(x, ts_dev[i], base + i * stride, k_tables, v_tables)
             if guided:
                 u, c = eps.chunk(2)
                 eps = u + cfg.guidance * (c - u)
