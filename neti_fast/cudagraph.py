@@ -14,11 +14,12 @@ static shapes and addresses and no host sync inside the call, which the denoiser
 Memory: each captured shape holds its own table buffers (at most 2x the tables) and its graph's
 activations. The scheduler step stays outside the graph (diffusers schedulers keep Python state).
 
-GPU-only; on CPU, or when capture fails, calls go to the wrapped denoiser (a failure is reported
-once). Not yet run on a GPU: see the README's backend table.
+GPU-only; on CPU, when capture fails (reported once), or with NETI_FAST_DISABLE_CUDA_GRAPHS=1,
+calls go to the wrapped denoiser. Not yet run on a GPU: see the README's backend table.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -37,6 +38,11 @@ class _Graph:
     source: tuple | None = None       # the (k_tables, v_tables) lists last copied in (held: ids stay unique)
 
 
+def graphs_enabled() -> bool:
+    """False when NETI_FAST_DISABLE_CUDA_GRAPHS is set (1 / true / yes / on): the kill switch."""
+    return os.environ.get("NETI_FAST_DISABLE_CUDA_GRAPHS", "").strip().lower() not in ("1", "true", "yes", "on")
+
+
 def capacity(rows: int) -> int:
     """Table rows a graph is captured for: the next power of two (at least 8)."""
     return max(8, 1 << (rows - 1).bit_length())
@@ -53,7 +59,7 @@ class CudaGraphDenoiser:
         return getattr(self.inner, name)
 
     def __call__(self, x, t, row_idx, k_tables, v_tables):
-        if not x.is_cuda:
+        if not x.is_cuda or not graphs_enabled():
             return self.inner(x, t, row_idx, k_tables, v_tables)
         cap = capacity(k_tables[0].shape[0])
         key = (tuple(x.shape), x.dtype, cap, tuple(tuple(k.shape[1:]) for k in k_tables),

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from neti_fast.cudagraph import CudaGraphDenoiser, _Graph, capacity
+from neti_fast.cudagraph import CudaGraphDenoiser, _Graph, capacity, graphs_enabled
 from neti_fast.pipeline import Engine, GenerateConfig, Request, TorchDenoiser
 from neti_fast.table import precompute
 
@@ -16,6 +16,14 @@ def max_diff(a, b):
 
 def test_capacity():
     assert [capacity(r) for r in (1, 8, 9, 51, 801, 1024)] == [8, 8, 16, 64, 1024, 1024]
+
+
+def test_kill_switch(monkeypatch):
+    monkeypatch.delenv("NETI_FAST_DISABLE_CUDA_GRAPHS", raising=False)
+    assert graphs_enabled()
+    for value, enabled in (("1", False), ("true", False), ("ON", False), ("0", True), ("", True)):
+        monkeypatch.setenv("NETI_FAST_DISABLE_CUDA_GRAPHS", value)
+        assert graphs_enabled() is enabled
 
 
 def test_tables_copied_once_per_generation():
