@@ -57,7 +57,7 @@ class Model:
     def text_dim(self) -> int:
         return self.text_encoder.config.hidden_size
 
-    # diffusers' ModelMixin.device / .dtype walk every submodule (~9 ms on SD's U-Net); the first
+    # diffusers' ModelMixin.device / .dtype walk every submodule (~9 ms a read on tiny's U-Net); the first
     # parameter says the same and these are read on every conditioning and every batch.
     @property
     def device(self) -> torch.device:
