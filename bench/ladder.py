@@ -44,6 +44,11 @@ Per rung and batch size B (median of --repeats runs, after one warm-up run per r
                   + VAE FLOPs / end-to-end time.
   speedup         img/s over the reference rung's img/s at the same batch size.
 
+The summary's two target ratios are measured again after the ladder, the two sides' calls
+alternated (`side_by_side`), so that drift of the machine between rungs does not enter them:
+reference vs batched cold conditioning, and `concepts` vs `batched` U-Net ms per step at the largest
+batch. The JSON keeps every alternated measurement under `side_by_side`.
+
 Timing: CUDA events around every U-Net call and torch.cuda.synchronize around every measured
 region on GPU; time.perf_counter on CPU. A rung that cannot run here is recorded with
 `status: "skipped"` and the reason; a rung that fails is recorded with `status: "failed"`.
@@ -562,6 +567,7 @@ class Context:
     def __init__(self, args, model, table, height, width, flops, peak):
         self.args, self.model, self.table, self.height, self.width = args, model, table, height, width
         self.flops, self.peak = flops, peak
+        self.rows: list[dict] = []  # the ladder's rows so far (side_by_side reads which rungs ran)
 
 
 def _median(xs):
@@ -632,6 +638,75 @@ def measure_rung(ctx: Context, rung: Rung, log=print) -> list[dict]:
     return rows
 
 
+def _alternate(measure: dict, min_pairs: int, budget_s: float = 30.0, max_pairs: int = 15) -> dict:
+    """Call each of `measure`'s functions (each returns seconds) in turn, round after round: at
+    least `min_pairs` rounds, then more up to `max_pairs` while under `budget_s`. Returns the
+    per-name lists of seconds."""
+    times = {name: [] for name in measure}
+    start = time.perf_counter()
+    while len(times[next(iter(times))]) < min_pairs or (
+            len(times[next(iter(times))]) < max_pairs and time.perf_counter() - start < budget_s):
+        for name, f in measure.items():
+            times[name].append(f())
+    return times
+
+
+def side_by_side(ctx: Context, log=print) -> dict:
+    """The two ratios of the issue's targets, each from calls alternated one by one.
+
+    The rungs' own columns are measured minutes apart (each in its rung's turn), so drift of the
+    machine (CPU frequency, neighbours) lands in their ratios; alternating the two sides puts both
+    under the same conditions. Returns {"conditioning": reference vs batched cold conditioning,
+    "concepts": `concepts` vs `batched` U-Net ms per step at the largest batch}, each present when
+    both of its rungs ran.
+    """
+    a, dev = ctx.args, ctx.model.device
+    clock, timer = Clock(dev), UnetTimer(dev)
+    ok = {r["rung"] for r in ctx.rows if r["status"] == "ok"}
+    out = {}
+    rungs = {n: RUNG_CLASSES[n](ctx) for n in ("reference", "batched", "concepts") if n in ok}
+    for r in rungs.values():
+        r.setup()
+    try:
+        if {"reference", "batched"} <= set(rungs):
+            ref, bat = rungs["reference"], rungs["batched"]
+            ref.cond(), bat.cond()  # warm-up
+            t = _alternate({"reference": lambda: clock.time(ref.cond)[0],
+                            "batched": lambda: clock.time(bat.cond)[0]}, a.repeats)
+            r, b = _median(t["reference"]), _median(t["batched"])
+            out["conditioning"] = {"pairs": len(t["reference"]), "reference_ms": r * 1e3, "batched_ms": b * 1e3,
+                                   "speedup": r / b, "all_reference_ms": [x * 1e3 for x in t["reference"]],
+                                   "all_batched_ms": [x * 1e3 for x in t["batched"]]}
+            log(f"  conditioning, {len(t['reference'])} alternated pairs: reference {r * 1e3:.4g} ms, "
+                f"batched {b * 1e3:.4g} ms, {r / b:.1f}x")
+        if {"batched", "concepts"} <= set(rungs):
+            B, seeds = max(a.batch_sizes), list(range(max(a.batch_sizes)))
+
+            def unet_ms_per_step(rung):
+                timer.reset()
+                detach = rung.attach(timer)
+                try:
+                    rung.run(seeds)
+                finally:
+                    detach()
+                return timer.seconds() / a.steps * 1e3
+
+            for r in (rungs["batched"], rungs["concepts"]):
+                r.run(seeds)  # warm-up at this batch size
+            t = _alternate({"batched": lambda: unet_ms_per_step(rungs["batched"]),
+                            "concepts": lambda: unet_ms_per_step(rungs["concepts"])}, a.repeats)
+            one, many = _median(t["batched"]), _median(t["concepts"])
+            out["concepts"] = {"batch": B, "pairs": len(t["batched"]), "batched_unet_ms_per_step": one,
+                               "concepts_unet_ms_per_step": many, "ratio": many / one,
+                               "all_batched": t["batched"], "all_concepts": t["concepts"]}
+            log(f"  {B} concepts vs one, {len(t['batched'])} alternated pairs: U-Net {many:.4g} vs {one:.4g} ms/step, "
+                f"x{many / one:.3f}")
+    finally:
+        for r in rungs.values():
+            r.teardown()
+    return out
+
+
 def _device_info(dev: torch.device) -> dict:
     info = {"type": dev.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
@@ -654,13 +729,18 @@ def _versions() -> dict:
     return out
 
 
-def summary(rows: list[dict]) -> dict:
+def summary(rows: list[dict], side: dict | None = None) -> dict:
+    """Headline ratios. `side`: `side_by_side`'s result; its alternated measurements, where
+    present, give the conditioning speedup and the concepts-vs-one U-Net ratio, otherwise the
+    rungs' own columns do."""
+    side = side or {}
     ok = {(r["rung"], r["batch"]): r for r in rows if r["status"] == "ok"}
     out = {}
     ref = [r for (n, _), r in ok.items() if n == "reference"]
     bat = [r for (n, _), r in ok.items() if n == "batched"]
     if ref and bat:
-        out["conditioning_speedup"] = ref[0]["cond_ms_per_prompt"] / bat[0]["cond_ms_per_prompt"]
+        out["conditioning_speedup"] = (side["conditioning"]["speedup"] if "conditioning" in side else
+                                       ref[0]["cond_ms_per_prompt"] / bat[0]["cond_ms_per_prompt"])
         common = sorted({r["batch"] for r in ref} & {r["batch"] for r in bat})
         if common:
             B = common[-1]
@@ -681,7 +761,8 @@ def summary(rows: list[dict]) -> dict:
             # denoising cost of B different concepts vs one (target: within 5%); img/s also pays B conditionings
             out["concepts_vs_one_concept"] = {
                 "batch": B,
-                "unet_ms_per_step_ratio": ok[("concepts", B)]["unet_ms_per_step"] / ok[("batched", B)]["unet_ms_per_step"],
+                "unet_ms_per_step_ratio": (side["concepts"]["ratio"] if side.get("concepts", {}).get("batch") == B else
+                                           ok[("concepts", B)]["unet_ms_per_step"] / ok[("batched", B)]["unet_ms_per_step"]),
                 "images_per_s_ratio": ok[("concepts", B)]["images_per_s"] / ok[("batched", B)]["images_per_s"]}
     dif = [r for (n, _), r in ok.items() if n == "diffusers"]
     if dif and bat:
@@ -732,10 +813,15 @@ def format_table(result: dict) -> str:
     out.append("")
     if "concepts_vs_one_concept" in s:
         c = s["concepts_vs_one_concept"]
-        out.append(f"{c['batch']} different concepts vs one, batch {c['batch']}: U-Net ms/step x{c['unet_ms_per_step_ratio']:.3f}, "
-                   f"img/s x{c['images_per_s_ratio']:.3f} (img/s includes {c['batch']} cold conditionings)")
+        alt = (result.get("side_by_side") or {}).get("concepts")
+        how = f"median of {alt['pairs']} alternated pairs" if alt and alt["batch"] == c["batch"] else "the rungs' columns"
+        out.append(f"{c['batch']} different concepts vs one, batch {c['batch']}: U-Net ms/step x{c['unet_ms_per_step_ratio']:.3f} "
+                   f"({how}), img/s x{c['images_per_s_ratio']:.3f} (rung columns; includes {c['batch']} cold conditionings)")
     if "conditioning_speedup" in s:
-        out.append(f"conditioning speedup (reference / batched cond ms per prompt): {s['conditioning_speedup']:.1f}x")
+        side = (result.get("side_by_side") or {}).get("conditioning")
+        how = (f"median of {side['pairs']} alternated pairs, {side['reference_ms']:.4g} / {side['batched_ms']:.4g} ms"
+               if side else "the two rungs' cond columns")
+        out.append(f"conditioning speedup (reference / batched, {how}): {s['conditioning_speedup']:.1f}x")
     if "images_per_s_speedup_largest_batch" in s:
         out.append(f"end-to-end images/s, batched vs reference at batch {s['largest_common_batch']}: "
                    f"{s['images_per_s_speedup_largest_batch']:.1f}x")
@@ -818,6 +904,9 @@ def run_ladder(args, log=print) -> dict:
             log(f"  failed: {type(e).__name__}: {e}")
             rows.append({"rung": name, "label": rung.label, "status": "failed",
                          "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+    ctx.rows = rows
+    log("[side by side] the targets' ratios, alternated call by call")
+    side = side_by_side(ctx, log)
     args_out = {k: v for k, v in vars(a).items() if k != "func"}
     result = {
         "schema": SCHEMA,
@@ -836,8 +925,9 @@ def run_ladder(args, log=print) -> dict:
         "peak_tflops": peak,
         "memory_kind": PeakMemory(dev).kind,
         "rows": rows,
+        "side_by_side": side,
     }
-    result["summary"] = summary(rows)
+    result["summary"] = summary(rows, side)
     return result
 
 

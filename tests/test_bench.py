@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -103,6 +104,14 @@ def test_ladder_json_rows_and_chart(ladder_run):
                 assert r["reason"]
     s = data["summary"]
     assert s["conditioning_speedup"] > 0 and s["images_per_s_speedup_largest_batch"] > 0
+    side = data["side_by_side"]["conditioning"]  # alternated pairs: the summary's conditioning ratio
+    assert side["pairs"] >= 1 and len(side["all_reference_ms"]) == len(side["all_batched_ms"]) == side["pairs"]
+    assert s["conditioning_speedup"] == side["speedup"] == side["reference_ms"] / side["batched_ms"]
+    assert side["reference_ms"] == pytest.approx(statistics.median(side["all_reference_ms"]))
+    alt = data["side_by_side"]["concepts"]  # and the concepts-vs-one U-Net ratio, at the largest batch
+    assert alt["batch"] == 2 and len(alt["all_concepts"]) == len(alt["all_batched"]) == alt["pairs"] >= 1
+    assert s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == alt["ratio"] > 0
+    assert alt["concepts_unet_ms_per_step"] == pytest.approx(statistics.median(alt["all_concepts"]))
     assert s["largest_common_batch"] == 2
     many = s["concepts_vs_one_concept"]
     assert many["batch"] == 2 and many["unet_ms_per_step_ratio"] > 0 and many["images_per_s_ratio"] > 0
