@@ -567,7 +567,6 @@ class Context:
     def __init__(self, args, model, table, height, width, flops, peak):
         self.args, self.model, self.table, self.height, self.width = args, model, table, height, width
         self.flops, self.peak = flops, peak
-        self.rows: list[dict] = []  # the ladder's rows so far (side_by_side reads which rungs ran)
 
 
 def _median(xs):
@@ -643,28 +642,27 @@ def _alternate(measure: dict, min_pairs: int, budget_s: float = 30.0, max_pairs:
     least `min_pairs` rounds, then more up to `max_pairs` while under `budget_s`. Returns the
     per-name lists of seconds."""
     times = {name: [] for name in measure}
-    start = time.perf_counter()
-    while len(times[next(iter(times))]) < min_pairs or (
-            len(times[next(iter(times))]) < max_pairs and time.perf_counter() - start < budget_s):
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_pairs or (rounds < max_pairs and time.perf_counter() - start < budget_s):
         for name, f in measure.items():
             times[name].append(f())
+        rounds += 1
     return times
 
 
-def side_by_side(ctx: Context, log=print) -> dict:
+def side_by_side(ctx: Context, ran: set[str], log=print) -> dict:
     """The two ratios of the issue's targets, each from calls alternated one by one.
 
     The rungs' own columns are measured minutes apart (each in its rung's turn), so drift of the
     machine (CPU frequency, neighbours) lands in their ratios; alternating the two sides puts both
     under the same conditions. Returns {"conditioning": reference vs batched cold conditioning,
     "concepts": `concepts` vs `batched` U-Net ms per step at the largest batch}, each present when
-    both of its rungs ran.
+    both of its rungs are in `ran` (the rungs that ran without error).
     """
     a, dev = ctx.args, ctx.model.device
     clock, timer = Clock(dev), UnetTimer(dev)
-    ok = {r["rung"] for r in ctx.rows if r["status"] == "ok"}
     out = {}
-    rungs = {n: RUNG_CLASSES[n](ctx) for n in ("reference", "batched", "concepts") if n in ok}
+    rungs = {n: RUNG_CLASSES[n](ctx) for n in ("reference", "batched", "concepts") if n in ran}
     for r in rungs.values():
         r.setup()
     try:
@@ -698,7 +696,7 @@ def side_by_side(ctx: Context, log=print) -> dict:
             one, many = _median(t["batched"]), _median(t["concepts"])
             out["concepts"] = {"batch": B, "pairs": len(t["batched"]), "batched_unet_ms_per_step": one,
                                "concepts_unet_ms_per_step": many, "ratio": many / one,
-                               "all_batched": t["batched"], "all_concepts": t["concepts"]}
+                               "all_batched_ms": t["batched"], "all_concepts_ms": t["concepts"]}
             log(f"  {B} concepts vs one, {len(t['batched'])} alternated pairs: U-Net {many:.4g} vs {one:.4g} ms/step, "
                 f"x{many / one:.3f}")
     finally:
@@ -904,9 +902,12 @@ def run_ladder(args, log=print) -> dict:
             log(f"  failed: {type(e).__name__}: {e}")
             rows.append({"rung": name, "label": rung.label, "status": "failed",
                          "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-    ctx.rows = rows
     log("[side by side] the targets' ratios, alternated call by call")
-    side = side_by_side(ctx, log)
+    try:
+        side = side_by_side(ctx, {r["rung"] for r in rows if r["status"] == "ok"}, log)
+    except Exception as e:  # noqa: BLE001 - keep the ladder's rows; the summary falls back to them
+        log(f"  failed: {type(e).__name__}: {e}")
+        side = {"failed": f"{type(e).__name__}: {e}"}
     args_out = {k: v for k, v in vars(a).items() if k != "func"}
     result = {
         "schema": SCHEMA,

@@ -109,9 +109,9 @@ def test_ladder_json_rows_and_chart(ladder_run):
     assert s["conditioning_speedup"] == side["speedup"] == side["reference_ms"] / side["batched_ms"]
     assert side["reference_ms"] == pytest.approx(statistics.median(side["all_reference_ms"]))
     alt = data["side_by_side"]["concepts"]  # and the concepts-vs-one U-Net ratio, at the largest batch
-    assert alt["batch"] == 2 and len(alt["all_concepts"]) == len(alt["all_batched"]) == alt["pairs"] >= 1
+    assert alt["batch"] == 2 and len(alt["all_concepts_ms"]) == len(alt["all_batched_ms"]) == alt["pairs"] >= 1
     assert s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == alt["ratio"] > 0
-    assert alt["concepts_unet_ms_per_step"] == pytest.approx(statistics.median(alt["all_concepts"]))
+    assert alt["concepts_unet_ms_per_step"] == pytest.approx(statistics.median(alt["all_concepts_ms"]))
     assert s["largest_common_batch"] == 2
     many = s["concepts_vs_one_concept"]
     assert many["batch"] == 2 and many["unet_ms_per_step_ratio"] > 0 and many["images_per_s_ratio"] > 0
@@ -138,3 +138,17 @@ def test_diffusers_rung_restores_neti_processors(tiny):
     after = tiny.unet.attn_processors
     assert all(after[k] is v for k, v in before.items())
     assert sum(isinstance(p, NetiCrossAttnProcessor) for p in after.values()) == 16
+
+
+def test_summary_without_side_by_side_uses_rung_columns():
+    # side_by_side failed (or a rung was missing): the ratios come from the rungs' own columns
+    def row(rung, batch, cond, unet, ips):
+        return {"rung": rung, "batch": batch, "status": "ok", "cond_ms_per_prompt": cond,
+                "unet_ms_per_step": unet, "images_per_s": ips}
+    rows = [row("reference", 2, 100.0, 50.0, 1.0), row("batched", 2, 10.0, 20.0, 4.0), row("concepts", 2, 12.0, 22.0, 3.0)]
+    for side in (None, {"failed": "RuntimeError: x"}, {"concepts": {"batch": 4, "ratio": 9.0}}):
+        s = ladder.summary(rows, side)
+        assert s["conditioning_speedup"] == 10.0
+        assert s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == 22.0 / 20.0  # batch 4 != 2: not used
+    s = ladder.summary(rows, {"conditioning": {"speedup": 7.0}, "concepts": {"batch": 2, "ratio": 1.01}})
+    assert s["conditioning_speedup"] == 7.0 and s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == 1.01
