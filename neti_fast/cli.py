@@ -10,42 +10,16 @@ import os
 import sys
 from pathlib import Path
 
+from . import options
 from .errors import NetiError
+from .options import BACKENDS, add_runtime_args, parse_seeds  # noqa: F401  (re-exported)
+from .utils import CLI_DTYPES, DTYPE_NAMES
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def parse_seeds(tokens: list[str]) -> list[int]:
-    """`0-15`, `0 3 7`, `0,3,7` or a mix -> list of ints, in order, without repeats."""
-    seeds = []
-    for tok in tokens:
-        for part in str(tok).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                if "-" in part:
-                    a, b = (int(x) for x in part.split("-", 1))
-                    if b < a:
-                        raise ValueError
-                    seeds.extend(range(a, b + 1))
-                else:
-                    seeds.append(int(part))
-            except ValueError:
-                raise NetiError(f"--seeds {tok}: expected integers or ranges like 0-15") from None
-    if any(s < 0 or s >= 2**63 for s in seeds):
-        raise NetiError("--seeds: seeds must be between 0 and 2^63-1")
-    return list(dict.fromkeys(seeds))
+DTYPES = {k: DTYPE_NAMES[k] for k in CLI_DTYPES}  # kept for compatibility
 
 
-def _torch_setup(args):
-    import torch
-    from .api import default_device
-    device = args.device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NetiError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    return device, getattr(torch, DTYPES[dtype])
+def _torch_setup(args):  # the older name
+    return options.torch_setup(args)
 
 
 def _quiet_libraries():
@@ -84,7 +58,7 @@ def cmd_precompute(args):
     concept = load_concept(args.concept, placeholder=args.placeholder)
     if Path(args.out).exists() and not args.overwrite:
         raise NetiError(f"--out {args.out}: exists; use --overwrite to replace it")
-    table = precompute(concept, args.truncation or ())
+    table = precompute(concept, [t for t in options.dedup(args.truncation or ()) if t is not None])
     out = table.save(args.out)
     print(f"table for {concept.placeholder!r}: 1000 timesteps x 16 layers, truncations {table.truncations or 'none'} -> {out}")
 
@@ -113,75 +87,47 @@ def _read_prompts(args) -> list[str]:
 
 def cmd_generate(args):
     from .api import generate_to_folder
+    from .backends import engine as backend_engine
     from .mixing import add_mixes
     from .models import load_model
-    from .pipeline import Engine, GenerateConfig, Request, check_request
+    from .pipeline import GenerateConfig, Request, check_request
     from .table import load_tables
     prompts = _read_prompts(args)
-    seeds = parse_seeds(args.seeds)
+    seeds = options.seeds_of(args)
     tables = add_mixes(load_tables(args.concept or [], args.placeholder), args.layer_mix, args.time_mix)
-    truncs = args.truncation or [None]
-    device, dtype = _torch_setup(args)
+    truncs = options.dedup(args.truncation) if args.truncation else [None]
+    device, dtype = options.torch_setup(args)
     model = load_model(args.model, device=device, dtype=dtype)
     for p in prompts:  # validate everything before any work
         for t in truncs:
             check_request(model, Request(p, 0, tables or None, t))
     cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                         attention=attention_choice(args))
-    engine = Engine(model, cfg, denoiser=_denoiser(args, model, cfg))
+                         attention=args.attention)
+    engine = backend_engine(model, cfg, args.backend, export_dir=args.export_dir, model_name=args.model)
     described = ",".join(args.concept or []) + "".join(f" {f}={v}" for f, v in (("layer-mix", args.layer_mix), ("time-mix", args.time_mix)) if v)
-    entries = generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, cfg, overwrite=args.overwrite,
-                                 model_name=args.model, concept_name=described or None, engine=engine)
+    entries = generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, engine.cfg,
+                                 overwrite=args.overwrite, model_name=args.model, concept_name=described or None,
+                                 engine=engine)
     sweep = " and truncation sweep grid(s)" if len(truncs) > 1 else ""
-    print(f"{len(entries)} images, {len(prompts)} grid(s){sweep} and manifest.json in {args.out}")
-
-
-BACKENDS = ("auto", "eager", "triton", "compile", "onnx", "tensorrt")
-
-
-def add_runtime_args(p) -> None:
-    """--attention / --backend / --export-dir, shared by `generate` and `run`."""
-    p.add_argument("--attention", choices=["auto", "triton", "sdpa", "xformers", "eager"], default="auto",
-                   help="cross-attention kernel (auto: the Triton kernel on CUDA when its guards pass, else SDPA)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="U-Net runtime. auto = eager today: it has no build step, and the others (compile, "
-                        "onnx, tensorrt) have no GPU measurement yet to justify their minutes of export / build")
-    p.add_argument("--export-dir", default=None, help="cache for onnx / tensorrt exports")
+    print(f"{len(entries)} images, {len(prompts)} grid(s){sweep} and manifest.jsonl in {args.out}")
 
 
 def resolve_backend(args) -> str:
-    backend = getattr(args, "backend", "auto")
-    return "eager" if backend == "auto" else backend
+    """The backend --backend means (auto -> eager today); see backends.resolve."""
+    from .backends import resolve
+    return resolve(getattr(args, "backend", "auto")).backend
 
 
 def attention_choice(args) -> str:
-    return "triton" if resolve_backend(args) == "triton" else args.attention
-
-
-def _denoiser(args, model, cfg):
-    backend = resolve_backend(args)
-    if backend in ("eager", "triton"):
-        return None  # Engine's default TorchDenoiser; `triton` has set cfg.attention = "triton"
-    if backend == "compile":
-        from .cudagraph import CudaGraphDenoiser
-        from .pipeline import TorchDenoiser
-        return CudaGraphDenoiser(TorchDenoiser(model, cfg.attention, compile=True))  # graphs on CUDA only
-    from .export import onnx as onnx_export
-    h, w = cfg.height or model.default_size, cfg.width or model.default_size
-    cache = Path(args.export_dir) if args.export_dir else onnx_export.default_export_dir(args.model, h, w, model.dtype)
-    path = onnx_export.export_cached(model, cache, height=h, width=w)
-    if backend == "onnx":
-        return onnx_export.OnnxDenoiser(path)
-    from .export import tensorrt as trt_export
-    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), max_batch=cfg.batch_size)
-    return trt_export.TensorRTDenoiser(engine_path)
+    from .backends import resolve
+    return resolve(getattr(args, "backend", "auto"), args.attention).attention
 
 
 def cmd_export(args):
     from .export import onnx as onnx_export
     from .models import load_model
-    device, dtype = _torch_setup(args)
+    device, dtype = options.torch_setup(args)
     model = load_model(args.model, device=device, dtype=dtype)
     out = Path(args.out)
     path = onnx_export.export_cached(model, out, height=args.height, width=args.width)
@@ -208,11 +154,7 @@ def cmd_bench(args):
 
 # ----------------------------------------------------------------------------- parser
 
-def _add_model_args(p, model_default=None):
-    p.add_argument("--model", default=model_default, required=model_default is None,
-                   help="diffusers folder, hub id, or built-in: tiny, sd15-shaped")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
+_add_model_args = options.add_model_args  # the older name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("precompute", help="evaluate a concept on all 1000 timesteps x 16 layers into a table")
     p.add_argument("concept", help="concept file (any supported format)")
     p.add_argument("--out", required=True, help="table .safetensors to write")
-    p.add_argument("--truncation", type=int, nargs="*", default=None, metavar="K",
-                   help="also store rows with nested-dropout truncation K (NeTI only; e.g. 8 16 32)")
+    p.add_argument("--truncation", type=options.truncation_value, nargs="*", action="extend", default=None,
+                   metavar="K", help="also store rows with nested-dropout truncation K (NeTI only; e.g. 8 16 32; "
+                                     "the untruncated rows are always stored)")
     p.add_argument("--placeholder", default=None, help="override the placeholder token")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_precompute)
@@ -254,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="batched generation with a concept (or plain SD without one)")
     _add_model_args(p)
-    p.add_argument("--concept", action="append", metavar="[NAME=]PATH",
+    p.add_argument("--concept", action="extend", nargs="+", metavar="[NAME=]PATH",
                    help="table or concept file (any supported format); repeat for several concepts, written "
                         "{NAME} in prompts (default NAME: the placeholder without <>)")
     p.add_argument("--placeholder", default=None, help="override the concept's placeholder token (one concept)")
@@ -265,18 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='mixing over time, e.g. "t>=600:cat,t<600:painting" (t = scheduler timestep, 999 = noise)')
     p.add_argument("--prompt", action="append", help='prompt with {} (or {NAME}) where the concept goes; repeatable')
     p.add_argument("--prompts-file", default=None, help="one prompt per line")
-    p.add_argument("--seeds", nargs="+", default=["0"], help="e.g. 0-15 or 0 3 7 (default 0)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--scheduler", choices=["dpm++", "ddim", "euler"], default="dpm++")
-    p.add_argument("--truncation", type=int, nargs="+", default=None, metavar="K",
-                   help="nested-dropout truncation(s): smaller K = more editable, less faithful; several "
-                        "also write a sweep grid per seed (rows prompts, columns truncations)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    add_runtime_args(p)
+    options.add_seeds_arg(p)
+    p.add_argument("--truncation", type=options.truncation_value, nargs="+", action="extend", default=None,
+                   metavar="K", help="nested-dropout truncation(s): smaller K = more editable, less faithful; "
+                                     "none (or full) = no truncation, e.g. --truncation none 8 16; several also "
+                                     "write a sweep grid per seed (rows prompts, columns truncations)")
+    options.add_sampling_args(p)
+    options.add_runtime_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     p.set_defaults(func=cmd_generate)

@@ -11,8 +11,6 @@ precompute and the on-the-fly path both call it, so the table equals the mapper 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +19,7 @@ import torch
 from .errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
 from .models import NUM_LAYERS
-
-METHODS = ("neti", "xti", "ti")
+from .utils import METHODS, atomic_write, first_line  # noqa: F401  (atomic_write: re-exported)
 FORMAT_VERSION = "1"
 
 
@@ -111,7 +108,7 @@ class Concept:
                 mapper = NeTIMapper(cfg).eval()
                 mapper.load_tensors({k[len("mapper."):]: v for k, v in tensors.items() if k.startswith("mapper.")})
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
-                raise NetiError(f"{where}: mapper weights do not match its config ({str(e).splitlines()[0]})") from None
+                raise NetiError(f"{where}: mapper weights do not match its config ({first_line(e)})") from None
         elif method in ("xti", "ti"):
             embeds = tensors.get("embeds")
             want = NUM_LAYERS if method == "xti" else 1
@@ -148,24 +145,6 @@ def random_concept(method: str = "neti", dim: int = 768, seed: int = 0, placehol
         return Concept("neti", placeholder, dim, mapper=mapper)
     rows = NUM_LAYERS if method == "xti" else 1
     return Concept(method, placeholder, dim, embeds=torch.randn(rows, dim, generator=g) * 0.1)
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Write via `write(tmp_path)` to a temporary file beside `path`, then rename over it atomically."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise NetiError(f"{path}: cannot write there ({e.strerror or e})") from None
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def load_concept(path: str | Path, placeholder: str | None = None) -> Concept:

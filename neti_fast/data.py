@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import NetiError
+from .utils import first_line
 from .templates import IMAGENET_STYLE_TEMPLATES, IMAGENET_TEMPLATES
 
 PROPERTIES = ("object", "style")
@@ -91,7 +92,7 @@ def load_images(folder, size: int | None = None, center_crop: bool = False) -> l
         what = f"none of its {len(files)} files is a readable image" if files else "it has no image files"
         raise NetiError(f"{folder}: no training images ({what})")
     for p, e in bad:
-        warnings.warn(f"{p}: skipped, not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+        warnings.warn(f"{p}: skipped, not a readable image ({first_line(e)})",
                       stacklevel=2)
     return images
 

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import NetiError
+from .utils import default_device, first_line
 
 
 @dataclass
@@ -64,7 +65,7 @@ def setup_distributed(device: str | None) -> Dist:
         raise NetiError("WORLD_SIZE / RANK / LOCAL_RANK must be integers (torchrun and accelerate launch set them)") from None
     if world < 1 or not 0 <= rank < world:
         raise NetiError(f"RANK {rank} / WORLD_SIZE {world}: need 0 <= RANK < WORLD_SIZE")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     if world > 1 and device == "cuda":
         device = f"cuda:{local}"
     d = Dist(rank, world, local, device)
@@ -76,7 +77,7 @@ def setup_distributed(device: str | None) -> Dist:
             try:
                 dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
             except (ValueError, RuntimeError) as e:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR
-                raise NetiError(f"WORLD_SIZE={world}: cannot start torch.distributed ({str(e).splitlines()[0]}); "
+                raise NetiError(f"WORLD_SIZE={world}: cannot start torch.distributed ({first_line(e)}); "
                                 "launch with torchrun or accelerate launch") from None
             d.owns_group = True
     return d

@@ -31,11 +31,12 @@ import warnings
 from pathlib import Path
 
 from .errors import NetiError
+from .utils import atomic_write, default_device, first_line as _first_line
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-MANIFEST_JSON = "manifest.json"
+MANIFEST_JSON = "manifest.json"      # older `generate` folders
 MANIFEST_JSONL = "manifest.jsonl"
 METRICS = ("image_similarity", "text_similarity", "dino_similarity")
 
@@ -94,34 +95,6 @@ def _check_entry(entry, where: str) -> dict:
     return {**entry, "truncation": _parse_truncation(entry.get("truncation"), f"{where}: image {file}")}
 
 
-def _done(entry) -> bool:
-    return isinstance(entry, dict) and entry.get("status") in (None, "done")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Finished entries of one JSON-lines manifest. Lines of other statuses ("failed", "running", ...)
-    are skipped unchecked (the job runner's failed lines have no "file"); a torn last line (a run
-    killed mid-write, or one still writing) is skipped with a warning; any other bad line is an error."""
-    try:
-        lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise NetiError(f"{path}: unreadable manifest ({getattr(e, 'strerror', None) or e})") from None
-    out = []
-    for k, (i, line) in enumerate(lines):
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            if k == len(lines) - 1:
-                warnings.warn(f"{path}:{i}: incomplete last line skipped", stacklevel=3)
-                continue
-            raise NetiError(f"{path}:{i}: not a JSON object ({e})") from None
-        if not isinstance(obj, dict):
-            raise NetiError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-        if _done(obj):
-            out.append(_check_entry(obj, f"{path}:{i}"))
-    return out
-
-
 def read_manifest_entries(out_dir: str | Path) -> list[dict]:
     """Image entries of a generation folder: `manifest.json` (`neti-fast generate`) and / or
     `manifest.jsonl` plus any `manifest.rank*.jsonl` (the job runner; one object per line). Only
@@ -133,27 +106,14 @@ def read_manifest_entries(out_dir: str | Path) -> list[dict]:
         raise NetiError(f"{out}: output folder does not exist")
     if not out.is_dir():
         raise NetiError(f"{out}: is not a folder (give the folder written by `neti-fast generate`)")
-    from .jobs import manifest_files
+    from . import manifest
     pj = out / MANIFEST_JSON
-    jsonl = manifest_files(out)  # the job runner's manifest.jsonl and per-rank files, in its order
-    if not pj.is_file() and not jsonl:
+    if not pj.is_file() and not manifest.manifest_files(out):
         raise NetiError(f"{out}: no {MANIFEST_JSON} or {MANIFEST_JSONL} (give a folder written by `neti-fast generate`)")
     entries: dict[str, dict] = {}
-    if pj.is_file():
-        try:
-            data = json.loads(pj.read_text(encoding="utf-8"))
-            images = data["images"]
-            if not isinstance(images, list):
-                raise TypeError("\"images\" is not a list")
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-            raise NetiError(f"{pj}: unreadable manifest ({type(e).__name__}: {e})") from None
-        for e in images:
-            if not isinstance(e, dict) or _done(e):
-                e = _check_entry(e, str(pj))
-                entries[e["file"]] = e
-    for p in jsonl:
-        for e in _read_jsonl(p):
-            entries[e["file"]] = e
+    for where, e in manifest.read_entries(out):  # a later finished entry for a file replaces an earlier one
+        e = _check_entry(e, where)
+        entries[e["file"]] = e
     if not entries:
         raise NetiError(f"{out}: the manifest lists no finished images")
     missing = [f for f in sorted(entries) if not (out / f).is_file()]
@@ -173,8 +133,7 @@ def _open_rgb(path: Path):
             im.load()
             return to_rgb(im)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise NetiError(f"{path}: not a readable image ({first})") from None
+        raise NetiError(f"{path}: not a readable image ({_first_line(e)})") from None
 
 
 def load_generated_images(out_dir: str | Path, entries: list[dict]) -> list:
@@ -218,11 +177,6 @@ def _resolve(arg: str, spec: str) -> str:
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or "\\" in spec:
         raise NetiError(f"{arg} {spec}: no such folder, and not a hub id (owner/name)")
     return spec
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def _load_error(arg: str, spec: str, e: BaseException, what: str = "it") -> NetiError:
@@ -340,7 +294,7 @@ class Similarity:
     def __init__(self, clip: str = DEFAULT_CLIP, dino: str | None = DEFAULT_DINO, device=None, batch_size: int = 32):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise NetiError(f"--batch-size {batch_size}: must be a positive integer")
-        self.device = str(device or _default_device())
+        self.device = str(device or default_device())
         self.batch_size = batch_size
         self.clip_name, self.dino_name = clip, dino
         self.clip_model, self.tokenizer, self.clip_processor = load_clip(clip, self.device)
@@ -393,11 +347,6 @@ class Similarity:
         return self._embed_images(images, self.dino_processor, self.dino_model,
                                   lambda m, px: m(pixel_values=px).last_hidden_state[:, 0],
                                   self.dino_model.config.hidden_size)
-
-
-def _default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -497,7 +446,6 @@ def evaluate_folder(out_dir: str | Path, train_dir: str | Path, clip: str = DEFA
 # ----------------------------------------------------------------------------- outputs
 
 def write_json(report: dict, path: str | Path) -> Path:
-    from .concept import atomic_write
     text = json.dumps(report, indent=1, allow_nan=False)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -507,7 +455,6 @@ def plot_tradeoff(report: dict, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .concept import atomic_write
     groups = report["per_truncation"]
     keys = list(groups)
     xs = [groups[k]["text_similarity"] for k in keys]
@@ -569,7 +516,7 @@ def add_arguments(p) -> None:
 def main(args) -> dict:
     if args.batch_size < 1:
         raise NetiError(f"--batch-size {args.batch_size}: must be a positive integer")
-    device = args.device or _default_device()
+    device = args.device or default_device()
     if str(device).startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

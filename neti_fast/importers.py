@@ -17,6 +17,7 @@ from __future__ import annotations
 import pickle
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .concept import Concept
 from .errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
 from .models import NUM_LAYERS
+from .utils import first_line as _first_line
 
 NETI_FAST_FORMATS = ("concept", "table")
 _CONCEPT_TENSOR_KEYS = ("embeds", "placeholder_embed")
@@ -82,14 +84,6 @@ def _torch_load(path: Path):
                         f"{type(e).__name__}: {_first_line(str(e))})") from None
 
 
-def _first_line(s: str) -> str:
-    """The informative part of a (possibly multi-line, torch-wrapped) error message, one short line."""
-    m = re.search(r"WeightsUnpickler error:\s*(.+)", s, re.S)
-    s = " ".join((m.group(1) if m else s).split())
-    s = s.split(" Check the documentation")[0].split(". ")[0].rstrip(".")
-    return s[:160] or "unknown error"
-
-
 # ---------------------------------------------------------------------------- content sniffing
 def _sniff(path: Path) -> str:
     """'safetensors', 'pickle' (torch zip or legacy), or raise."""
@@ -142,6 +136,17 @@ def _a1111_placeholder(path: Path, name, placeholder: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------- safetensors
+_PARAMETER_NAMES = {"weight", "bias", "embeddings", "embedding", "state_dict", "running_mean", "running_var"}
+
+
+def _looks_like_ti(key: str, shape) -> bool:
+    """diffusers' learned_embeds.safetensors holds one tensor named after its token, [D] or [1, D].
+    Another model's single weight (`linear.weight`, `bias`, a [n, D] matrix) is not one."""
+    if "." in key or "/" in key or key.lower() in _PARAMETER_NAMES or not key.strip():
+        return False
+    return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
+
+
 def _import_safetensors(path: Path, placeholder: str | None) -> Concept:
     from safetensors import safe_open
     try:
@@ -156,7 +161,7 @@ def _import_safetensors(path: Path, placeholder: str | None) -> Concept:
                 tensors = {k: f.get_tensor(k) for k in wanted}
             elif "emb_params" in keys:
                 tensors = {"emb_params": f.get_tensor("emb_params")}
-            elif len(keys) == 1 and len(f.get_slice(keys[0]).get_shape()) in (1, 2):
+            elif len(keys) == 1 and _looks_like_ti(keys[0], f.get_slice(keys[0]).get_shape()):
                 tensors = {keys[0]: f.get_tensor(keys[0])}
             else:
                 shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "") or "none"
@@ -176,7 +181,10 @@ def _import_safetensors(path: Path, placeholder: str | None) -> Concept:
         vec = _vectors(path, tensors["emb_params"], "emb_params")
         return _ti_concept(path, vec, _a1111_placeholder(path, md.get("name"), placeholder), "a1111")
     (token, t), = tensors.items()  # diffusers learned_embeds.safetensors: {token: [D] / [1, D]}
-    return _ti_concept(path, _vectors(path, t, f"embedding {token!r}"), placeholder or token, "diffusers-ti")
+    c = _ti_concept(path, _vectors(path, t, f"embedding {token!r}"), placeholder or token, "diffusers-ti")
+    warnings.warn(f"{path}: no neti-fast metadata; read as a Textual Inversion embedding for the token {token!r} "
+                  f"(diffusers learned_embeds format)", stacklevel=3)
+    return c
 
 
 # ---------------------------------------------------------------------------- pickle-based

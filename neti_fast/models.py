@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import NetiError
+from .utils import first_line
 
 # The 16 cross-attention layers in execution order, named as in the official NeTI / P+ code
 # (SD's "input/middle/output block" numbering). Layer identity is this position, bound once.
@@ -138,8 +139,7 @@ def load_diffusers(path: str) -> Model:
     except NetiError:
         raise
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NetiError(f"--model {path}: could not load it ({first})") from e
+        raise NetiError(f"--model {path}: could not load it ({first_line(e)})") from e
     return Model(tokenizer, text_encoder, unet, vae, sched, name=path)
 
 

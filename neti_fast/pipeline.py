@@ -26,8 +26,7 @@ from .conditioning import encode, encode_plain, encode_rows, tokenize
 from .errors import NetiError
 from .models import NUM_LAYERS, Model
 from .table import stack_rows
-
-SCHEDULERS = ("dpm++", "ddim", "euler")
+from .utils import SCHEDULERS
 
 
 def make_scheduler(name: str, config: dict):

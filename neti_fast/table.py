@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .concept import Concept, atomic_write
 from .errors import NetiError
 from .models import NUM_LAYERS
+from .utils import first_line
 
 NUM_TIMESTEPS = 1000
 _UIDS = itertools.count()
@@ -177,8 +178,8 @@ def _metadata(path: Path) -> dict:
     try:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}
-    except (OSError, ValueError) as e:
-        raise NetiError(f"{path}: cannot read it ({e})") from None
+    except Exception as e:  # SafetensorError (corrupt header, random bytes), OSError...: never a traceback
+        raise NetiError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def _neti_format(path: Path) -> str | None:

@@ -32,21 +32,19 @@ import math
 import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .concept import Concept, atomic_write
+from .concept import Concept
 from .errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
 from .models import NUM_LAYERS
+from .utils import DTYPE_NAMES, METHODS, atomic_write, check_writable, default_device, torch_dtype
 
-METHODS = ("neti", "xti", "ti")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {name: getattr(torch, full) for name, full in DTYPE_NAMES.items()}  # kept for compatibility
 LR_SCHEDULERS = ("constant", "constant_with_warmup")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 
@@ -118,7 +116,7 @@ def _check_config(cfg: TrainConfig) -> None:
         raise NetiError(f"nested_dropout_prob {cfg.nested_dropout_prob}: must be between 0 and 1")
     if cfg.resolution is not None and (not isinstance(cfg.resolution, int) or cfg.resolution < 8 or cfg.resolution % 8):
         raise NetiError(f"--resolution {cfg.resolution}: must be a multiple of 8")
-    if cfg.dtype not in DTYPES:
+    if cfg.dtype not in DTYPE_NAMES:
         raise NetiError(f"--dtype {cfg.dtype!r}: must be one of float32, float16, bfloat16")
     if any(c.isspace() for c in cfg.placeholder) or "{}" in cfg.placeholder:
         raise NetiError(f"--placeholder {cfg.placeholder!r}: must be one word without spaces or {{}}")
@@ -131,7 +129,7 @@ def _device(cfg: TrainConfig) -> torch.device:
         raise NetiError(f"--device {cfg.device!r}: not a device (cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NetiError(f"--device {cfg.device}: CUDA is not available on this machine")
-    if dev.type == "cpu" and DTYPES[cfg.dtype] == torch.float16:
+    if dev.type == "cpu" and torch_dtype(cfg.dtype) == torch.float16:
         raise NetiError("--dtype float16 needs --device cuda (use float32 or bfloat16 on CPU)")
     return dev
 
@@ -139,16 +137,6 @@ def _device(cfg: TrainConfig) -> torch.device:
 def default_out(placeholder: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", placeholder).strip("-.") or "concept"
     return Path("outputs") / name
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise NetiError(f"--out {out}: output folder is not writable ({e.strerror or e})") from None
 
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -427,7 +415,7 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     folder = Path(cfg.images)  # the folder's basic checks before the (slow) model load
     if not folder.is_dir():
         load_images(folder)  # raises the NetiError naming the problem
-    _check_writable(out)
+    check_writable(out)
 
     # resume target, checked before the (slow) model load
     resume_path = None
@@ -451,7 +439,7 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     if model is None:
         from .distributed import prepare_builtin
         prepare_builtin(cfg.model, dd)
-        model = load_model(cfg.model, device=device, dtype=DTYPES[cfg.dtype])
+        model = load_model(cfg.model, device=device, dtype=torch_dtype(cfg.dtype))
         model.text_encoder.to(torch.float32)  # as official: only the U-Net and VAE run in the low dtype
     device = model.device
     tokenizer = copy.deepcopy(model.tokenizer)  # the placeholder is added to a copy only
@@ -698,7 +686,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--config", default=None, metavar="YAML", help="official NeTI train.yaml; flags given override it")
     a("--resume", default=None, metavar="latest|PATH", help="continue from a checkpoint")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a("--dtype", default=None, choices=sorted(DTYPES), help="dtype of the frozen models (default float32)")
+    a("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="dtype of the frozen models (default float32)")
 
 
 _FLAG_FIELDS = ("placeholder", "init_word", "method", "learnable_property", "model", "out", "steps", "batch_size",
@@ -720,10 +708,9 @@ def config_from_args(args) -> TrainConfig:
         if v is not None:
             values[name] = v
     if "device" not in values:
-        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if values.get("dtype") in DTYPES:
-        values["dtype"] = {torch.float32: "float32", torch.float16: "float16",
-                           torch.bfloat16: "bfloat16"}[DTYPES[values["dtype"]]]
+        values["device"] = default_device()
+    if values.get("dtype") in DTYPE_NAMES:
+        values["dtype"] = DTYPE_NAMES[values["dtype"]]
     return TrainConfig(**values)
 
 

@@ -75,7 +75,7 @@ def test_precompute_generate_resume(tmp_path, capsys, neti_file):
     assert code == 0, err
     pngs = sorted(p.name for p in out_dir.glob("0*.png"))
     assert len(pngs) == 2 * 2 * 2 and len(list(out_dir.glob("grid-*.png"))) == 2
-    manifest = json.loads((out_dir / "manifest.json").read_text())["images"]
+    manifest = [json.loads(x) for x in (out_dir / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 8 and {e["truncation"] for e in manifest} == {8, 128}
     assert all(e["steps"] == 3 and e["scheduler"] == "dpm++" and e["model"] == "tiny" for e in manifest)
     # resume: nothing is regenerated

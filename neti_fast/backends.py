@@ -1,0 +1,94 @@
+"""Choosing the U-Net runtime (the "denoiser") for an Engine: one library function, used by the
+CLI (`--backend`), the job runner and the Python API (`generate(..., backend=...)`).
+
+    backend    what runs
+    eager      the PyTorch U-Net with per-layer K/V tables (the Engine's own TorchDenoiser)
+    triton     eager, with the Triton cross-attention kernel forced
+    compile    torch.compile on the U-Net; on CUDA each call replayed as a CUDA graph
+    onnx       the exported U-Net run by onnxruntime (exported once, cached)
+    tensorrt   a TensorRT engine built from that ONNX file
+    auto       eager today: it has no build step, and no GPU measurement yet shows the others pay
+               back their minutes of compiling / exporting / building there
+
+The choice and the reason for any fallback are logged once per (backend, reason).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NetiError
+from .utils import image_size
+
+log = logging.getLogger("neti_fast")
+BACKEND_NAMES = ("auto", "eager", "triton", "compile", "onnx", "tensorrt")
+_said: set = set()
+
+
+def _say(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        log.info(msg)
+
+
+@dataclass
+class Choice:
+    backend: str          # what runs: eager | triton | compile | onnx | tensorrt
+    attention: str        # the attention setting the Engine's config should use
+    reason: str           # why (for auto and fallbacks)
+
+
+def resolve(backend: str = "auto", attention: str = "auto") -> Choice:
+    """Which backend `backend` means here, and the attention setting that goes with it."""
+    if backend not in BACKEND_NAMES:
+        raise NetiError(f"--backend {backend!r}: must be one of {', '.join(BACKEND_NAMES)}")
+    if backend == "auto":
+        return Choice("eager", attention, "auto picks eager: no build step; compile / onnx / tensorrt have no "
+                                          "GPU measurement yet that pays back their build time")
+    if backend == "triton":
+        return Choice("triton", "triton", "triton: eager with the Triton attention kernel forced")
+    return Choice(backend, attention, f"{backend}: asked for")
+
+
+def make_denoiser(model, backend: str = "auto", attention: str = "auto", *, height: int | None = None,
+                  width: int | None = None, batch_size: int = 8, export_dir: str | Path | None = None,
+                  model_name: str | None = None):
+    """(denoiser, attention) for an Engine: denoiser None means the Engine's own TorchDenoiser with
+    `attention`. onnx / tensorrt export for one (height, width) and cache the file in `export_dir`
+    (default: under $NETI_FAST_CACHE, keyed by the model's weights)."""
+    choice = resolve(backend, attention)
+    _say(f"neti-fast backend: {choice.backend} ({choice.reason})")
+    if choice.backend in ("eager", "triton"):
+        return None, choice.attention
+    if choice.backend == "compile":
+        from .cudagraph import CudaGraphDenoiser
+        from .pipeline import TorchDenoiser
+        return CudaGraphDenoiser(TorchDenoiser(model, choice.attention, compile=True)), choice.attention
+    from .export import onnx as onnx_export
+    h, w = image_size(model, height, width)
+    cache = (Path(export_dir) if export_dir else
+             onnx_export.default_export_dir(model_name or model.name, h, w, model.dtype))
+    path = onnx_export.export_cached(model, cache, height=h, width=w)
+    if choice.backend == "onnx":
+        return onnx_export.OnnxDenoiser(path), choice.attention
+    from .export import tensorrt as trt_export
+    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), max_batch=batch_size)
+    return trt_export.TensorRTDenoiser(engine_path), choice.attention
+
+
+def needs_size(backend: str) -> bool:
+    """Whether the denoiser is built for one image size (exported backends), so a job with several
+    sizes needs one per size."""
+    return resolve(backend).backend not in ("eager", "triton")
+
+
+def engine(model, cfg=None, backend: str = "auto", export_dir=None, model_name=None):
+    """An Engine for `cfg` (GenerateConfig) running on `backend`."""
+    import dataclasses
+
+    from .pipeline import Engine, GenerateConfig
+    cfg = cfg or GenerateConfig()
+    den, attention = make_denoiser(model, backend, cfg.attention, height=cfg.height, width=cfg.width,
+                                   batch_size=cfg.batch_size, export_dir=export_dir, model_name=model_name)
+    return Engine(model, dataclasses.replace(cfg, attention=attention), denoiser=den)

@@ -1,0 +1,316 @@
+"""Job files of `neti-fast run`: parsing, validation and the fixed batch plan (no running: jobs.py).
+
+Job file: one JSON object per line (blank lines and lines starting with # are skipped), e.g.
+    {"prompt": "a photo of {} on a beach", "concept": "cat.safetensors", "seeds": "0-63", "truncation": 16}
+Keys: prompt (required), concept (a concept / table / bundle file, or {"name": path, ...} for several
+`{name}` concepts in one prompt; relative paths are relative to the job file's folder), seeds ("0-63", "0,3,7" or a list),
+truncation (K, null or a list), steps, guidance, negative_prompt, scheduler, height, width. Missing
+keys take the command-line values.
+
+`neti-fast generate` builds the same `Line`s from its flags (with its concepts already loaded), so
+both commands share the planner, the manifest and resume.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NetiError
+from .options import parse_seeds
+from .utils import SCHEDULERS, image_size
+
+KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
+        "height", "width")
+
+
+@dataclass
+class Line:
+    """One validated request of the job."""
+    line: int                       # 1-based line number in the job file
+    prompt: str
+    concept: object                 # as written (str, {name: str} or None): recorded in the manifest
+    paths: object                   # the same, resolved against the job file's folder
+    seeds: list
+    truncations: list
+    steps: int
+    guidance: float
+    scheduler: str
+    negative_prompt: str
+    height: int | None
+    width: int | None
+    failed: str | None = None       # why the concept could not be loaded
+    table: object = None            # concepts already loaded (`generate`): used instead of `paths`
+    index: int | None = None        # the number in file names (default: the line number)
+    digits: int = 5                 # its width (`generate`: 3, its prompt index from 0)
+
+    @property
+    def file_index(self) -> int:
+        return self.line if self.index is None else self.index
+
+
+@dataclass
+class Img:
+    line: Line
+    truncation: int | None
+    seed: int
+    file: str
+    height: int
+    width: int
+
+    @property
+    def group(self) -> tuple:
+        """What one U-Net batch must share; prompt, concept, truncation and negative prompt need not."""
+        L = self.line
+        return (L.steps, float(L.guidance), L.scheduler, self.height, self.width)
+
+    def manifest_entry(self, model_name: str, dtype: str) -> dict:
+        """What the manifest records for this image (its `manifest.SETTINGS` decide resume)."""
+        L = self.line
+        return {"file": self.file, "line": L.line, "prompt": L.prompt, "concept": L.concept, "seed": self.seed,
+                "truncation": self.truncation, "negative_prompt": L.negative_prompt, "steps": L.steps,
+                "guidance": L.guidance, "scheduler": L.scheduler, "height": self.height, "width": self.width,
+                "model": model_name, "dtype": dtype, "status": "done"}
+
+    entry = manifest_entry  # the older name
+
+
+_JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def _jtype(v) -> str:
+    return _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _seeds(v) -> list[int]:
+    if isinstance(v, str):
+        tokens = v.split()
+    elif isinstance(v, list) and all(_is_int(x) or isinstance(x, str) for x in v):
+        tokens = [str(x) for x in v]
+    else:
+        raise NetiError(f"seeds must be a string like \"0-63\" or a list of integers, got {_jtype(v)}")
+    try:
+        seeds = parse_seeds(tokens)
+    except NetiError:
+        raise NetiError(f"bad seeds {v!r}: expected integers 0 <= seed < 2^63 or ranges like \"0-63\"") from None
+    if not seeds:
+        raise NetiError("seeds is empty")
+    return seeds
+
+
+def _truncations(v) -> list:
+    vals = v if isinstance(v, list) else [v]
+    if not vals or not all(x is None or _is_int(x) for x in vals):
+        raise NetiError(f"truncation must be an integer K, null or a list of them, got {v!r}")
+    return list(dict.fromkeys(vals))
+
+
+def _concept_paths(v, base: Path):
+    if v is None:
+        return None
+    if isinstance(v, str) and v:
+        return str(base / v)
+    if isinstance(v, dict) and v and all(isinstance(k, str) and k and "{" not in k and "}" not in k
+                                         and isinstance(p, str) and p for k, p in v.items()):
+        return {k: str(base / p) for k, p in v.items()}
+    raise NetiError(f"concept must be a file path, null or {{\"name\": path, ...}}, got {v!r}")
+
+
+def _parse_line(n: int, obj: dict, defaults: dict, base: Path) -> tuple[Line | None, list[str]]:
+    problems = []
+    for k in obj:
+        if k not in KEYS:
+            close = difflib.get_close_matches(k, KEYS, n=1)
+            problems.append(f"unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    # null means "not given" except for truncation (null = full) and concept (null = none)
+    given = {k for k in obj if obj[k] is not None or k in ("truncation", "concept")}
+    val = {k: obj[k] if k in given else defaults[k] for k in KEYS}
+    if "prompt" not in obj:
+        problems.append('no "prompt"')
+    elif not isinstance(obj["prompt"], str):
+        problems.append(f"prompt must be a string, got {_jtype(obj['prompt'])}")
+    out = {}
+    for key, conv in (("seeds", _seeds), ("truncation", _truncations),
+                      ("concept", lambda v: _concept_paths(v, base))):
+        try:
+            out[key] = conv(val[key]) if key in given else defaults[key]  # defaults are already converted
+        except NetiError as e:
+            problems.append(str(e))
+    if not (_is_int(val["steps"]) and val["steps"] >= 1):
+        problems.append(f"steps must be a positive integer, got {val['steps']!r}")
+    if not (isinstance(val["guidance"], (int, float)) and not isinstance(val["guidance"], bool)
+            and math.isfinite(val["guidance"])):
+        problems.append(f"guidance must be a number, got {val['guidance']!r}")
+    if val["scheduler"] not in SCHEDULERS:
+        problems.append(f"scheduler {val['scheduler']!r}: must be one of {', '.join(SCHEDULERS)}")
+    if not isinstance(val["negative_prompt"], str):
+        problems.append(f"negative_prompt must be a string, got {_jtype(val['negative_prompt'])}")
+    for key in ("height", "width"):
+        if val[key] is not None and not (_is_int(val[key]) and val[key] >= 8):
+            problems.append(f"{key} must be an integer of at least 8, got {val[key]!r}")
+    if problems:
+        return None, problems
+    return Line(n, obj["prompt"], obj.get("concept"), out["concept"],
+                out["seeds"], out["truncation"], val["steps"], val["guidance"], val["scheduler"],
+                val["negative_prompt"], val["height"], val["width"]), []
+
+
+def parse_job(path: str | Path, defaults: dict) -> tuple[list[Line], list[tuple[int, str]]]:
+    """Every line of the job: (good lines, [(line number, what is wrong)])."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise NetiError(f"{path}: cannot read the job file ({getattr(e, 'strerror', None) or e})") from None
+    lines, errors = [], []
+    for n, raw in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            errors.append((n, f"bad JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            errors.append((n, f"expected a JSON object {{...}}, got {_jtype(obj)}"))
+            continue
+        line, problems = _parse_line(n, obj, defaults, path.parent)
+        if problems:
+            errors.append((n, "; ".join(problems)))
+        else:
+            lines.append(line)
+    if not lines and not errors:
+        raise NetiError(f"{path}: the job has no requests")
+    return lines, errors
+
+
+class Concepts:
+    """Concept files by path, loaded on first use and kept within `budget_mb` (least recently used
+    first out): a precomputed SD 1.x table is ~50 MB per truncation, too many to hold for a big job.
+    A file that cannot be loaded is remembered as its error. A bundle (`neti-fast merge`) loads as
+    {name: Table}."""
+
+    def __init__(self, budget_mb: int = 4096):
+        self.budget = budget_mb * 2**20
+        self.tables: OrderedDict = OrderedDict()
+        self.errors: dict = {}
+        self.evictions = 0
+
+    @staticmethod
+    def _paths(L: Line) -> dict:
+        return {} if L.paths is None else L.paths if isinstance(L.paths, dict) else {None: L.paths}
+
+    def keys(self, L: Line) -> set:
+        return {str(Path(p).resolve()) for p in self._paths(L).values()}
+
+    def _get(self, path: str):
+        from .table import load_any
+        key = str(Path(path).resolve())
+        if key in self.errors:
+            raise self.errors[key]
+        if key not in self.tables:
+            try:
+                self.tables[key] = load_any(path)
+            except NetiError as e:
+                self.errors[key] = e
+                raise
+        self.tables.move_to_end(key)
+        return self.tables[key]
+
+    def for_line(self, L: Line):
+        """The line's Table, {name: Table} or None; NetiError naming every file that cannot be loaded."""
+        if L.paths is None and L.table is not None:
+            return L.table
+        got, bad = {}, []
+        for name, p in self._paths(L).items():
+            try:
+                got[name] = self._get(p)
+                if name is not None and isinstance(got[name], dict):
+                    raise NetiError(f"{p}: a bundle of concepts ({', '.join(got[name])}) cannot be one named "
+                                    "concept; give it as \"concept\": path, its names are its own")
+            except NetiError as e:
+                bad.append(str(e))
+        if bad:
+            raise NetiError("; ".join(bad))
+        return got[None] if None in got else (got or None)  # one file (a Table, or a bundle's {name: Table}) or a dict
+
+    def trim(self, keep: set = frozenset()) -> bool:
+        """Evict least recently used tables not in `keep` until within budget; True if any was."""
+        def size(t):
+            if isinstance(t, dict):
+                return sum(size(x) for x in t.values())
+            return sum(v.numel() * v.element_size() for d in (t.token, t.bypass) for v in d.values())
+        total = sum(size(t) for t in self.tables.values())
+        evicted = False
+        for key in list(self.tables):
+            if total <= self.budget:
+                break
+            if key not in keep:
+                total -= size(self.tables.pop(key))
+                evicted = True
+        self.evictions += evicted
+        return evicted
+
+
+def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int, str]]:
+    """Model-dependent checks (prompt, placeholder, length, truncation, size); a line whose concept
+    file cannot be loaded is marked failed instead (not an error of the job file)."""
+    from .conditioning import markers, tokenize
+    from .pipeline import Request, check_request
+    errors = []
+    f = model.vae_scale_factor
+    for L in lines:
+        problems = []
+        h, w = image_size(model, L.height, L.width)
+        if h % f or w % f:
+            problems.append(f"height/width {h}x{w}: must be multiples of {f}")
+        if markers(L.negative_prompt):
+            problems.append("negative_prompt must not contain {} markers")
+        else:
+            try:
+                tokenize(model.tokenizer, L.negative_prompt, None)
+            except NetiError as e:
+                problems.append(f"negative_prompt: {e}")
+        try:
+            tables = concepts.for_line(L)
+            concepts.trim()
+        except NetiError as e:
+            L.failed = str(e)
+        for t in L.truncations if L.failed is None else ():
+            try:  # the engine's own checks; its messages name CLI flags, a job line has keys
+                check_request(model, Request(L.prompt, 0, tables, t))
+            except NetiError as e:
+                msg = str(e).replace("--truncation", "truncation").replace("no --concept was given", 'the line has no "concept"')
+                if msg not in problems:
+                    problems.append(msg)
+        if problems:
+            errors.append((L.line, "; ".join(problems)))
+    return errors
+
+
+def expand(lines: list[Line], model) -> list[Img]:
+    """The images of the lines (those whose concepts loaded): line, then truncation, then seed."""
+    from .outputs import image_name
+    return [Img(L, t, s, image_name(L.file_index, L.prompt, t, s, digits=L.digits), *image_size(model, L.height, L.width))
+            for L in lines if L.failed is None for t in L.truncations for s in L.seeds]
+
+
+def plan_batches(images: list[Img], batch_size: int) -> list[list[Img]]:
+    """The fixed batch plan: images grouped by shared settings (groups and images in file order)."""
+    groups: dict = {}
+    for im in images:
+        groups.setdefault(im.group, []).append(im)
+    bs = max(1, batch_size)
+    return [g[i:i + bs] for g in groups.values() for i in range(0, len(g), bs)]
+
+
+pack = plan_batches  # the older name
