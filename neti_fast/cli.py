@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "table, generate in batches. Start with `neti-fast demo`."))
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train, precompute and generate on the built-in tiny model (about a minute on CPU)")
+    p = sub.add_parser("demo", help="train, precompute and generate on the built-in tiny model (about a minute on CPU; "
+                                    "its weights are random, so the images are noise)")
     p.add_argument("--out", default="neti-fast-demo", help="output folder (default: ./neti-fast-demo)")
     p.set_defaults(func=cmd_demo)
 

@@ -19,6 +19,10 @@ from PIL import Image, ImageDraw
 from .api import generate_to_folder, load_model, precompute
 from .pipeline import GenerateConfig
 
+NOISE_NOTE = ("\nNote: the built-in `tiny` model has random weights, so these images are noise-like patterns, "
+              "not pictures of the prompts. The demo shows that every stage runs; for real images train and "
+              "generate with Stable Diffusion 1.x weights (--model stable-diffusion-v1-5/stable-diffusion-v1-5 "
+              "or a local diffusers folder).")
 PROMPTS = ["a photo of {} on the beach", "a painting of {} in the style of van gogh"]
 TRUNCATIONS = [None, 16]
 
@@ -64,5 +68,6 @@ def run_demo(out: str | Path = "neti-fast-demo", train_steps: int = 30, gen_step
     print(f"  training images : {images}")
     print(f"  concept         : {concept_path}")
     print(f"  table           : {table_path}")
-    print(f"  images + grids  : {gen_dir} (rows: truncation none / 16, columns: seeds 0-3; manifest.json)")
+    print(f"  images + grids  : {gen_dir} (rows: truncation none / 16, columns: seeds 0-3; manifest.jsonl)")
+    print(NOISE_NOTE)
     return {"concept": concept_path, "table": table_path, "images": gen_dir}

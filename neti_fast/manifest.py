@@ -124,7 +124,10 @@ def append(path: Path, entries: list[dict]) -> None:
 
 
 def _sort_key(e: dict):
-    return (e.get("line") if isinstance(e.get("line"), int) else 0, e.get("file") or "")
+    # by file name (names start with the zero-padded line / prompt number: file order is line order,
+    # and older entries without "line" sort in place); failed requests without a file last, by line
+    file, line = e.get("file"), e.get("line")
+    return (not isinstance(file, str), file if isinstance(file, str) else "", line if isinstance(line, int) else 0)
 
 
 def merge(out: Path, extra: list[dict] = (), keep_failed: bool = True) -> list[dict]:
