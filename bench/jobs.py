@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neti_fast.utils import CLI_DTYPES, METHODS, default_device, default_dtype_name, torch_dtype
+
 TEMPLATES = ["a photo of {}", "a painting of {} in the snow", "{} on a beach", "a close-up photo of {}",
              "an oil painting of {} at night", "a watercolor of {} in a garden", "{} floating in space",
              "a sketch of {} on paper"]
-METHODS = ("neti", "xti", "ti")
 
 
 def build_workload(work: Path, dim: int, n_requests: int, n_seeds: int, n_concepts: int) -> list[dict]:
@@ -82,7 +83,7 @@ def _busy_others(seconds: float = 1.0) -> list[dict]:
 
 
 def run(args) -> dict:
-    from neti_fast.bench.ladder import DTYPES, _device_info, _versions
+    from neti_fast.bench.ladder import _device_info, _versions
 
     from neti_fast.api import generate_to_folder
     from neti_fast.jobs import run_job
@@ -92,8 +93,8 @@ def run(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    device = args.device or default_device()
+    dtype = torch_dtype(args.dtype or default_dtype_name(device))
     model = load_model(args.model, device=device, dtype=dtype)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="neti-bench-jobs-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m neti_fast.bench.jobs", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    p.add_argument("--dtype", choices=sorted(CLI_DTYPES), default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--requests", type=int, default=64)

@@ -69,8 +69,10 @@ from pathlib import Path
 
 import torch
 
+from neti_fast.utils import default_device, default_dtype_name, env_flag, image_size, torch_dtype
+
 RUNGS = ("reference", "diffusers", "eager", "batched", "concepts", "triton", "compile", "onnx", "tensorrt")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: torch_dtype(name) for name in ("fp32", "fp16", "bf16")}
 PROMPT = "a photo of {}"                  # NeTI prompt (rungs with the concept)
 PLAIN_PROMPT = "a photo of a dog"         # diffusers rung: no concept
 GUIDANCE = 7.5
@@ -114,10 +116,9 @@ def _resolve(args) -> argparse.Namespace:
         if not hasattr(a, k):
             setattr(a, k, v)
     if a.device is None:
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = str(a.device).startswith("cuda")
+        a.device = default_device()
     if a.dtype is None:
-        a.dtype = "fp16" if cuda else "fp32"
+        a.dtype = default_dtype_name(a.device)
     if a.steps is None:
         a.steps = 4 if a.quick else 50
     if a.batch_sizes is None:
@@ -474,7 +475,7 @@ class TritonRung(EngineRung):
             raise Skip(f"neti_fast.kernels unavailable ({e})") from None
         if not HAS_TRITON:
             raise Skip("triton is not installed")
-        if os.environ.get("NETI_FAST_DISABLE_TRITON"):
+        if env_flag("NETI_FAST_DISABLE_TRITON"):
             raise Skip("NETI_FAST_DISABLE_TRITON is set")
         super().setup()
 
@@ -882,7 +883,7 @@ def run_ladder(args, log=print) -> dict:
     log(f"loading {a.model} on {dev} ({a.dtype}) ...")
     model = load_model(a.model, dev, dtype)
     f = model.vae_scale_factor
-    height, width = a.height or model.default_size, a.width or model.default_size
+    height, width = image_size(model, a.height, a.width)
     if height % f or width % f:
         raise SystemExit(f"neti-fast bench: --height/--width must be multiples of {f}")
     table = precompute(random_concept("neti", model.text_dim, seed=0), (), progress=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .concept import Concept
+from .concept_model import Concept
 from .errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
 from .models import NUM_LAYERS

@@ -26,7 +26,7 @@ from .conditioning import encode, encode_plain, encode_rows, tokenize
 from .errors import NetiError
 from .models import NUM_LAYERS, Model
 from .table import stack_rows
-from .utils import SCHEDULERS
+from .utils import SCHEDULERS, image_size
 
 
 def make_scheduler(name: str, config: dict):
@@ -109,7 +109,7 @@ def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
 
 
 def _size(model: Model, cfg: GenerateConfig) -> tuple[int, int]:
-    h, w = cfg.height or model.default_size, cfg.width or model.default_size
+    h, w = image_size(model, cfg.height, cfg.width)
     f = model.vae_scale_factor
     if h % f or w % f:
         raise NetiError(f"--height/--width {h}x{w}: must be multiples of {f}")

@@ -42,7 +42,7 @@ from .concept import Concept
 from .errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
 from .models import NUM_LAYERS
-from .utils import DTYPE_NAMES, METHODS, atomic_write, check_writable, default_device, torch_dtype
+from .utils import DTYPE_NAMES, METHODS, atomic_write, check_writable, default_device, image_size, torch_dtype
 
 DTYPES = {name: getattr(torch, full) for name, full in DTYPE_NAMES.items()}  # kept for compatibility
 LR_SCHEDULERS = ("constant", "constant_with_warmup")
@@ -446,7 +446,7 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     init_id = init_token_id(tokenizer, cfg.placeholder, cfg.init_word)
     text_encoder, unet, vae = model.text_encoder, model.unet, model.vae
     init_embed = text_encoder.get_input_embeddings().weight[init_id].detach().float().cpu()
-    size = cfg.resolution or model.default_size
+    size = image_size(model, cfg.resolution)[0]
     images = load_images(folder, size, cfg.center_crop)
 
     # seeds: global RNGs drive the mapper's init and its nested dropout (as official)

@@ -280,7 +280,7 @@ DDP_SCRIPT = r'''
 import json, os, sys
 from pathlib import Path
 import torch, torch.distributed as dist
-import neti_fast.concept as C, neti_fast.train as T
+import neti_fast.concept_model as C, neti_fast.train as T
 from neti_fast.data import TextualInversionDataset
 from neti_fast.models import load_model
 
