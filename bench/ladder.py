@@ -347,13 +347,15 @@ class ReferenceRung(Rung):
         self.notes = "B seeds one after the other; 2 batch-1 U-Net calls per step; eager bmm attention"
 
     def cond(self):
-        from neti_fast.pipeline import Request, make_scheduler, reference_conditioning
+        from neti_fast.pipeline import Request, make_scheduler
+        from neti_fast.reference import reference_conditioning
         sched = make_scheduler(self.cfg.scheduler, self.m.scheduler_config)
         sched.set_timesteps(self.cfg.steps)
         reference_conditioning(self.m, Request(PROMPT, 0, self.ctx.table), self.cfg, sched.timesteps)
 
     def run(self, seeds):
-        from neti_fast.pipeline import Request, generate_reference
+        from neti_fast.pipeline import Request
+        from neti_fast.reference import generate_reference
         for s in seeds:
             generate_reference(self.m, Request(PROMPT, s, self.ctx.table), self.cfg)
 

@@ -1,0 +1,70 @@
+"""The reference path: the official NeTI inference, re-implemented, that the fast engine is held to.
+
+50 x 16 text-encoder calls one at a time (official PromptManager.embed_prompt), then per step an
+unconditional and a conditional batch-1 U-Net call with the official bmm attention, one seed at a
+time. Slow on purpose; tests and the `reference` rung of the bench use it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .attention import install_processors
+from .conditioning import encode, tokenize
+from .models import NUM_LAYERS, Model
+from .pipeline import (GenerateConfig, Request, _size, check_request, decode, initial_latents, make_scheduler,
+                       tokenize_request)
+from .table import stack_rows
+
+
+@torch.no_grad()
+def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, timesteps: torch.Tensor):
+    """The official PromptManager.embed_prompt: the negative prompt once, then every (t, l) encoded
+    on its own. Returns (negative [1, 77, D], per step: 16 x (enc, enc_bypass))."""
+    m = model
+    negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt
+    neg = encode(m.text_encoder, tokenize(m.tokenizer, negative, None).input_ids[None])[0]
+    tables = req.tables
+    toks = tokenize_request(m, req.prompt, tables)
+    dt = m.text_encoder.dtype
+    per_step = []
+    for t in timesteps:
+        layers = []
+        for l in range(NUM_LAYERS):
+            if not tables:
+                enc = encode(m.text_encoder, toks.input_ids[None])[0]
+                layers.append((enc, enc))
+                continue
+            token, bypass = stack_rows([tb.exact(t.float().view(1), torch.tensor([float(l)]), req.truncation)
+                                        for tb in tables.values()], dim=1)           # [1, K, D]
+            layers.append(encode(m.text_encoder, toks.input_ids[None], toks.slot[None], token.to(dt),
+                                 None if bypass is None else bypass.to(dt)))
+        per_step.append(layers)
+    return neg, per_step
+
+
+@torch.no_grad()
+def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.ndarray:
+    """The official NeTI inference algorithm for one image (uint8 [1, H, W, 3]); slow on purpose."""
+    m, st = model, install_processors(model)
+    check_request(m, req)
+    h, w = _size(m, cfg)
+    f = m.vae_scale_factor
+    sched = make_scheduler(cfg.scheduler, m.scheduler_config)
+    sched.set_timesteps(cfg.steps)
+    neg, per_step = reference_conditioning(m, req, cfg, sched.timesteps)
+    latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype).to(m.device)
+    latents = latents * sched.init_noise_sigma
+    st.backend = "eager"
+    try:
+        for t, layers in zip(sched.timesteps, per_step):
+            x = sched.scale_model_input(latents, t)
+            st.mode = "plain"
+            u = m.unet(x, t, encoder_hidden_states=neg).sample
+            st.mode, st.enc, st.enc_bypass = "layers", [e for e, _ in layers], [eb for _, eb in layers]
+            c = m.unet(x, t, encoder_hidden_states=layers[0][0]).sample
+            eps = u + cfg.guidance * (c - u)
+            latents = sched.step(eps, t, latents).prev_sample
+    finally:
+        st.mode, st.enc, st.enc_bypass, st.backend = "plain", None, None, "auto"
+    return decode(m, latents)
