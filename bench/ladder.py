@@ -494,9 +494,8 @@ class CompileRung(EngineRung):
         super().setup()
 
     def make_denoiser(self):
-        from neti_fast.cudagraph import CudaGraphDenoiser
-        from neti_fast.pipeline import TorchDenoiser
-        return CudaGraphDenoiser(TorchDenoiser(self.m, self.attention, compile=True))
+        from neti_fast.backends import make_denoiser
+        return make_denoiser(self.m, "compile", self.attention)[0]
 
 
 def _export_dir(ctx) -> Path:
@@ -512,17 +511,11 @@ class OnnxRung(EngineRung):
     name, label = "onnx", "neti-fast batched + ONNX Runtime denoiser"
 
     def setup(self):
-        try:
-            from neti_fast.export.onnx import OnnxDenoiser, export_cached
-        except ImportError as e:
-            raise Skip(f"neti_fast.export.onnx unavailable ({e})") from None
+        from neti_fast.backends import make_denoiser
         t0 = time.perf_counter()
-        try:
-            self.onnx_path = export_cached(self.m, _export_dir(self.ctx), height=self.ctx.height, width=self.ctx.width)
-            try:  # same intra-op thread count as torch, for a like-for-like CPU comparison
-                self._den = OnnxDenoiser(self.onnx_path, threads=torch.get_num_threads())
-            except TypeError:
-                self._den = OnnxDenoiser(self.onnx_path)
+        try:  # same intra-op thread count as torch, for a like-for-like CPU comparison
+            self._den, _ = make_denoiser(self.m, "onnx", height=self.ctx.height, width=self.ctx.width,
+                                         export_dir=_export_dir(self.ctx), threads=torch.get_num_threads())
         except (ImportError, RuntimeError) as e:
             raise Skip(f"ONNX export / onnxruntime unavailable ({type(e).__name__}: {e})") from None
         providers = getattr(getattr(self._den, "session", None), "get_providers", lambda: ["?"])()

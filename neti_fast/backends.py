@@ -53,10 +53,11 @@ def resolve(backend: str = "auto", attention: str = "auto") -> Choice:
 
 def make_denoiser(model, backend: str = "auto", attention: str = "auto", *, height: int | None = None,
                   width: int | None = None, batch_size: int = 8, export_dir: str | Path | None = None,
-                  model_name: str | None = None):
+                  model_name: str | None = None, threads: int | None = None):
     """(denoiser, attention) for an Engine: denoiser None means the Engine's own TorchDenoiser with
     `attention`. onnx / tensorrt export for one (height, width) and cache the file in `export_dir`
-    (default: under $NETI_FAST_CACHE, keyed by the model's weights)."""
+    (default: under $NETI_FAST_CACHE, keyed by the model's weights); `threads`: onnxruntime's
+    intra-op threads (default: its own choice)."""
     choice = resolve(backend, attention)
     _say(f"neti-fast backend: {choice.backend} ({choice.reason})")
     if choice.backend in ("eager", "triton"):
@@ -71,7 +72,8 @@ def make_denoiser(model, backend: str = "auto", attention: str = "auto", *, heig
              onnx_export.default_export_dir(model_name or model.name, h, w, model.dtype))
     path = onnx_export.export_cached(model, cache, height=h, width=w)
     if choice.backend == "onnx":
-        return onnx_export.OnnxDenoiser(path), choice.attention
+        return (onnx_export.OnnxDenoiser(path) if threads is None else
+                onnx_export.OnnxDenoiser(path, threads=threads)), choice.attention
     from .export import tensorrt as trt_export
     engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), max_batch=batch_size)
     return trt_export.TensorRTDenoiser(engine_path), choice.attention

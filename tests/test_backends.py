@@ -1,0 +1,40 @@
+"""neti_fast.backends: the one place that chooses the U-Net runtime, for the CLI and the Python API."""
+import logging
+
+import numpy as np
+import pytest
+
+import neti_fast as nf
+from neti_fast import backends
+from neti_fast.errors import NetiError
+
+
+def test_resolve():
+    assert backends.resolve("auto").backend == "eager" and "auto picks eager" in backends.resolve("auto").reason
+    assert backends.resolve("auto", "sdpa").attention == "sdpa"
+    assert (backends.resolve("triton", "sdpa").backend, backends.resolve("triton", "sdpa").attention) == ("triton", "triton")
+    assert backends.resolve("onnx").backend == "onnx"
+    with pytest.raises(NetiError, match="--backend 'fast'"):
+        backends.resolve("fast")
+    assert not backends.needs_size("auto") and not backends.needs_size("triton") and backends.needs_size("onnx")
+
+
+def test_make_denoiser_eager_logs_its_choice_once(tiny_model, caplog):
+    backends._said.clear()
+    with caplog.at_level(logging.INFO, logger="neti_fast"):
+        assert backends.make_denoiser(tiny_model, "auto") == (None, "auto")
+        assert backends.make_denoiser(tiny_model, "auto") == (None, "auto")
+        assert backends.make_denoiser(tiny_model, "triton", "sdpa") == (None, "triton")
+    said = [r.getMessage() for r in caplog.records if r.name == "neti_fast"]
+    assert len([m for m in said if "eager" in m and "auto" in m]) == 1  # once, with the reason
+    assert len(said) == 2
+
+
+def test_python_api_takes_backend(tiny_model, make_concept):
+    table = nf.precompute(make_concept("ti", dim=32, seed=3), progress=False)
+    cfg = nf.GenerateConfig(steps=2, batch_size=2)
+    a = nf.generate(tiny_model, table, ["a photo of {}"], seeds=[0, 1], cfg=cfg)
+    b = nf.generate(tiny_model, table, ["a photo of {}"], seeds=[0, 1], cfg=cfg, backend="eager")
+    assert a.shape == (2, 64, 64, 3) and np.array_equal(a, b)
+    with pytest.raises(NetiError, match="--backend"):
+        nf.generate(tiny_model, table, ["a photo of {}"], cfg=cfg, backend="nope")
