@@ -2,7 +2,7 @@
 
     from diffusers import StableDiffusionPipeline, DPMSolverMultistepScheduler
     import neti_fast as nf
-    pipe = StableDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
+    pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # NeTI's default
     handle = nf.attach(pipe, nf.load_table("my-cat.table.safetensors"), truncation=None)
     image = pipe("A photo of {} on a beach", generator=torch.Generator("cpu").manual_seed(0)).images[0]
@@ -16,8 +16,8 @@ from its own seed.
 How: on this pipeline instance only, `encode_prompt` is replaced by one that records each
 sample's prompt and negative prompt (and returns their plain CLIP encodings, which the pipeline
 only uses for shapes); the U-Net's 16 cross-attention layers get neti-fast's bound processors, and
-a pre-hook on the U-Net turns each call's timestep into a step index and points them at the
-engine's per-layer K / V tables (built on the first step of a call, cached across calls).
+a pre-hook on the U-Net reads the scheduler's step index and points them at the engine's
+per-layer K / V tables and that step's rows (built on the first step of a call, cached across calls).
 """
 from __future__ import annotations
 
@@ -75,15 +75,34 @@ class Attachment:
         guided = x.shape[0] == 2 * B
         if x.shape[0] not in (B, 2 * B):
             raise NetiError(f"neti_fast.attach: U-Net batch {x.shape[0]} does not match {B} prompts' images")
-        key = (tuple(ts.tolist()), guided)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, self.engine.pack(self._requests, ts, guided))
-        k_tables, v_tables, base, stride = self._packed[1]
-        step = int(torch.argmin((ts.to(torch.float64).cpu() - float(t)).abs()))
+        # the tables depend on the schedule: rebuilt when set_timesteps made a new tensor (the cached
+        # entry holds `ts` itself, so `is` cannot be fooled by a reused id); no host sync per call
+        if self._packed is None or self._packed[0] is not ts or self._packed[1] != guided:
+            k_tables, v_tables, base, stride = self.engine.kv_tables(self._requests, ts, guided)
+            rows = base[None] + torch.arange(len(ts), device=base.device)[:, None] * stride[None]  # [steps, B]
+            self._packed = (ts, guided, k_tables, v_tables, rows)
+        _, _, k_tables, v_tables, rows = self._packed
         st = self.state
         st.mode, st.backend, st.k_tables, st.v_tables = "tables", self.engine.cfg.attention, k_tables, v_tables
-        st.row_idx = base + step * stride
+        st.row_idx = rows[self._step(ts, t)]
         return None
+
+    def _step(self, ts: torch.Tensor, t) -> int:
+        """Index of this U-Net call's timestep in the schedule. Schedulers that count their steps
+        (DPM-Solver++, Euler, ...: `step_index`, set by `step()`; None before the first one, which
+        starts at `begin_index` when the pipeline set one) are read without touching `t`; others
+        (DDIM) are matched by value, one host sync per call."""
+        sched = self.pipe.scheduler
+        idx = getattr(sched, "step_index", None)
+        if idx is None and getattr(sched, "begin_index", None) is not None:
+            idx = sched.begin_index
+        if idx is None:
+            idx = self._match_step(ts, t)
+        return int(idx)
+
+    @staticmethod
+    def _match_step(ts: torch.Tensor, t) -> int:
+        return int(torch.argmin((ts.to(torch.float64).cpu() - float(t)).abs()))
 
     def _after(self, _module, _args, _output):
         st = self.state

@@ -7,7 +7,7 @@ Stored as safetensors (never pickle). Tensors:
 Metadata (string -> string): neti_fast.format=concept, version, method, placeholder, init_word,
 text_dim, mapper_config (JSON), base_model, source.
 
-`Concept.rows(t, l, truncation)` is the one function that turns a concept into token / bypass rows;
+`Concept.embeddings_at(t, l, truncation)` is the one function that turns a concept into token / bypass rows;
 precompute and the on-the-fly path both call it, so the table equals the mapper by construction.
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ class Concept:
         if not 1 <= truncation <= 128:
             raise NetiError(f"--truncation {truncation}: must be between 1 and 128")
 
-    def rows(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
-        """Token and bypass rows for each (t[i], l[i]): ([N, D], [N, D] or None), float32."""
+    def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
+        """Token and bypass rows for each (t[i], l[i]) (any t, even fractional): ([N, D], [N, D] or None), float32."""
         self.check_truncation(truncation)
         if self.method == "neti":
             m = self.mapper
@@ -71,6 +71,8 @@ class Concept:
             return token, bypass
         idx = l.long() if self.method == "xti" else torch.zeros_like(l, dtype=torch.long)
         return self.embeds[idx.to(self.embeds.device)].float(), None
+
+    rows = embeddings_at  # the older name
 
     # ------------------------------------------------------------------ safetensors I/O
     def metadata(self) -> dict[str, str]:

@@ -274,7 +274,7 @@ class PromptState:
         o[:, :, at] = a[..., :s_sh.shape[-1]] @ self.v_all + a[..., s_sh.shape[-1]:] @ v_s
         return _finish_layer(l0, x, o)
 
-    def rows(self, token: torch.Tensor) -> torch.Tensor:
+    def encode_slots(self, token: torch.Tensor) -> torch.Tensor:
         """CLIP's state before the final LN for N rows of slot tokens [N, K, D]: [N, 77, D]."""
         N = token.shape[0]
         at = self.slot_pos
@@ -302,7 +302,7 @@ def encode_shared(text_encoder, tokens: PromptTokens, token: torch.Tensor | None
     if token is None:
         enc = ln(state.prefix)
         return enc, enc
-    h = state.rows(token.to(text_encoder.device))
+    h = state.encode_slots(token.to(text_encoder.device))
     enc = ln(h)
     if bypass is None:
         return enc, enc

@@ -67,16 +67,18 @@ class MixedTable:
         pick = idx.view(1, *idx.shape, 1).expand(1, *token.shape[1:])
         return token.gather(0, pick)[0], None if bypass is None else bypass.gather(0, pick)[0]
 
-    def rows(self, timesteps: torch.Tensor, truncation: int | None = None):
-        """As `Table.rows`: ([S, 16, D], [S, 16, D] or None)."""
+    def schedule_rows(self, timesteps: torch.Tensor, truncation: int | None = None):
+        """As `Table.schedule_rows`: ([S, 16, D], [S, 16, D] or None)."""
         ts = timesteps.detach().float().cpu()
         t = ts[:, None].expand(-1, NUM_LAYERS)
         l = torch.arange(NUM_LAYERS)[None].expand(len(ts), -1)
-        return self._select([p.rows(ts, truncation) for p in self.parts], self.which(t, l))
+        return self._select([p.schedule_rows(ts, truncation) for p in self.parts], self.which(t, l))
 
-    def exact(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
-        """As `Table.exact`: each (t[i], l[i]) evaluated by the part that serves it."""
-        return self._select([p.exact(t, l, truncation) for p in self.parts], self.which(t, l))
+    def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
+        """As `Table.embeddings_at`: each (t[i], l[i]) evaluated by the part that serves it."""
+        return self._select([p.embeddings_at(t, l, truncation) for p in self.parts], self.which(t, l))
+
+    exact, rows = embeddings_at, schedule_rows  # the older names
 
 
 def _split_name(spec: str, flag: str) -> tuple[str, str]:

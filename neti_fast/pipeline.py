@@ -83,7 +83,7 @@ def tokenize_request(model: Model, prompt: str, tables: dict):
 
 
 @dataclass
-class Cond:
+class LayerKV:
     """One conditioning's per-layer K / V rows: 16 x [S, 77, C_l]; S = steps or 1."""
     k: list
     v: list
@@ -92,6 +92,9 @@ class Cond:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+Cond = LayerKV  # the older name
 
 
 def initial_latents(seed: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -137,7 +140,7 @@ def concept_rows(tables: dict, timesteps: torch.Tensor, truncation: int | None):
     """
     vary = any(t.time_varying for t in tables.values())
     ts = timesteps if vary else timesteps[:1]
-    return stack_rows([t.rows(ts, truncation) for t in tables.values()], dim=2)
+    return stack_rows([t.schedule_rows(ts, truncation) for t in tables.values()], dim=2)
 
 
 class TorchDenoiser:
@@ -184,7 +187,7 @@ class Engine:
             vs.append(attn.to_v(eb))
         return ks, vs
 
-    def _cached(self, key, build) -> Cond:
+    def _cached(self, key, build) -> LayerKV:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -195,15 +198,15 @@ class Engine:
             self._cache.popitem(last=False)
         return cond
 
-    def negative(self, prompt: str) -> Cond:
+    def negative(self, prompt: str) -> LayerKV:
         m = self.model
 
         def build():
             enc = encode_plain(m.text_encoder, m.tokenizer, prompt)
-            return Cond(*self._kv(enc, enc), time_varying=False)
+            return LayerKV(*self._kv(enc, enc), time_varying=False)
         return self._cached(("neg", prompt, m.dtype), build)
 
-    def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor) -> Cond:
+    def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor) -> LayerKV:
         """Per-layer K / V rows for `prompt` with `table` (a Table, a MixedTable or {name: table})."""
         m = self.model
         tables = as_tables(table)
@@ -219,7 +222,7 @@ class Engine:
                                      None if bypass is None else bypass.reshape(S * L, K, D).to(dt),
                                      dedup=S == 1)  # time-varying rows are all distinct: no point sorting them
             enc, enc_b = enc.view(S, L, *enc.shape[1:]), enc_b.view(S, L, *enc_b.shape[1:])
-            return Cond(*self._kv(enc, enc_b), time_varying=S > 1)
+            return LayerKV(*self._kv(enc, enc_b), time_varying=S > 1)
         key = ("cond", prompt, tuple((n, t.uid) for n, t in tables.items()), truncation,
                tuple(timesteps.tolist()), m.dtype)
         return self._cached(key, build)
@@ -234,7 +237,7 @@ class Engine:
             out.append(self.generate_batch(requests[i:i + bs], progress))
         return np.concatenate(out)
 
-    def pack(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool):
+    def kv_tables(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool):
         """The batch's conditionings as one K and one V table per layer, and each sample's rows.
 
         Rows of distinct conditionings are concatenated once (negative prompts first: shared, not
@@ -245,7 +248,7 @@ class Engine:
         m, cfg = self.model, self.cfg
         entries, index = [], {}
 
-        def add(c: Cond) -> int:
+        def add(c: LayerKV) -> int:
             if id(c) not in index:
                 index[id(c)] = (sum(e.k[0].shape[0] for e in entries), c)
                 entries.append(c)
@@ -258,6 +261,8 @@ class Engine:
         v_tables = [torch.cat([e.v[l] for e in entries]) for l in range(NUM_LAYERS)]
         return k_tables, v_tables, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
 
+    pack = kv_tables  # the older name
+
     @torch.no_grad()
     def generate_batch(self, reqs: list[Request], progress: bool = False) -> np.ndarray:
         m, cfg = self.model, self.cfg
@@ -269,15 +274,17 @@ class Engine:
         ts = sched.timesteps
         guided = cfg.guidance != 1.0
 
-        k_tables, v_tables, base, stride = self.pack(reqs, ts, guided)
+        k_tables, v_tables, base, stride = self.kv_tables(reqs, ts, guided)
         latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype) for r in reqs])
         latents = latents.to(m.device) * sched.init_noise_sigma
         ts_dev = ts.to(m.device)  # the U-Net's t, on the device once: no host-to-device copy per step
+        # sample b's K/V row at step i, for every step at once: [steps, B] (stride 0: constant rows)
+        row_idx = base[None] + torch.arange(len(ts), device=m.device)[:, None] * stride[None]
         from tqdm.auto import tqdm
         for i, t in enumerate(tqdm(ts, desc="denoise", leave=False, disable=not progress)):
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
-            eps = self.denoiser(x, ts_dev[i], base + i * stride, k_tables, v_tables)
+            eps = self.denoiser(x, ts_dev[i], row_idx[i], k_tables, v_tables)
             if guided:
                 u, c = eps.chunk(2)
                 eps = u + cfg.guidance * (c - u)

@@ -35,7 +35,7 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
                 enc = encode(m.text_encoder, toks.input_ids[None])[0]
                 layers.append((enc, enc))
                 continue
-            token, bypass = stack_rows([tb.exact(t.float().view(1), torch.tensor([float(l)]), req.truncation)
+            token, bypass = stack_rows([tb.embeddings_at(t.float().view(1), torch.tensor([float(l)]), req.truncation)
                                         for tb in tables.values()], dim=1)           # [1, K, D]
             layers.append(encode(m.text_encoder, toks.input_ids[None], toks.slot[None], token.to(dt),
                                  None if bypass is None else bypass.to(dt)))

@@ -86,15 +86,15 @@ class Table:
         if self.truncatable:
             self.concept.check_truncation(truncation)
 
-    def exact(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
+    def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
         """The concept evaluated at each (t[i], l[i]), as the official code does: ([N, D], [N, D] or None)."""
-        return self.concept.rows(t, l, truncation if self.truncatable else None)
+        return self.concept.embeddings_at(t, l, truncation if self.truncatable else None)
 
     @property
     def truncations(self) -> list:
         return [k for k in self.token if k is not None]
 
-    def rows(self, timesteps: torch.Tensor, truncation: int | None = None):
+    def schedule_rows(self, timesteps: torch.Tensor, truncation: int | None = None):
         """Rows for a step schedule: ([S, 16, D], [S, 16, D] or None), float32 on CPU.
 
         Integer timesteps with a precomputed truncation are a lookup; anything else (fractional t,
@@ -111,9 +111,11 @@ class Table:
         t = ts.repeat_interleave(NUM_LAYERS)
         l = torch.arange(NUM_LAYERS).repeat(S).float()
         with torch.no_grad():
-            token, bypass = self.exact(t, l, truncation)
+            token, bypass = self.embeddings_at(t, l, truncation)
         D = token.shape[-1]
         return token.cpu().view(S, NUM_LAYERS, D), None if bypass is None else bypass.cpu().view(S, NUM_LAYERS, D)
+
+    exact, rows = embeddings_at, schedule_rows  # the older names
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -146,7 +148,7 @@ def precompute(concept: Concept, truncations=(), progress: bool = True, chunk: i
         toks, byps = [], []
         with torch.no_grad():
             for i in range(0, len(t), chunk):
-                tok, byp = concept.rows(t[i:i + chunk], l[i:i + chunk], trunc)
+                tok, byp = concept.embeddings_at(t[i:i + chunk], l[i:i + chunk], trunc)
                 toks.append(tok.float().cpu())
                 if byp is not None:
                     byps.append(byp.float().cpu())
