@@ -17,6 +17,7 @@ and bypass rows; the bypass is added at every slot's position with that slot's v
 from __future__ import annotations
 
 import re
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -43,11 +44,23 @@ class PromptTokens:
 MARKER = re.compile(r"\{([^{}]*)\}")
 
 
+_TOKEN_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {added token: id}
+
+
 def ensure_placeholder(tokenizer, placeholder: str) -> int:
-    """Register the placeholder as one added token (idempotent); returns its id."""
-    if placeholder not in tokenizer.get_vocab():
-        tokenizer.add_tokens([placeholder])
-    return tokenizer.convert_tokens_to_ids(placeholder)
+    """Register the placeholder as one added token (idempotent); returns its id.
+
+    Cached per tokenizer: `get_vocab()` copies the whole vocabulary (49k entries for CLIP), too much
+    to do per request. Added tokens are never removed, so a cached id stays right."""
+    try:
+        ids = _TOKEN_IDS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no cache
+        ids = {}
+    if placeholder not in ids:
+        if placeholder not in tokenizer.get_vocab():
+            tokenizer.add_tokens([placeholder])
+        ids[placeholder] = tokenizer.convert_tokens_to_ids(placeholder)
+    return ids[placeholder]
 
 
 def markers(prompt: str) -> list[str]:

@@ -66,3 +66,18 @@ def test_low_precision_error_like_clips_own(tiny_model, dtype):
     for r, a, b in zip(ref, ours, theirs):
         assert a.dtype == dtype
         assert (a.float() - r).abs().max() <= 2 * (b.float() - r).abs().max() + 1e-3
+
+
+def test_slot_ids_are_cached_per_tokenizer(tiny_model, monkeypatch):
+    """The slot token's id is looked up once per tokenizer, not per request (get_vocab copies the
+    whole vocabulary)."""
+    from neti_fast.conditioning import tokenize
+    tok = tiny_model.tokenizer
+    first = tokenize(tok, "a photo of {}", ["c"])
+    calls = []
+    orig = type(tok).get_vocab
+    monkeypatch.setattr(type(tok), "get_vocab", lambda self: calls.append(1) or orig(self))
+    again = tokenize(tok, "a painting of {}", ["c"])
+    assert calls == []
+    assert int(first.slot.max()) == 0 and int(again.slot.max()) == 0 and bool(again.mask.any())
+    assert torch.equal(first.input_ids[first.mask], again.input_ids[again.mask])
