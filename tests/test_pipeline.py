@@ -94,6 +94,31 @@ def test_conditioning_cache_and_dedup(tiny_model, make_concept):
     assert c2.k[0].shape[0] == STEPS and c2.time_varying
 
 
+def test_conditioning_cache_evicts_least_recently_used(tiny_model, make_concept):
+    import dataclasses
+    neti = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=7), progress=False)
+    ts = Engine(tiny_model, CFG).schedule().timesteps
+    one = Engine(tiny_model, CFG).conditioning("a photo of {}", neti, None, ts).nbytes
+    mb = int(2.5 * one) // 2**20  # room for two conditionings, not three
+    assert 2 * one <= mb * 2**20 < 3 * one, (one, mb)
+    eng = Engine(tiny_model, dataclasses.replace(CFG, cache_mb=mb))
+    keys = []
+    for prompt in ("a photo of {}", "a painting of {}"):
+        eng.conditioning(prompt, neti, None, ts)
+        keys.append(next(reversed(eng._cache)))
+    first = eng.conditioning("a photo of {}", neti, None, ts)  # a hit: now the most recently used
+    eng.conditioning("a sketch of {}", neti, None, ts)          # over budget: the painting goes
+    assert list(eng._cache)[:1] == [keys[0]] and keys[1] not in eng._cache and len(eng._cache) == 2
+    assert eng.conditioning("a photo of {}", neti, None, ts) is first
+    again = eng.conditioning("a painting of {}", neti, None, ts)  # rebuilt, equal
+    ref = Engine(tiny_model, CFG).conditioning("a painting of {}", neti, None, ts)
+    assert all(torch.equal(a, b) for a, b in zip(again.k + again.v, ref.k + ref.v))
+    tiny = Engine(tiny_model, dataclasses.replace(CFG, cache_mb=0))  # a budget below one: the newest stays
+    tiny.conditioning("a photo of {}", neti, None, ts)
+    tiny.conditioning("a painting of {}", neti, None, ts)
+    assert len(tiny._cache) == 1
+
+
 def test_bad_prompts(tiny_model, make_concept):
     table = precompute(make_concept("ti", dim=tiny_model.text_dim), progress=False)
     eng = Engine(tiny_model, CFG)
