@@ -260,12 +260,34 @@ def test_yaml_config_errors(tmp_path):
         load_yaml_config(tmp_path / "missing.yaml")
 
 
-def test_v_prediction(model, images, tmp_path):
-    vmodel = dataclasses.replace(model, scheduler_config={**model.scheduler_config, "prediction_type": "v_prediction"})
-    losses = []
-    train(_cfg(images, tmp_path / "o", steps=1, method="ti", placeholder="<v>"), vmodel, progress=False,
-          on_step=lambda s, l, tr: losses.append(l))
-    assert len(losses) == 1 and math.isfinite(losses[0])
+def test_v_prediction(model, images, tmp_path, monkeypatch):
+    """With a v-prediction model the loss's target is v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (and
+    the noise with an epsilon model), checked against the scheduler's alphas independently."""
+    from diffusers import DDPMScheduler
+    seen = {}
+    real_add, real_mse = DDPMScheduler.add_noise, torch.nn.functional.mse_loss
+
+    def add_noise(self, x0, noise, t):
+        seen.update(x0=x0.detach().clone(), noise=noise.detach().clone(), t=t.detach().clone(),
+                    alphas=self.alphas_cumprod.clone())
+        return real_add(self, x0, noise, t)
+
+    def mse(pred, target, **kw):
+        seen["target"] = target.detach().clone()
+        return real_mse(pred, target, **kw)
+    monkeypatch.setattr(DDPMScheduler, "add_noise", add_noise)
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", mse)
+    for pred_type in ("v_prediction", "epsilon"):
+        m = dataclasses.replace(model, scheduler_config={**model.scheduler_config, "prediction_type": pred_type})
+        losses = []
+        train(_cfg(images, tmp_path / pred_type, steps=1, method="ti", placeholder="<v>"), m, progress=False,
+              on_step=lambda s, l, tr: losses.append(l))
+        assert len(losses) == 1 and math.isfinite(losses[0])
+        a = seen["alphas"][seen["t"]].double().view(-1, 1, 1, 1)
+        want = (a.sqrt() * seen["noise"].double() - (1 - a).sqrt() * seen["x0"].double()
+                if pred_type == "v_prediction" else seen["noise"].double())
+        torch.testing.assert_close(seen["target"].double(), want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(want, seen["noise"].double()) or pred_type == "epsilon"  # v differs from noise
 
 
 def test_cli_main(images, tmp_path, capsys):
