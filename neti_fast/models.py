@@ -109,7 +109,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         model = build_sd15_shaped()
     else:
         path = str(tiny_model_dir()) if spec == "tiny" else spec
-        model = load_diffusers(path)
+        model = load_diffusers(path, dtype=dtype)  # loaded in `dtype`: no float32 copy first
         model.name = spec
     model.to(device=device, dtype=dtype)
     for m in (model.text_encoder, model.unet, model.vae):
@@ -117,8 +117,16 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return model
 
 
-def load_diffusers(path: str) -> Model:
-    """Load an SD 1.x diffusers layout (local folder or hub id) component by component."""
+def _transformers_dtype_kw() -> str:
+    """transformers >= 4.56 names from_pretrained's dtype argument `dtype` (`torch_dtype` before)."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def load_diffusers(path: str, dtype: torch.dtype | None = None) -> Model:
+    """Load an SD 1.x diffusers layout (local folder or hub id) component by component, each directly
+    in `dtype` (None: as stored) via from_pretrained, so fp16 loads need no float32 copy first."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -131,9 +139,11 @@ def load_diffusers(path: str) -> Model:
         raise NetiError(f"--model {path}: no such folder, and not a hub id (owner/name) or built-in ({', '.join(BUILTIN_MODELS)})")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        kw = {} if dtype is None else {"torch_dtype": dtype}
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
+                                                     **({} if dtype is None else {_transformers_dtype_kw(): dtype}))
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         from diffusers import DDIMScheduler
         sched = dict(DDIMScheduler.load_config(path, subfolder="scheduler"))
     except NetiError:

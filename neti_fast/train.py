@@ -45,7 +45,8 @@ from .models import NUM_LAYERS
 from .utils import DTYPE_NAMES, METHODS, atomic_write, check_writable, default_device, image_size, torch_dtype
 
 DTYPES = {name: getattr(torch, full) for name, full in DTYPE_NAMES.items()}  # kept for compatibility
-LR_SCHEDULERS = ("constant", "constant_with_warmup")
+# diffusers.optimization.get_scheduler names (as the official NeTI trainer); piecewise_constant needs rules
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 
 
@@ -64,7 +65,7 @@ class TrainConfig:
     grad_accum: int = 4                   # micro-batches per optimizer step
     lr: float = 1e-3                      # base learning rate
     scale_lr: bool = True                 # lr *= batch_size * grad_accum (official)
-    lr_scheduler: str = "constant"        # constant | constant_with_warmup
+    lr_scheduler: str = "constant"        # diffusers get_scheduler name: constant, constant_with_warmup, linear, cosine, ...
     lr_warmup_steps: int = 0
     weight_decay: float = 1e-2            # AdamW
     adam_beta1: float = 0.9
@@ -341,10 +342,18 @@ def load_checkpoint(path: Path, cfg: TrainConfig, trainable: Trainable, optimize
 
 # ----------------------------------------------------------------------------- training
 
-def _lr_factor(cfg: TrainConfig, step: int) -> float:
-    if cfg.lr_scheduler == "constant_with_warmup" and cfg.lr_warmup_steps > 0:
-        return min(1.0, (step + 1) / cfg.lr_warmup_steps)
-    return 1.0
+def lr_schedule(cfg: TrainConfig, optimizer):
+    """diffusers' learning-rate schedule (`get_scheduler`, as the official trainer): a LambdaLR whose
+    factor for optimizer step k (0-based) is read as `lr_lambdas[0](k + 1)` and set explicitly each
+    step, so a resumed run needs no scheduler state in its (pickle-free) checkpoint. k + 1: step k
+    has done k + 1 updates when it ends (warm-up reaches full lr at step warmup - 1, as before)."""
+    from diffusers.optimization import get_scheduler
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=cfg.steps)
+
+
+def _lr_factor(schedule, step: int) -> float:
+    return float(schedule.lr_lambdas[0](step + 1))
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -465,6 +474,7 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * dd.world if cfg.scale_lr else 1)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    schedule = lr_schedule(cfg, optimizer)
     # fp16 gradients through the frozen U-Net underflow without loss scaling (accelerate's fp16 does the same)
     scaler = torch.amp.GradScaler(device.type, enabled=unet_dtype_is_fp16(model))
     start = 0
@@ -486,7 +496,7 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     try:
         while step < cfg.steps:
             for g in optimizer.param_groups:
-                g["lr"] = lr * _lr_factor(cfg, step)
+                g["lr"] = lr * _lr_factor(schedule, step)
             total = 0.0
             for _ in range(cfg.grad_accum):
                 pixels, captions = dataset.next_batch(cfg.batch_size)

@@ -56,3 +56,9 @@ def test_bad_model_spec(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(NetiError, match="no such folder"):
         load_model("./does/not/exist")
+
+
+def test_load_in_dtype_directly():
+    """from_pretrained(..., torch_dtype=...) loads every component in the dtype asked for."""
+    m = load_model("tiny", dtype=torch.bfloat16)
+    assert {m.unet.dtype, m.text_encoder.dtype, m.vae.dtype} == {torch.bfloat16}

@@ -300,3 +300,17 @@ def test_cli_main(images, tmp_path, capsys):
     path = main(args)
     assert path == out / "concept.safetensors" and path.is_file()
     assert str(path) in capsys.readouterr().out
+
+
+def test_lr_schedule_is_diffusers_get_scheduler():
+    """The LR schedule is diffusers' get_scheduler (as the official trainer), read at step k + 1:
+    constant_with_warmup keeps its meaning (full lr from step warmup - 1 on)."""
+    from neti_fast.train import _lr_factor, lr_schedule
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1.0)
+    warm = lr_schedule(TrainConfig(lr_scheduler="constant_with_warmup", lr_warmup_steps=4, steps=10), opt)
+    assert [_lr_factor(warm, k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = lr_schedule(TrainConfig(lr_scheduler="cosine", steps=10), opt)
+    f = [_lr_factor(cos, k) for k in range(10)]
+    assert f == sorted(f, reverse=True) and f[-1] == pytest.approx(0.0, abs=1e-12) and f[4] == pytest.approx(0.5)
+    with pytest.raises(NetiError, match="lr_scheduler"):
+        train(TrainConfig(images="x", placeholder="<p>", init_word="cat", lr_scheduler="piecewise"))
