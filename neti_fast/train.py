@@ -25,127 +25,22 @@ state, so a resume with the same number of processes continues each stream exact
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import os
-import random
-import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .checkpoints import (CHECKPOINT_RE, _checkpoints, _rank_seed, _rng_state, _seed_globals, _set_rng_state,  # noqa: F401
+                          load_checkpoint, save_checkpoint, unet_dtype_is_fp16)
 from .concept import Concept
 from .errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
 from .models import NUM_LAYERS
-from .utils import DTYPE_NAMES, METHODS, atomic_write, check_writable, default_device, image_size, torch_dtype
-
-DTYPES = {name: getattr(torch, full) for name, full in DTYPE_NAMES.items()}  # kept for compatibility
-# diffusers.optimization.get_scheduler names (as the official NeTI trainer); piecewise_constant needs rules
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs. Defaults are official NeTI's unless noted."""
-    images: str | None = None             # folder of training images (required)
-    placeholder: str | None = None        # new token naming the concept, e.g. "<my-cat>" (required)
-    init_word: str | None = None          # one-token word initialising it, e.g. "cat" (required; official super_category_token)
-    method: str = "neti"                  # neti | xti | ti
-    learnable_property: str = "object"    # object | style (caption templates)
-    model: str = "tiny"                   # built-in name, diffusers folder or hub id (SD 1.x)
-    out: str | None = None                # output folder; default ./outputs/<placeholder>
-    steps: int = 1000                     # optimizer steps (official max_train_steps)
-    batch_size: int = 2                   # images per micro-batch
-    grad_accum: int = 4                   # micro-batches per optimizer step
-    lr: float = 1e-3                      # base learning rate
-    scale_lr: bool = True                 # lr *= batch_size * grad_accum (official)
-    lr_scheduler: str = "constant"        # diffusers get_scheduler name: constant, constant_with_warmup, linear, cosine, ...
-    lr_warmup_steps: int = 0
-    weight_decay: float = 1e-2            # AdamW
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    resolution: int | None = None         # training image size; None -> the model's (512 for SD 1.x)
-    center_crop: bool = False
-    seed: int = 0                         # official default is unseeded; here runs are reproducible
-    save_every: int = 250                 # checkpoint every N steps (and always at the end); 0 = only at the end
-    # NeTI mapper
-    use_nested_dropout: bool = True
-    nested_dropout_prob: float = 0.5
-    output_bypass: bool = True
-    normalize_mapper_output: bool = True
-    target_norm: float | None = None      # None -> ||init word embedding||
-    use_positional_encoding: bool = True
-    num_pe_time_anchors: int = 10
-    sigma_t: float = 0.03
-    sigma_l: float = 2.0
-    # runtime
-    device: str = "cpu"                   # cpu | cuda | cuda:N
-    dtype: str = "float32"                # dtype of the frozen models; the concept trains in float32
-    allow_tf32: bool = False
-    resume: str | None = None             # checkpoint path, or "latest" (highest step in `out`)
-    init_concept: str | None = None       # NeTI: start from this concept's mapper (official mapper_checkpoint_path)
-
-
-# ----------------------------------------------------------------------------- validation helpers
-
-def _check_config(cfg: TrainConfig) -> None:
-    for name in ("images", "placeholder", "init_word"):
-        if not getattr(cfg, name):
-            raise NetiError(f"--{name.replace('_', '-')} is required")
-    if cfg.method not in METHODS:
-        raise NetiError(f"--method {cfg.method!r}: must be one of {', '.join(METHODS)}")
-    if cfg.learnable_property not in ("object", "style"):
-        raise NetiError(f"--property {cfg.learnable_property!r}: must be object or style")
-    for name in ("steps", "batch_size", "grad_accum"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise NetiError(f"--{name.replace('_', '-')} {v}: must be a positive integer")
-    if not isinstance(cfg.save_every, int) or cfg.save_every < 0:
-        raise NetiError(f"--save-every {cfg.save_every}: must be a non-negative integer")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise NetiError(f"--lr {cfg.lr}: must be a positive number")
-    if cfg.lr_scheduler not in LR_SCHEDULERS:
-        raise NetiError(f"lr_scheduler {cfg.lr_scheduler!r}: supported are {', '.join(LR_SCHEDULERS)}")
-    if not 0.0 <= cfg.nested_dropout_prob <= 1.0:
-        raise NetiError(f"nested_dropout_prob {cfg.nested_dropout_prob}: must be between 0 and 1")
-    if cfg.resolution is not None and (not isinstance(cfg.resolution, int) or cfg.resolution < 8 or cfg.resolution % 8):
-        raise NetiError(f"--resolution {cfg.resolution}: must be a multiple of 8")
-    if cfg.dtype not in DTYPE_NAMES:
-        raise NetiError(f"--dtype {cfg.dtype!r}: must be one of float32, float16, bfloat16")
-    if any(c.isspace() for c in cfg.placeholder) or "{}" in cfg.placeholder:
-        raise NetiError(f"--placeholder {cfg.placeholder!r}: must be one word without spaces or {{}}")
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    try:
-        dev = torch.device(cfg.device)
-    except RuntimeError:
-        raise NetiError(f"--device {cfg.device!r}: not a device (cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NetiError(f"--device {cfg.device}: CUDA is not available on this machine")
-    if dev.type == "cpu" and torch_dtype(cfg.dtype) == torch.float16:
-        raise NetiError("--dtype float16 needs --device cuda (use float32 or bfloat16 on CPU)")
-    return dev
-
-
-def default_out(placeholder: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", placeholder).strip("-.") or "concept"
-    return Path("outputs") / name
-
-
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
-
+from .train_config import (DTYPES, LR_SCHEDULERS, TrainConfig, _check_config, _device, add_arguments,  # noqa: F401
+                           config_from_args, default_out, load_yaml_config)
+from .utils import METHODS, atomic_write, check_writable, image_size, torch_dtype  # noqa: F401
 
 def init_token_id(tokenizer, placeholder: str, init_word: str) -> int:
     """Validate the placeholder (new) and the init word (exactly one token); return the init word's id."""
@@ -158,6 +53,8 @@ def init_token_id(tokenizer, placeholder: str, init_word: str) -> int:
                         "choose a simpler word for the concept's category")
     return ids[0]
 
+
+# ----------------------------------------------------------------------------- the trainable concept
 
 # ----------------------------------------------------------------------------- the trainable concept
 
@@ -241,105 +138,6 @@ class Trainable:
                        init_word=cfg.init_word, base_model=cfg.model)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def _rng_state(train_gen: torch.Generator, dataset, device: torch.device) -> tuple[dict, dict]:
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    pv, pinternal, pgauss = random.getstate()
-    ds_js, ds_t = dataset.state_dict()
-    js = {"numpy": {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-          "python": [pv, list(pinternal), pgauss], "data": ds_js}
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.train": train_gen.get_state(),
-               "rng.numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
-               "rng.data_order": ds_t["order_gen"]}
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return js, tensors
-
-
-def _set_rng_state(js: dict, tensors: dict, train_gen: torch.Generator, dataset, device: torch.device) -> None:
-    n = js["numpy"]
-    np.random.set_state((n["name"], tensors["rng.numpy_keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
-    pv, pinternal, pgauss = js["python"]
-    random.setstate((pv, tuple(pinternal), pgauss))
-    torch.set_rng_state(tensors["rng.torch"])
-    train_gen.set_state(tensors["rng.train"])
-    dataset.load_state_dict(js["data"], {"order_gen": tensors["rng.data_order"]})
-    if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-
-
-def unet_dtype_is_fp16(model) -> bool:
-    return model.unet.dtype == torch.float16 and model.device.type == "cuda"
-
-
-def save_checkpoint(path: Path, step: int, cfg: TrainConfig, trainable: Trainable, optimizer, train_gen,
-                    dataset, device, text_dim: int, scaler=None, ranks: list | None = None) -> Path:
-    """`ranks`: under data parallelism, every rank's (_rng_state js, tensors), gathered by `_gather_rng`."""
-    from safetensors.torch import save_file
-    concept = trainable.concept(text_dim)
-    tensors = concept.tensors()  # a checkpoint is also a loadable concept file
-    params = trainable.parameters()
-    for i, p in enumerate(params):
-        for k, v in optimizer.state.get(p, {}).items():
-            tensors[f"optim.{i}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    rng_js, rng_t = _rng_state(train_gen, dataset, device)
-    tensors.update({k: v.cpu().contiguous() for k, v in rng_t.items()})
-    md = concept.metadata()
-    scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
-    state = {"step": step, "num_params": len(params), "rng": rng_js, "scaler": scaler_state, "config": asdict(cfg)}
-    if ranks:
-        state["world_size"] = len(ranks)
-        state["rank_rng"] = {str(r): js for r, (js, _) in enumerate(ranks) if r > 0}
-        for r, (_, ts) in enumerate(ranks):
-            if r > 0:
-                tensors.update({f"rank{r}.{k}": v.cpu().contiguous() for k, v in ts.items()})
-    md["neti_fast.train_state"] = json.dumps(state)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
-
-
-def load_checkpoint(path: Path, cfg: TrainConfig, trainable: Trainable, optimizer, train_gen, dataset, device,
-                    scaler=None, rank: int = 0) -> int:
-    from safetensors import safe_open
-    where = str(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = json.loads(md["neti_fast.train_state"])
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-        raise NetiError(f"{where}: not a neti-fast training checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    except Exception as e:  # safetensors raises its own error type for malformed headers
-        raise NetiError(f"{where}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    for key, want in (("method", cfg.method), ("placeholder", cfg.placeholder)):
-        if md.get(key) != want:
-            raise NetiError(f"{where}: checkpoint was trained with {key} {md.get(key)!r}, this run uses {want!r}")
-    trainable.load_tensors(tensors, where)
-    params = trainable.parameters()
-    if state.get("num_params") != len(params):
-        raise NetiError(f"{where}: checkpoint does not match this run's concept settings (parameter count)")
-    opt_state = {}
-    for i in range(len(params)):
-        st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-        if st:
-            opt_state[i] = st
-    sd = optimizer.state_dict()
-    sd["state"] = opt_state
-    optimizer.load_state_dict(sd)
-    rng_js, rng_t = state["rng"], tensors
-    if rank > 0:
-        rng_js = state.get("rank_rng", {}).get(str(rank))
-        rng_t = {k[len(f"rank{rank}."):]: v for k, v in tensors.items() if k.startswith(f"rank{rank}.")}
-    if rng_js is not None:
-        _set_rng_state(rng_js, rng_t, train_gen, dataset, device)
-    else:  # a checkpoint from fewer processes has no stream for this rank: a fresh one, seeded by the step
-        _seed_globals(_rank_seed(cfg.seed, rank) + int(state["step"]))
-    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
-
-
 # ----------------------------------------------------------------------------- training
 
 def lr_schedule(cfg: TrainConfig, optimizer):
@@ -354,17 +152,6 @@ def lr_schedule(cfg: TrainConfig, optimizer):
 
 def _lr_factor(schedule, step: int) -> float:
     return float(schedule.lr_lambdas[0](step + 1))
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    """Rank 0 keeps the single-process seed, so one process and rank 0 draw the same stream."""
-    return seed + 1_000_003 * rank
-
-
-def _seed_globals(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _gather_rng(dd, train_gen, dataset, device) -> list | None:
@@ -557,171 +344,6 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
         concept.save(path)
     dd.barrier()  # the other ranks return once the file is there
     return path
-
-
-# ----------------------------------------------------------------------------- official YAML config
-
-# official key -> TrainConfig field (None: accepted and ignored)
-_YAML_MAP = {
-    "log": {"exp_name": "_exp_name", "exp_dir": "_exp_dir", "save_steps": "save_every", "overwrite_ok": None,
-            "logging_dir": None, "report_to": None, "checkpoints_total_limit": None},
-    "data": {"train_data_dir": "images", "placeholder_token": "placeholder", "super_category_token": "init_word",
-             "learnable_property": "learnable_property", "resolution": "resolution", "center_crop": "center_crop",
-             "dataloader_num_workers": None, "repeats": None},
-    "model": {"pretrained_model_name_or_path": "model", "use_nested_dropout": "use_nested_dropout",
-              "nested_dropout_prob": "nested_dropout_prob", "normalize_mapper_output": "normalize_mapper_output",
-              "use_positional_encoding": "use_positional_encoding", "pe_sigmas": "_pe_sigmas",
-              "num_pe_time_anchors": "num_pe_time_anchors", "output_bypass": "output_bypass",
-              "revision": "_revision", "mapper_checkpoint_path": "init_concept", "target_norm": "target_norm"},
-    "optim": {"max_train_steps": "steps", "learning_rate": "lr", "train_batch_size": "batch_size",
-              "gradient_accumulation_steps": "grad_accum", "seed": "seed", "scale_lr": "scale_lr",
-              "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "lr_warmup_steps", "adam_beta1": "adam_beta1",
-              "adam_beta2": "adam_beta2", "adam_weight_decay": "weight_decay", "adam_epsilon": "adam_epsilon",
-              "mixed_precision": "_mixed_precision", "allow_tf32": "allow_tf32", "gradient_checkpointing": None},
-    "eval": None,  # validation during training is not run; the section is ignored
-}
-_MIXED = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_FLOATS = {"lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "nested_dropout_prob", "target_norm",
-           "sigma_t", "sigma_l"}
-_INTS = {"steps", "batch_size", "grad_accum", "seed", "save_every", "resolution", "lr_warmup_steps",
-         "num_pe_time_anchors"}
-_BOOLS = {"scale_lr", "center_crop", "use_nested_dropout", "output_bypass", "normalize_mapper_output",
-          "use_positional_encoding", "allow_tf32"}
-
-
-def _coerce(path, key: str, v):
-    """YAML value -> the field's type (PyYAML reads `1e-3` as a string; the official loader converts it)."""
-    if v is None:
-        return None  # null = not set: the built-in default
-    if key in _BOOLS:
-        if not isinstance(v, bool):
-            raise NetiError(f"--config {path}: {key} must be true or false, got {v!r}")
-        return v
-    if key in _FLOATS or key in _INTS:
-        try:
-            if isinstance(v, bool):
-                raise ValueError
-            f = float(v)
-            if key in _INTS:
-                if f != int(f):
-                    raise ValueError
-                return int(f)
-            return f
-        except (TypeError, ValueError, OverflowError):
-            kind = "an integer" if key in _INTS else "a number"
-            raise NetiError(f"--config {path}: {key} must be {kind}, got {v!r}") from None
-    return v if isinstance(v, bool) or not isinstance(v, (int, float)) else str(v)
-
-
-def load_yaml_config(path) -> dict:
-    """Map an official NeTI `train.yaml` onto TrainConfig fields: {field: value} for the keys present."""
-    import yaml
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise NetiError(f"--config {path}: cannot read it ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise NetiError(f"--config {path}: malformed YAML ({' '.join(str(e).split())})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise NetiError(f"--config {path}: must be a mapping of sections (log, data, model, optim, eval)")
-    out: dict = {}
-    for section, body in raw.items():
-        if section not in _YAML_MAP:
-            raise NetiError(f"--config {path}: unknown section {section!r} (known: {', '.join(_YAML_MAP)})")
-        if _YAML_MAP[section] is None or body is None:
-            continue
-        if not isinstance(body, dict):
-            raise NetiError(f"--config {path}: section {section!r} must be a mapping")
-        for key, value in body.items():
-            if key not in _YAML_MAP[section]:
-                raise NetiError(f"--config {path}: unknown key {section}.{key}")
-            target = _YAML_MAP[section][key]
-            if target is None:
-                continue
-            if target == "_pe_sigmas":
-                if value is None:
-                    continue
-                if not isinstance(value, dict) or set(value) - {"sigma_t", "sigma_l"}:
-                    raise NetiError(f"--config {path}: model.pe_sigmas must be {{sigma_t: ..., sigma_l: ...}}")
-                out.update({k: float(v) for k, v in value.items()})
-            elif target == "_revision":
-                if value is not None:
-                    raise NetiError(f"--config {path}: model.revision is not supported; download that revision and give its folder")
-            elif target == "_mixed_precision":
-                if value not in _MIXED:
-                    raise NetiError(f"--config {path}: optim.mixed_precision {value!r}: must be no, fp16 or bf16")
-                out["dtype"] = _MIXED[value]
-            else:
-                out[target] = value
-    exp_dir, exp_name = out.pop("_exp_dir", None), out.pop("_exp_name", None)
-    if exp_dir is not None:
-        out["out"] = str(Path(exp_dir) / exp_name) if exp_name else str(exp_dir)
-    elif exp_name is not None:
-        out["out"] = str(Path("outputs") / exp_name)
-    for k in ("images", "out", "init_concept", "model"):
-        if out.get(k) is not None:
-            out[k] = str(out[k])
-    for k, v in list(out.items()):
-        out[k] = _coerce(path, k, v)
-        if out[k] is None:
-            del out[k]
-    return out
-
-
-# ----------------------------------------------------------------------------- CLI glue
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`neti-fast train` arguments. Every default is None so that only flags given override --config."""
-    a = parser.add_argument
-    a("images", nargs="?", default=None, help="folder of training images (or --images)")
-    a("--images", dest="images_opt", default=None, metavar="FOLDER", help="folder of training images")
-    a("--placeholder", default=None, help='new token naming the concept, e.g. "<my-cat>"')
-    a("--init-word", default=None, help='one-token word the concept starts from, e.g. "cat"')
-    a("--method", choices=METHODS, default=None, help="neti (default), xti or ti")
-    a("--property", dest="learnable_property", choices=("object", "style"), default=None,
-      help="caption templates: object (default) or style")
-    a("--model", default=None, help="tiny, a diffusers SD 1.x folder or hub id")
-    a("--out", default=None, help="output folder (checkpoints and concept.safetensors)")
-    a("--steps", type=int, default=None, help="optimizer steps (default 1000)")
-    a("--batch-size", type=int, default=None, help="images per micro-batch (default 2)")
-    a("--grad-accum", type=int, default=None, help="micro-batches per step (default 4)")
-    a("--lr", type=float, default=None, help="base learning rate, scaled by batch x accumulation (default 1e-3)")
-    a("--seed", type=int, default=None, help="random seed (default 0)")
-    a("--save-every", type=int, default=None, help="checkpoint every N steps (default 250)")
-    a("--resolution", type=int, default=None, help="training image size (default: the model's)")
-    a("--center-crop", action=argparse.BooleanOptionalAction, default=None, help="center-crop images to square first")
-    a("--config", default=None, metavar="YAML", help="official NeTI train.yaml; flags given override it")
-    a("--resume", default=None, metavar="latest|PATH", help="continue from a checkpoint")
-    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="dtype of the frozen models (default float32)")
-
-
-_FLAG_FIELDS = ("placeholder", "init_word", "method", "learnable_property", "model", "out", "steps", "batch_size",
-                "grad_accum", "lr", "seed", "save_every", "resolution", "center_crop", "resume", "device", "dtype")
-
-
-def config_from_args(args) -> TrainConfig:
-    """Built-in defaults < --config YAML < flags given explicitly."""
-    values: dict = {}
-    if getattr(args, "config", None):
-        values.update(load_yaml_config(args.config))
-    pos, opt = getattr(args, "images", None), getattr(args, "images_opt", None)
-    if pos and opt and pos != opt:
-        raise NetiError(f"images given twice ({pos} and --images {opt}); give one")
-    if pos or opt:
-        values["images"] = pos or opt
-    for name in _FLAG_FIELDS:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
-    if "device" not in values:
-        values["device"] = default_device()
-    if values.get("dtype") in DTYPE_NAMES:
-        values["dtype"] = DTYPE_NAMES[values["dtype"]]
-    return TrainConfig(**values)
 
 
 def main(args) -> Path:

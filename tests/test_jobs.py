@@ -280,7 +280,7 @@ DDP_SCRIPT = r'''
 import json, os, sys
 from pathlib import Path
 import torch, torch.distributed as dist
-import neti_fast.concept_model as C, neti_fast.train as T
+import neti_fast.concept_model as C, neti_fast.checkpoints as K, neti_fast.train as T
 from neti_fast.data import TextualInversionDataset
 from neti_fast.models import load_model
 
@@ -296,7 +296,7 @@ def spy_batch(self, n):
     px, caps = orig_batch(self, n)
     seen.append([float(px.sum()), caps])
     return px, caps
-T.atomic_write = C.atomic_write = spy_write
+T.atomic_write = K.atomic_write = C.atomic_write = spy_write
 TextualInversionDataset.next_batch = spy_batch
 model = load_model("tiny")
 def cfg(run, steps, **kw):
