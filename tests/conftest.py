@@ -42,3 +42,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _kill_after_first_image(argv, out, pattern="*.png", timeout=300):
+    """Run `python -m neti_fast *argv` (one thread) and SIGKILL it once a PNG appears in `out`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "neti_fast", *argv], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout
+        while not list(out.glob(pattern)):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, f"no image after {timeout} s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+@pytest.fixture(scope="session")
+def kill_after_first_image():
+    """kill_after_first_image(argv, out, pattern): a run killed right after its first image."""
+    return _kill_after_first_image

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -186,22 +185,10 @@ def job_b(concepts, tmp_path_factory, _one_thread):
     return job, ref, files
 
 
-def test_kill_and_resume_is_byte_identical(tmp_path, capsys, job_b):
+def test_kill_and_resume_is_byte_identical(tmp_path, capsys, job_b, kill_after_first_image):
     job, ref, files = job_b
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "neti_fast", *_job_b_args(job, out)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 300
-        while not list(out.glob("*.png")):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "no image after 300 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    kill_after_first_image(_job_b_args(job, out), out)
     before = sorted(p.name for p in out.glob("*.png"))
     assert 0 < len(before) < 12  # killed mid-job
     code, _, err = run(capsys, *_job_b_args(job, out))

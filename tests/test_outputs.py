@@ -2,11 +2,6 @@
 older manifest.json folders), list flags, "no truncation" on the command line, grid labels, and
 corrupt concept files."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -74,23 +69,10 @@ def test_generate_writes_a_jsonl_manifest_and_sweep(ref):
     assert len(list(out.glob("grid-*.png"))) == 2
 
 
-def test_generate_kill_and_resume_is_byte_identical(tmp_path, capsys, table, ref):
+def test_generate_kill_and_resume_is_byte_identical(tmp_path, capsys, table, ref, kill_after_first_image):
     ref_dir, files = ref
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "neti_fast", *gen_args(out, table)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 300
-        while not list(out.glob("0*.png")):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "no image after 300 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    kill_after_first_image(gen_args(out, table), out, "0*.png")
     before = sorted(p.name for p in out.glob("0*.png"))
     assert 0 < len(before) < 12
     code, _, err = run(capsys, *gen_args(out, table))
