@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 
+from .backends import BACKEND_NAMES
 from .errors import NetiError
 from .utils import ATTENTIONS, CLI_DTYPES, SCHEDULERS, default_device, default_dtype_name, torch_dtype
 
-BACKENDS = ("auto", "eager", "triton", "compile", "onnx", "tensorrt")  # --backend names (see backends.py)
+BACKENDS = BACKEND_NAMES  # --backend names (backends.py)
 NO_TRUNCATION = ("none", "full")  # how the command line writes "no truncation" beside truncations
 
 
