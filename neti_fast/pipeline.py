@@ -24,6 +24,7 @@ import torch
 from .attention import install_processors
 from .conditioning import encode, encode_plain, encode_rows, tokenize
 from .errors import NetiError
+from .kv_arena import KVArena
 from .models import NUM_LAYERS, Model
 from .table import stack_rows
 
@@ -147,17 +148,34 @@ class TorchDenoiser:
 
     This call signature (no dicts, no counters: tensors only) is what every backend implements;
     `export/` writes the same function to ONNX / TensorRT.
+
+    compile=True: `torch.compile` of the U-Net, specialized to every shape except the tables' row
+    count (marked dynamic: a job whose batches need different numbers of rows never recompiles,
+    where a recompile per row count would soon hit dynamo's limit and silently run eager). The first
+    call per latent shape runs eagerly, so the attention dispatcher makes (and checks) its choices on
+    real data before tracing bakes them in.
     """
 
-    def __init__(self, model: Model, attention: str = "auto", compile: bool = False):
+    def __init__(self, model: Model, attention: str = "auto", compile: bool = False,
+                 compile_backend: str = "inductor"):
         self.model, self.state, self.attention = model, install_processors(model), attention
-        self.unet = torch.compile(model.unet, dynamic=False) if compile else model.unet
+        self.compiled = compile
+        self.unet = torch.compile(model.unet, dynamic=False, backend=compile_backend) if compile else model.unet
+        self._seen: set = set()
 
     def __call__(self, x, t, row_idx, k_tables, v_tables):
         st = self.state
         st.mode, st.backend, st.row_idx, st.k_tables, st.v_tables = "tables", self.attention, row_idx, k_tables, v_tables
+        unet = self.unet
+        if self.compiled:
+            for tab in k_tables + v_tables:
+                torch._dynamo.maybe_mark_dynamic(tab, 0)
+            key = (tuple(x.shape[1:]), x.dtype, x.device)
+            if key not in self._seen:
+                self._seen.add(key)
+                unet = self.model.unet
         try:
-            return self.unet(x, t, encoder_hidden_states=None).sample
+            return unet(x, t, encoder_hidden_states=None).sample
         finally:
             st.mode, st.row_idx, st.k_tables, st.v_tables = "plain", None, [], []
 
@@ -170,6 +188,7 @@ class Engine:
         self.cfg = cfg or GenerateConfig()
         self.denoiser = denoiser or TorchDenoiser(model, self.cfg.attention)
         self._cache: OrderedDict = OrderedDict()
+        self._arenas: dict = {}
 
     def schedule(self):
         sched = make_scheduler(self.cfg.scheduler, self.model.scheduler_config)
@@ -237,28 +256,35 @@ class Engine:
         return np.concatenate(out)
 
     def pack(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool):
-        """The batch's conditionings as one K and one V table per layer, and each sample's rows.
+        """The batch's conditionings placed in the engine's K / V arena, and each sample's rows.
 
-        Rows of distinct conditionings are concatenated once (negative prompts first: shared, not
-        copied per sample). U-Net batch row b (negative halves first when `guided`) reads
+        Each distinct conditioning is copied into the arena (`kv_arena.KVArena`: one stable
+        buffer per layer) the first time a batch needs it and stays there while it is in use, so
+        packing computes indices only, and the U-Net always reads the same tensors (a captured CUDA
+        graph stays valid; torch.compile sees one row count). Negative prompts are shared rows, not
+        copied per sample. U-Net batch row b (negative halves first when `guided`) reads
         `base[b] + step * stride[b]`; stride is 0 for conditionings constant over time.
         Returns (k_tables 16 x [R, 77, C_l], v_tables, base [B'], stride [B']).
         """
         m, cfg = self.model, self.cfg
-        entries, index = [], {}
-
-        def add(c: Cond) -> int:
-            if id(c) not in index:
-                index[id(c)] = (sum(e.k[0].shape[0] for e in entries), c)
-                entries.append(c)
-            return index[id(c)][0]
         conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps) for r in reqs]
         negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt) for r in reqs] if guided else []
-        base = [add(c) for c in negs + conds]
-        stride = [int(c.time_varying) for c in negs + conds]
-        k_tables = [torch.cat([e.k[l] for e in entries]) for l in range(NUM_LAYERS)]
-        v_tables = [torch.cat([e.v[l] for e in entries]) for l in range(NUM_LAYERS)]
-        return k_tables, v_tables, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
+        rows = negs + conds
+        distinct = list({id(c): c for c in rows}.values())
+        arena = self.arena(distinct[0])
+        starts = arena.place(distinct)
+        base = [starts[id(c)] for c in rows]
+        stride = [int(c.time_varying) for c in rows]
+        return arena.k, arena.v, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
+
+    def arena(self, cond: Cond) -> KVArena:
+        """The engine's K / V arena for `cond`'s dtype and device (made on first use)."""
+        k0 = cond.k[0]
+        key = (k0.dtype, k0.device)
+        if key not in self._arenas:
+            self._arenas[key] = KVArena([k.shape[-1] for k in cond.k], [v.shape[-1] for v in cond.v],
+                                        k0.shape[1], k0.dtype, k0.device)
+        return self._arenas[key]
 
     @torch.no_grad()
     def generate_batch(self, reqs: list[Request], progress: bool = False) -> np.ndarray:
