@@ -172,10 +172,11 @@ def _denoiser(args, model, cfg):
     cache = Path(args.export_dir) if args.export_dir else onnx_export.default_export_dir(args.model, h, w, model.dtype)
     path = onnx_export.export_cached(model, cache, height=h, width=w)
     if backend == "onnx":
-        return onnx_export.OnnxDenoiser(path)
+        return onnx_export.OnnxDenoiser(path, device=model.device)
     from .export import tensorrt as trt_export
-    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), max_batch=cfg.batch_size)
-    return trt_export.TensorRTDenoiser(engine_path)
+    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), fp16=str(model.dtype) != "torch.float32",
+                                          max_batch=cfg.batch_size, opt_batches=[cfg.batch_size])
+    return trt_export.TensorRTDenoiser(engine_path, device=model.device)
 
 
 def cmd_export(args):
