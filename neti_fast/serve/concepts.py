@@ -27,6 +27,18 @@ def clean_name(text: str) -> str:
     return name or "concept"
 
 
+def _load(path: Path):
+    """`table.load_any`, with any reader's exception on a corrupt file (safetensors raises its own
+    type) turned into the one-line NetiError a client / the listing gets."""
+    from ..table import load_any
+    try:
+        return load_any(path)
+    except NetiError:
+        raise
+    except Exception as e:
+        raise NetiError(f"{path.name}: cannot read it as a concept ({type(e).__name__}: {e})") from None
+
+
 def _nbytes(table) -> int:
     ts = list(table.token.values()) + list(table.bypass.values())
     c = table.concept
@@ -82,8 +94,7 @@ class ConceptStore:
 
     def add_file(self, path: Path, name: str, origin: str) -> list[str]:
         """Load `path` (a concept, table or bundle), check it fits the model, list it. Returns the names."""
-        from ..table import load_any
-        got = load_any(path)
+        got = _load(path)
         tables = got if isinstance(got, dict) else {name: got}
         with self._lock:
             for n, t in tables.items():
@@ -111,13 +122,12 @@ class ConceptStore:
     # ------------------------------------------------------------------ tables
     def get(self, name: str):
         """The Table named `name` (loaded again if the budget evicted it)."""
-        from ..table import load_any
         with self._lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
             entry = self.entries[name]
-            got = load_any(entry.path)
+            got = _load(entry.path)
             table = got[name] if isinstance(got, dict) else got
             table.name = name
             self._keep(name, table)

@@ -1,0 +1,87 @@
+"""Helpers shared by the serve tests: a concepts folder, an in-process uvicorn server on a free
+loopback port, PNG decoding, and images generated alone (one request per engine batch)."""
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="neti-fast serve needs the `serve` extra (FastAPI, uvicorn)")
+
+NETI = ("cat", "dog", "ball", "cup")   # NeTI concepts (tiny width 32) in the test folder
+SIZE = 64                              # tiny's native size (latents 8x8)
+STEPS = 2
+
+
+def make_concepts(folder: Path) -> Path:
+    from neti_fast.concept import random_concept
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(NETI):
+        random_concept("neti", 32, i, f"<{name}>", True).save(folder / f"{name}.safetensors")
+    random_concept("ti", 32, 7, "<tee>", False).save(folder / "tee.safetensors")
+    return folder
+
+
+def make_server(model, tmp: Path, **kw):
+    from neti_fast.serve.app import Server, ServeConfig
+    concepts = tmp / "concepts"
+    if not concepts.exists():
+        make_concepts(concepts)
+    kw.setdefault("max_wait_ms", 30)
+    kw.setdefault("max_batch", 8)
+    return Server(ServeConfig(model="tiny", concepts=str(concepts), state_dir=str(tmp / "state"), **kw), model=model)
+
+
+def decode_png(b64: str) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def alone(server, body: dict) -> list[np.ndarray]:
+    """The images of `body` generated one request per engine batch (nothing else in it), on the
+    server's own engine, in the caller's thread: call it only while the server is idle."""
+    from dataclasses import replace
+    job, _ = server.prepare(__import__("neti_fast.serve.a1111", fromlist=["Txt2Img"]).Txt2Img.model_validate(body), "")
+    e, s = server.engine, job.shape
+    saved = e.cfg
+    e.cfg = replace(saved, steps=s.steps, height=s.height, width=s.width, scheduler=s.scheduler, guidance=s.guidance)
+    try:
+        return [e.generate_batch([r])[0] for r in job.requests]
+    finally:
+        e.cfg = saved
+
+
+class LiveServer:
+    """uvicorn in a thread on 127.0.0.1:<free port>, serving `create_app(server)`."""
+
+    def __init__(self, server):
+        import uvicorn
+
+        from neti_fast.serve.app import create_app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.uv.started:
+            if time.monotonic() - t0 > 30 or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.uv.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
