@@ -1,12 +1,9 @@
-"""Helpers shared by the serve tests: a concepts folder, an in-process uvicorn server on a free
-loopback port, PNG decoding, and images generated alone (one request per engine batch)."""
+"""Helpers shared by the serve tests: a concepts folder, PNG decoding, images generated alone (one
+request per engine batch); the in-process uvicorn server is neti_fast.serve.background."""
 from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,31 +54,4 @@ def alone(server, body: dict) -> list[np.ndarray]:
         e.cfg = saved
 
 
-class LiveServer:
-    """uvicorn in a thread on 127.0.0.1:<free port>, serving `create_app(server)`."""
-
-    def __init__(self, server):
-        import uvicorn
-
-        from neti_fast.serve.app import create_app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.uv.started:
-            if time.monotonic() - t0 > 30 or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.uv.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+from neti_fast.serve.background import BackgroundServer as LiveServer  # noqa: E402,F401
