@@ -44,7 +44,9 @@ def alone(server, body: dict) -> list[np.ndarray]:
     """The images of `body` generated one request per engine batch (nothing else in it), on the
     server's own engine, in the caller's thread: call it only while the server is idle."""
     from dataclasses import replace
-    job, _ = server.prepare(__import__("neti_fast.serve.a1111", fromlist=["Txt2Img"]).Txt2Img.model_validate(body), "")
+
+    from neti_fast.serve.a1111 import Txt2Img
+    job, _ = server.prepare(Txt2Img.model_validate(body), "")
     e, s = server.engine, job.shape
     saved = e.cfg
     e.cfg = replace(saved, steps=s.steps, height=s.height, width=s.width, scheduler=s.scheduler, guidance=s.guidance)

@@ -312,3 +312,76 @@ def test_non_loopback_needs_api_key(capsys):
     assert main(["serve", "--model", "tiny", "--device", "cpu", "--host", "0.0.0.0", "--api-key", ""]) == 2
     err = capsys.readouterr().err
     assert "neti-fast serve: error: --host 0.0.0.0" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- concept formats
+
+def test_embeddings_every_format(srv, tmp_path):
+    """A1111 .pt, a precomputed table, a bundle and a plain concept are all listed (and usable); a
+    broken file is listed as skipped with its reason, not a crash."""
+    import torch
+
+    from neti_fast.concept import random_concept
+    from neti_fast.serve.app import Server
+    from neti_fast.table import precompute, save_bundle
+    from neti_fast.table import Table
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(torch.randn(1, 32))},
+                "name": "mystyle", "step": 3000}, folder / "mystyle.pt")
+    precompute(random_concept("neti", 32, 3, "<t>", True), truncations=[8], progress=False).save(folder / "tabled.safetensors")
+    save_bundle({"p1": Table(random_concept("xti", 32, 4, "<p1>")), "p2": Table(random_concept("ti", 32, 5, "<p2>"))},
+                folder / "pair.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    (folder / "notes.txt").write_text("not a concept")
+    cfg = srv.cfg.__class__(**{**srv.cfg.__dict__, "concepts": str(folder), "state_dir": str(tmp_path / "st")})
+    other = Server(cfg, model=srv.model)
+    try:
+        emb = other.store.embeddings()
+        assert set(emb["loaded"]) == {"mystyle", "tabled", "p1", "p2"}
+        assert emb["loaded"]["mystyle"]["method"] == "ti" and emb["loaded"]["tabled"]["truncations"] == [8]
+        assert set(emb["skipped"]) == {"broken.safetensors"} and emb["skipped"]["broken.safetensors"]["error"]
+        from neti_fast.serve.app import create_app
+        c = TestClient(create_app(other))
+        r = c.post("/sdapi/v1/txt2img", json=body(prompt="mystyle painting of {p1} and tabled", truncation=8))
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["info"])["concepts"] == ["mystyle", "p1", "tabled"]
+    finally:
+        other.close()
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_training_one_at_a_time_while_serving(client, srv, tmp_path):
+    """Training runs in the background: a second one is refused (409), generation is served
+    meanwhile, and the trained concept joins the list."""
+    import io
+    import time
+
+    from PIL import Image
+    from neti_fast.demo import make_training_images
+    folder = make_training_images(tmp_path / "imgs", n=3, size=SIZE)
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(folder.glob("*.png"))]
+    form = {"placeholder": "<thing>", "init_word": "ball", "steps": "25"}
+    r = client.post("/neti/train", files=files, data=form)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    second = client.post("/neti/train", files=files, data=form)
+    assert second.status_code == 409 and second.json()["field"] == "train"
+    served = post(client, prompt="a photo of cup")
+    assert served.status_code == 200
+    assert client.get(f"/neti/train/{job['id']}").json()["state"] == "running"  # it went on meanwhile
+    t0 = time.monotonic()
+    while (st := client.get(f"/neti/train/{job['id']}").json())["state"] == "running":
+        assert time.monotonic() - t0 < 300
+        time.sleep(0.2)
+    assert st["state"] == "done" and st["concept"] == "thing" and st["step"] == 25, st
+    assert "thing" in client.get("/sdapi/v1/embeddings").json()["loaded"]
+    assert post(client, prompt="a photo of {thing}").status_code == 200
+    bad = client.post("/neti/train", files=[("images", ("x.png", b"not an image", "image/png"))], data=form)
+    assert bad.status_code == 422 and bad.json()["field"] == "images"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    bad = client.post("/neti/train", files=[("images", ("x.png", buf.getvalue(), "image/png"))],
+                      data={**form, "placeholder": "two words"})
+    assert bad.status_code == 422 and bad.json()["field"] == "placeholder"

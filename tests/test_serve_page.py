@@ -109,17 +109,29 @@ def test_page_generates(page, served):
     assert page.get_attribute("#gallery a", "download").endswith(".png")
 
 
-def test_page_truncation_sweep(page):
+def test_page_truncation_sweep_with_progress(page):
     page.select_option("#concept", "dog")
     page.fill("#seeds", "1")
+    page.fill("#steps", "30")  # long enough to see the progress bar move
     for value in ("0", "8"):
         page.fill("#truncation", value)
         page.click("#add-trunc")
     before = page.eval_on_selector_all("#gallery img.result", "els => els.length")
     page.click("#generate")
+    page.wait_for_function("(() => { const b = document.getElementById('gen-progress'); "
+                           "return !b.hidden && b.value > 0 && b.value < 1; })()", polling=50)
     page.wait_for_function(f"document.querySelectorAll('#gallery img.result').length === {before + 2}")
     rows = page.eval_on_selector_all("#gallery table:first-of-type th", "els => els.map(e => e.textContent)")
     assert "truncation full" in rows and "truncation 8" in rows
+
+
+def test_page_uploads_a_concept(page, served):
+    from neti_fast.concept import random_concept
+    path = random_concept("neti", 32, 77, "<up>", True).save(served[1] / "uploaded-thing.safetensors")
+    page.set_input_files("#concept-file", str(path))
+    page.click("#upload")
+    page.wait_for_selector("#concept option[value='uploaded-thing']", state="attached")
+    assert page.inner_text("#upload-error") == "" and "uploaded-thing" in page.inner_text("#upload-msg")
 
 
 def test_page_trains_a_concept(page, served):

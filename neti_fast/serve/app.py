@@ -309,12 +309,15 @@ def create_app(server: Server):
             if not done.done() and await request.is_disconnected():
                 server.batcher.cancel(job)  # its waiting images leave the queue; nobody waits on it
                 return Response(status_code=499)
-        if job.error is not None:
-            if isinstance(job.error, NetiError):
-                raise FieldError("prompt", str(job.error))
-            return _error(f"the engine failed on this request ({type(job.error).__name__}: {job.error})", None, 500)
-        images = await run_in_threadpool(lambda: [_png_b64(i) for i in job.images]) if req.send_images else []
-        return {"images": images, "parameters": req.model_dump(), "info": a1111.info_json(**info)}
+        try:
+            if job.error is not None:
+                if isinstance(job.error, NetiError):
+                    raise FieldError("prompt", str(job.error))
+                return _error(f"the engine failed on this request ({type(job.error).__name__}: {job.error})", None, 500)
+            images = await run_in_threadpool(lambda: [_png_b64(i) for i in job.images]) if req.send_images else []
+            return {"images": images, "parameters": req.model_dump(), "info": a1111.info_json(**info)}
+        finally:
+            job.release()  # recent jobs stay listed for /progress, without their images
 
     @app.get("/sdapi/v1/progress")
     async def progress(request: Request, id_task: str | None = None, skip_current_image: bool = False):
@@ -332,7 +335,7 @@ def create_app(server: Server):
         eta = elapsed / p - elapsed if p > 0 else 0.0
         state = {"skipped": False, "interrupted": job.cancelled, "job": job.id, "job_count": 1,
                  "job_timestamp": "0", "job_no": 0, "sampling_step": job.step, "sampling_steps": job.steps,
-                 "finished": job.finished, "images_done": job.done_images, "images": len(job.requests)}
+                 "finished": job.finished, "images_done": job.done_images, "images": job.total}
         text = "queued" if job.started is None else ("done" if job.finished else "running")
         return {"progress": p, "eta_relative": eta, "state": state, "current_image": None, "textinfo": text}
 

@@ -54,10 +54,15 @@ class Job:
 
     def __post_init__(self):
         self.images = [None] * len(self.requests)
+        self.total = len(self.requests)
+
+    def release(self) -> None:
+        """Drop the images and requests (the answer is sent): the job stays listed for /progress only."""
+        self.images, self.requests = [], []
 
     @property
     def progress(self) -> float:
-        n = len(self.requests)
+        n = self.total
         if self.finished:
             return 1.0
         frac = self.step / self.steps if self.steps else 0.0
@@ -112,7 +117,7 @@ class Batcher:
         with self._cv:
             job.cancelled = True
             self._pending = [it for it in self._pending if it.job is not job]
-        job._finish(ConnectionAbortedError("the client went away"))
+        job._finish(ConnectionAbortedError("the client went away"))  # (a batch running it drops its images)
 
     def queued_images(self) -> int:
         with self._cv:
@@ -193,7 +198,7 @@ class Batcher:
                 continue
             job.images[it.index] = img
             job.done_images += 1
-            if job.done_images == len(job.requests):
+            if job.done_images == job.total:
                 job._finish()
 
     def _run_batch(self, items: list[_Item]) -> None:
