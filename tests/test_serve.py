@@ -100,7 +100,7 @@ def test_sampler_mapping():
     want = {("DPM++ 2M", "uniform"): "dpm++", ("DPM++ 2M", "karras"): "dpm++-karras",
             ("DPM++ 2M", "automatic"): "dpm++-karras", ("DPM++ 2M Karras", None): "dpm++-karras",
             ("Euler", None): "euler", ("Euler a", "automatic"): "euler-a", ("DDIM", None): "ddim",
-            ("k_euler_a", None): "euler-a", (None, None): "dpm++-karras"}
+            ("k_euler_a", None): "euler-a", (None, None): "euler"}  # A1111's API default
     for (name, sched), engine in want.items():
         assert resolve_sampler(name, sched)[2] == engine, (name, sched)
     with pytest.raises(FieldError) as e:
@@ -253,6 +253,20 @@ def test_upload_concept(client, srv, tmp_path):
     assert post(client, prompt="a photo of {vase}").status_code == 200
     r = client.post("/neti/concepts", files={"file": ("vase.safetensors", p.read_bytes())})
     assert r.status_code == 409 and r.json()["field"] == "name"
+    import torch  # an A1111 embedding (a pickle, read with weights_only) is kept as safetensors only
+    emb = tmp_path / "emb.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(torch.randn(1, 32))},
+                "name": "emb"}, emb)
+    r = client.post("/neti/concepts", files={"file": ("style.pt", emb.read_bytes())}, data={"name": "mystyle2"})
+    assert r.status_code == 200 and r.json()["added"] == ["mystyle2"], r.text
+    assert (uploads / "mystyle2.safetensors").is_file() and not list(uploads.glob("*.pt")) and not list(uploads.glob(".*"))
+    assert post(client, prompt="a mystyle2 painting").status_code == 200
+    from neti_fast.serve.app import Server
+    restarted = Server(srv.cfg, model=srv.model)  # a restart lists the uploads again
+    try:
+        assert {"vase", "mystyle2"} <= set(restarted.store.names()) and not restarted.store.skipped
+    finally:
+        restarted.close()
 
 
 def test_upload_refuses_bad_files(client, srv, tmp_path):

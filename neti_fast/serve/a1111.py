@@ -48,7 +48,7 @@ SAMPLERS = (
     Sampler("DDIM", ("ddim",), {"automatic": "ddim", "uniform": "ddim"}),
 )
 SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
-DEFAULT_SAMPLER = "DPM++ 2M"   # with scheduler "uniform" this is `neti-fast generate`'s default
+DEFAULT_SAMPLER = "Euler"   # A1111's API default (its sampler_index); `neti-fast generate`'s is "DPM++ 2M" + "uniform"
 
 
 def find_sampler(name: str) -> Sampler | None:

@@ -90,6 +90,7 @@ class Server:
             from ..models import load_model
             model = load_model(cfg.model, device=cfg.device, dtype=self.dtype)
         self.model = model
+        self.dtype = model.dtype
         self.model_name = cfg.model
         self.model_title = f"{cfg.model} [neti-fast]"
         # Slot tokens are added to the tokenizer on first use; adding them now means request
@@ -191,12 +192,15 @@ class Server:
         except NetiError as e:
             raw.unlink(missing_ok=True)
             raise FieldError("file", str(e)) from None
-        if suffix != ".safetensors" or len(names) != 1:
-            return names
-        final = folder / f"{name}.safetensors"  # kept under its name, so a restart lists it again
-        if not final.exists():
+        # Kept as safetensors under a name a restart lists again; a pickle never stays on disk.
+        if suffix != ".safetensors":
+            final = folder / f"{name}.safetensors"
+            self.store.get(name).concept.save(final)
+            raw.unlink()
+        else:
+            final = folder / (f"{name}.safetensors" if len(names) == 1 else f"bundle-{raw.stem.lstrip('.')}.safetensors")
             raw.rename(final)
-            self.store.entries[name].path = final
+        self.store.moved(raw, final)
         return names
 
 

@@ -109,6 +109,13 @@ class ConceptStore:
                 self._keep(n, t)
         return list(tables)
 
+    def moved(self, old: Path, new: Path) -> None:
+        """The file behind some entries was renamed / converted (uploads)."""
+        with self._lock:
+            for e in self.entries.values():
+                if e.path == old:
+                    e.path = new
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self.entries)
