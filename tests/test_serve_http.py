@@ -132,6 +132,32 @@ def test_disconnect_does_not_stall_the_queue(live):
     assert b.queued_images() == 0
 
 
+def test_disconnect_mid_run_stops_the_batch(live):
+    """A client that leaves while its (only) batch is denoising: the loop stops at the next step
+    instead of finishing work nobody will receive, and the next request is served."""
+    b = live.server.batcher
+    abandoned = b.abandoned
+    job = {"prompt": "a photo of {dog}", "seed": 5, "steps": 150, "width": SIZE, "height": SIZE,
+           "force_task_id": "left-mid-run"}
+
+    def leave():
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{live.url}/sdapi/v1/txt2img", json=job, timeout=1.0)
+    t = threading.Thread(target=leave)
+    t.start()
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        t0 = time.monotonic()
+        while "left-mid-run" not in b.jobs or b.jobs["left-mid-run"].step < 1:
+            assert time.monotonic() - t0 < 30, "the job never started"
+            time.sleep(0.02)
+        t.join(30)
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a photo of {cup}", "seed": 6, "steps": STEPS,
+                                              "width": SIZE, "height": SIZE})
+    assert r.status_code == 200
+    left = b.jobs["left-mid-run"]
+    assert left.cancelled and b.abandoned == abandoned + 1 and left.step < 150
+
+
 def test_api_key_over_http(tiny_model, tmp_path):
     webuiapi = pytest.importorskip("webuiapi")
     server = make_server(tiny_model, tmp_path, api_key="k3y")

@@ -11,8 +11,9 @@ Independence: an image's noise comes only from its own seed (pipeline.image_gene
 shares its batch never changes it. That is what makes the two failure rules cheap:
 - a batch that raises is re-run one job at a time, so a request that fails inside the engine fails
   alone and its batch-mates still get the same images;
-- a cancelled job (its client went away) has its waiting images dropped; a batch already running
-  finishes and the cancelled job's images are discarded. Nothing waits on a gone client.
+- a cancelled job (its client went away) has its waiting images dropped; a running batch whose
+  jobs are all cancelled stops at its next step, one with live batch-mates finishes and the
+  cancelled job's images are discarded. Nothing waits on a gone client.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 log = logging.getLogger("neti_fast.serve")
+
+
+class Abandoned(Exception):
+    """Every job of the running batch was cancelled: the denoising loop stops at the next step."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class Batcher:
         self._stop = False
         self.batch_sizes: list[int] = []      # images per engine batch run (stats, tests, bench)
         self.batch_jobs: list[int] = []       # distinct jobs per engine batch
+        self.abandoned = 0                    # batches stopped early: all their clients went away
         self.jobs: dict[str, Job] = {}        # recent jobs by id (progress)
         self._thread = threading.Thread(target=self._run, name="neti-fast-batcher", daemon=True)
         self._thread.start()
@@ -185,6 +191,8 @@ class Batcher:
         def on_step(done: int, total: int) -> None:
             for j in jobs:
                 j.step, j.steps = done, total
+            if all(j.cancelled for j in jobs):
+                raise Abandoned
         try:
             return self.engine.generate_batch([it.job.requests[it.index] for it in items], on_step=on_step)
         finally:
@@ -211,6 +219,9 @@ class Batcher:
         try:
             self._deliver(items, self._generate(items))
             return
+        except Abandoned:
+            self.abandoned += 1
+            return
         except Exception as e:
             if len(jobs) == 1:
                 self._fail(jobs[0], e)
@@ -222,6 +233,8 @@ class Batcher:
                 continue
             try:
                 self._deliver(mine, self._generate(mine))
+            except Abandoned:
+                self.abandoned += 1
             except Exception as e:
                 self._fail(job, e)
 
