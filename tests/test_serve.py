@@ -84,6 +84,7 @@ def test_listing_routes(client, srv):
     assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny"
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == srv.model_title
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/loras").json() == [] and client.get("/sdapi/v1/upscalers").json()[0]["name"] == "None"
     assert client.get("/health").json()["status"] == "ok"
     p = client.get("/sdapi/v1/progress").json()
     assert p["progress"] == 0.0 and "state" in p
@@ -399,3 +400,21 @@ def test_training_one_at_a_time_while_serving(client, srv, tmp_path):
     bad = client.post("/neti/train", files=[("images", ("x.png", buf.getvalue(), "image/png"))],
                       data={**form, "placeholder": "two words"})
     assert bad.status_code == 422 and bad.json()["field"] == "placeholder"
+
+
+def test_concept_cache_budget(srv):
+    """Loaded concepts are kept under --concept-cache-mb: with no budget only the last one stays, and
+    an evicted one is read again from its file (the same rows)."""
+    import torch
+
+    from neti_fast.serve.concepts import ConceptStore
+    store = ConceptStore(srv.model, srv.store.folder, budget_mb=0)
+    store.scan()
+    assert len(store._loaded) == 1
+    cat = store.get("cat")
+    store.get("dog")
+    assert list(store._loaded) == ["dog"]
+    again = store.get("cat")
+    assert again is not cat and again.name == "cat"
+    ts = torch.tensor([999, 500, 1])
+    assert torch.equal(again.rows(ts, None)[0], cat.rows(ts, None)[0])

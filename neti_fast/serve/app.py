@@ -386,6 +386,14 @@ def create_app(server: Server):
     async def script_info():
         return []
 
+    # What A1111 lists and neti-fast has none of (clients probe these to fill their menus).
+    def _none_of(path: str, value):
+        app.add_api_route(path, lambda: value, methods=["GET"])
+    for path in ("latent-upscale-modes", "prompt-styles", "face-restorers", "hypernetworks", "sd-vae", "loras"):
+        _none_of(f"/sdapi/v1/{path}", [])
+    _none_of("/sdapi/v1/upscalers", [{"name": "None", "model_name": None, "model_path": None, "model_url": None,
+                                      "scale": 4}])
+
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
         return server.store.embeddings()
