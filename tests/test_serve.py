@@ -166,6 +166,7 @@ BAD = [
     ({"truncation": 500}, "truncation"),
     ({"prompt": "cat " * 80}, "prompt"),
     ({"hires_fix_typo": True}, "hires_fix_typo"),
+    ({"negative_prompt": "blurry, dog"}, "negative_prompt"),  # A1111's negative embeddings: not supported
 ]
 
 

@@ -140,6 +140,7 @@ class Server:
         seed = random.randrange(2**32) if req.seed == -1 else req.seed
         seeds = [seed + i for i in range(n_seeds)]
         prompt, tables = self.store.resolve(req.prompt, req.concept)
+        self.store.check_negative(req.negative_prompt)
         for t in truncs:
             if t is None:
                 continue

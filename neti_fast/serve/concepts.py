@@ -146,6 +146,24 @@ class ConceptStore:
             self._loaded.popitem(last=False)
 
     # ------------------------------------------------------------------ prompts
+    def _mark_words(self, text: str) -> str:
+        """Each concept name written as a word -> `{name}` (existing markers left alone)."""
+        names = sorted(self.names(), key=len, reverse=True)  # longest first: "cat-2" before "cat"
+        if not names:
+            return text
+        word = re.compile(r"(?<![\w{.+-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w}.+-])")
+        parts = re.split(r"(\{[^{}]*\})", text)
+        return "".join(p if p.startswith("{") else word.sub(r"{\1}", p) for p in parts)
+
+    def check_negative(self, negative: str) -> None:
+        """The engine encodes negative prompts as plain text: a concept named there (A1111's negative
+        embeddings) would be silently ignored, so it is refused."""
+        from ..conditioning import markers
+        found = [m for m in markers(self._mark_words(negative)) if m == "" or m in self.entries]
+        if found:
+            raise FieldError("negative_prompt", f"concepts in the negative prompt ({', '.join(repr(m) for m in found)}) "
+                             "are not supported by neti-fast; use them in the prompt only")
+
     def resolve(self, prompt: str, concept: str | None) -> tuple[str, dict]:
         """A1111 / neti-fast prompt -> (engine prompt with {name} markers, {name: Table} it uses).
 
@@ -153,11 +171,7 @@ class ConceptStore:
         convention) becomes `{name}`; a bare `{}` means `concept`.
         """
         from ..conditioning import markers
-        names = sorted(self.names(), key=len, reverse=True)  # longest first: "cat-2" before "cat"
-        if names:
-            word = re.compile(r"(?<![\w{.+-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w}.+-])")
-            parts = re.split(r"(\{[^{}]*\})", prompt)  # leave existing markers alone
-            prompt = "".join(p if p.startswith("{") else word.sub(r"{\1}", p) for p in parts)
+        prompt = self._mark_words(prompt)
         used = []
         for m in markers(prompt):
             if m == "":
