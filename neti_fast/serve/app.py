@@ -194,12 +194,13 @@ class Server:
             raw.unlink(missing_ok=True)
             raise FieldError("file", str(e)) from None
         # Kept as safetensors under a name a restart lists again; a pickle never stays on disk.
+        final = folder / f"{name}.safetensors"
+        if final.exists() or len(names) != 1:  # never over a file already there (one a restart skipped)
+            final = folder / f"{name if len(names) == 1 else 'bundle'}-{raw.stem.lstrip('.')[:8]}.safetensors"
         if suffix != ".safetensors":
-            final = folder / f"{name}.safetensors"
             self.store.get(name).concept.save(final)
             raw.unlink()
         else:
-            final = folder / (f"{name}.safetensors" if len(names) == 1 else f"bundle-{raw.stem.lstrip('.')}.safetensors")
             raw.rename(final)
         self.store.moved(raw, final)
         return names
