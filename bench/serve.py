@@ -62,6 +62,7 @@ def run(args) -> dict:
     from neti_fast.serve.app import Server, ServeConfig
     from neti_fast.serve.background import BackgroundServer
 
+    load_start = round(os.getloadavg()[0], 2)  # other processes skew CPU timings: recorded
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     model = load_model(args.model, device=device, dtype=dtype)
@@ -150,7 +151,8 @@ def run(args) -> dict:
         "benchmark": "serve: concurrent clients with different concepts vs the same requests one at a time",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "load_average_1min_start": load_start,
+        "load_average_1min_end": round(os.getloadavg()[0], 2),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "settings": {"model": args.model, "dtype": str(dtype).replace("torch.", ""), "clients": args.clients,
                      "steps": args.steps, "size": size, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
