@@ -140,8 +140,12 @@ def test_page_trains_a_concept(page, served):
     page.set_input_files("#train-images", sorted(str(p) for p in folder.glob("*.png")))
     page.fill("#placeholder", "<blob>")
     page.fill("#init-word", "ball")
-    page.fill("#train-steps", "3")
+    page.fill("#train-steps", "12")
     page.click("#train")
+    page.wait_for_function("(() => { const b = document.getElementById('train-progress'); "
+                           "return !b.hidden && b.value > 0 && b.value < 1 && "
+                           "/^step \\d+ \\/ 12/.test(document.getElementById('train-msg').textContent); })()",
+                           polling=50, timeout=120_000)  # the live progress bar moves
     page.wait_for_function("document.getElementById('train-msg').textContent.startsWith('trained:') || "
                            "document.getElementById('train-error').textContent.length > 0", timeout=180_000)
     assert page.inner_text("#train-error") == ""
