@@ -330,7 +330,7 @@ def create_app(server: Server):
         jobs = server.batcher.jobs
         job = jobs.get(id_task) if id_task else None
         if job is None and not id_task:
-            mine = [j for j in jobs.values() if j.client == _client(request) and not j.finished]
+            mine = [j for j in list(jobs.values()) if j.client == _client(request) and not j.finished]  # list(): one C call, safe beside the worker
             job = mine[-1] if mine else None
         if job is None:
             state = {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",

@@ -116,9 +116,10 @@ class Trainer:
             base = clean_name(job.placeholder)
             name, k = base, 2
             taken = set(self.store.names())
-            while name in taken:
+            trained = self.state_dir / "trained"
+            while name in taken or (trained / f"{name}.safetensors").exists():  # never over an earlier file
                 name, k = f"{base}-{k}", k + 1
-            dest = self.state_dir / "trained" / f"{name}.safetensors"
+            dest = trained / f"{name}.safetensors"
             data = Path(path).read_bytes()
             atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
             self.store.add_file(dest, name, "trained")
