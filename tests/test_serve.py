@@ -419,3 +419,16 @@ def test_concept_cache_budget(srv):
     assert again is not cat and again.name == "cat"
     ts = torch.tensor([999, 500, 1])
     assert torch.equal(again.rows(ts, None)[0], cat.rows(ts, None)[0])
+
+
+def test_serve_flags():
+    from neti_fast.cli import build_parser
+    from neti_fast.serve.cli import config_from_args
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--concepts", "c", "--host", "0.0.0.0", "--port", "9000",
+                                      "--device", "cpu", "--dtype", "fp32", "--max-batch", "4", "--max-wait-ms", "10",
+                                      "--api-key", "k"])
+    cfg = config_from_args(args)
+    assert (cfg.model, cfg.concepts, cfg.host, cfg.port, cfg.device, cfg.dtype, cfg.max_batch, cfg.max_wait_ms,
+            cfg.api_key) == ("tiny", "c", "0.0.0.0", 9000, "cpu", "float32", 4, 10.0, "k")
+    default = config_from_args(build_parser().parse_args(["serve", "--model", "tiny", "--device", "cpu"]))
+    assert (default.host, default.port, default.max_batch, default.max_wait_ms) == ("127.0.0.1", 7860, 16, 50.0)

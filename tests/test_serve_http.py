@@ -123,6 +123,8 @@ def test_disconnect_does_not_stall_the_queue(live):
             time.sleep(0.05)
         p = c.get("/sdapi/v1/progress", params={"id_task": "slow-job"}).json()
         assert 0 < p["progress"] < 1 and p["state"]["sampling_steps"] == 40
+        mine = c.get("/sdapi/v1/progress").json()  # no id: the caller's (this host's) running job
+        assert mine["state"]["job"] == "slow-job" and mine["eta_relative"] >= 0
         after = c.post("/sdapi/v1/txt2img", json={"prompt": "a photo of {cup}", "seed": 3, "steps": 3,
                                                    "width": SIZE, "height": SIZE}, timeout=120)
     t.join(120)
