@@ -160,6 +160,35 @@ def test_disconnect_mid_run_stops_the_batch(live):
     assert left.cancelled and b.abandoned == abandoned + 1 and left.step < 150
 
 
+def test_interrupt(live):
+    """POST /sdapi/v1/interrupt stops the caller's job: it answers 200 with the images it finished
+    (none: its one batch stopped at the next step), and the server goes on."""
+    b = live.server.batcher
+    abandoned = b.abandoned
+    out = {}
+
+    def run():
+        out["r"] = httpx.post(f"{live.url}/sdapi/v1/txt2img", timeout=60, json={
+            "prompt": "a photo of {dog}", "seed": 8, "steps": 150, "width": SIZE, "height": SIZE,
+            "force_task_id": "to-interrupt"})
+    t = threading.Thread(target=run)
+    t.start()
+    t0 = time.monotonic()
+    while "to-interrupt" not in b.jobs or b.jobs["to-interrupt"].step < 1:
+        assert time.monotonic() - t0 < 30, "the job never started"
+        time.sleep(0.02)
+    r = httpx.post(f"{live.url}/sdapi/v1/interrupt", timeout=10)
+    assert r.json()["interrupted"] == ["to-interrupt"]
+    t.join(30)
+    assert out["r"].status_code == 200 and out["r"].json()["images"] == []
+    assert json.loads(out["r"].json()["info"])["all_seeds"] == []
+    t0 = time.monotonic()
+    while b.abandoned == abandoned:  # the worker stops the batch at its next step (the answer came first)
+        assert time.monotonic() - t0 < 10, "the interrupted batch did not stop"
+        time.sleep(0.02)
+    assert b.jobs["to-interrupt"].step < 150
+
+
 def test_api_key_over_http(tiny_model, tmp_path):
     webuiapi = pytest.importorskip("webuiapi")
     server = make_server(tiny_model, tmp_path, api_key="k3y")

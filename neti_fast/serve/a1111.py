@@ -242,7 +242,8 @@ def info_json(*, req: Txt2Img, prompts: list, seeds: list, truncs: list, width: 
                       model, t) for p, s, t in zip(prompts, seeds, truncs)]
     return json.dumps({
         "prompt": req.prompt, "all_prompts": prompts, "negative_prompt": req.negative_prompt,
-        "all_negative_prompts": [req.negative_prompt] * len(prompts), "seed": seeds[0], "all_seeds": seeds,
+        "all_negative_prompts": [req.negative_prompt] * len(prompts), "seed": seeds[0] if seeds else req.seed,
+        "all_seeds": seeds,
         "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": width, "height": height,
         "sampler_name": sampler.name, "scheduler": schedule, "cfg_scale": req.cfg_scale, "steps": req.steps,
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None, "sd_model_name": model,
@@ -250,6 +251,6 @@ def info_json(*, req: Txt2Img, prompts: list, seeds: list, truncs: list, width: 
         "seed_resize_from_h": -1, "denoising_strength": None, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": "neti-fast",
-        "truncation": truncs[0], "all_truncations": truncs, "engine_scheduler": engine_scheduler,
+        "truncation": truncs[0] if truncs else None, "all_truncations": truncs, "engine_scheduler": engine_scheduler,
         "concepts": concepts,
     })

@@ -320,6 +320,10 @@ def create_app(server: Server):
                 if isinstance(job.error, NetiError):
                     raise FieldError("prompt", str(job.error))
                 return _error(f"the engine failed on this request ({type(job.error).__name__}: {job.error})", None, 500)
+            if job.interrupted:  # A1111 answers an interrupted job with what it finished
+                keep = [i for i, im in enumerate(job.images) if im is not None]
+                info.update({k: [info[k][i] for i in keep] for k in ("prompts", "seeds", "truncs")})
+                job.images = [job.images[i] for i in keep]
             images = await run_in_threadpool(lambda: [_png_b64(i) for i in job.images]) if req.send_images else []
             return {"images": images, "parameters": req.model_dump(), "info": a1111.info_json(**info)}
         finally:
@@ -344,6 +348,16 @@ def create_app(server: Server):
                  "finished": job.finished, "images_done": job.done_images, "images": job.total}
         text = "queued" if job.started is None else ("done" if job.finished else "running")
         return {"progress": p, "eta_relative": eta, "state": state, "current_image": None, "textinfo": text}
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt(request: Request, id_task: str | None = None):
+        """The caller's unfinished jobs (or the one `id_task` names) stop; each answers with the images
+        it finished (A1111 interrupts the one job it runs; here every caller has their own)."""
+        jobs = list(server.batcher.jobs.values())
+        mine = [j for j in jobs if not j.finished and (j.id == id_task if id_task else j.client == _client(request))]
+        for j in mine:
+            server.batcher.interrupt(j)
+        return {"interrupted": [j.id for j in mine]}
 
     @app.get("/sdapi/v1/samplers")
     async def samplers():

@@ -48,6 +48,7 @@ class Job:
     images: list = field(default_factory=list)
     error: BaseException | None = None
     cancelled: bool = False
+    interrupted: bool = False           # /sdapi/v1/interrupt: answered with the images done so far
     finished: bool = False
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -124,6 +125,16 @@ class Batcher:
             job.cancelled = True
             self._pending = [it for it in self._pending if it.job is not job]
         job._finish(ConnectionAbortedError("the client went away"))  # (a batch running it drops its images)
+
+    def interrupt(self, job: Job) -> None:
+        """Stop `job` as A1111's interrupt does: its waiting images are dropped, a batch of only it
+        stops at the next step, and its client gets the images finished so far."""
+        with self._cv:
+            if job.finished:
+                return
+            job.cancelled = job.interrupted = True
+            self._pending = [it for it in self._pending if it.job is not job]
+        job._finish()
 
     def queued_images(self) -> int:
         with self._cv:
