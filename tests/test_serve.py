@@ -328,6 +328,8 @@ def test_non_loopback_needs_api_key(capsys):
     assert main(["serve", "--model", "tiny", "--device", "cpu", "--host", "0.0.0.0", "--api-key", ""]) == 2
     err = capsys.readouterr().err
     assert "neti-fast serve: error: --host 0.0.0.0" in err and "Traceback" not in err
+    assert main(["serve", "--model", "tiny", "--device", "cpu", "--concepts", "/nonexistent/dir"]) == 2
+    assert "--concepts /nonexistent/dir: not a folder" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- concept formats

@@ -66,6 +66,8 @@ def is_loopback(host: str) -> bool:
 def check_config(cfg: ServeConfig) -> None:
     if not is_loopback(cfg.host) and not cfg.api_key:
         raise NetiError(f"--host {cfg.host}: serving beyond this machine needs --api-key (or NETI_FAST_API_KEY)")
+    if cfg.concepts and not Path(cfg.concepts).is_dir():
+        raise NetiError(f"--concepts {cfg.concepts}: not a folder")
     if cfg.max_batch < 1:
         raise NetiError("--max-batch: must be at least 1")
     if cfg.max_wait_ms < 0:
