@@ -434,3 +434,18 @@ def test_serve_flags():
             cfg.api_key) == ("tiny", "c", "0.0.0.0", 9000, "cpu", "float32", 4, 10.0, "k")
     default = config_from_args(build_parser().parse_args(["serve", "--model", "tiny", "--device", "cpu"]))
     assert (default.host, default.port, default.max_batch, default.max_wait_ms) == ("127.0.0.1", 7860, 16, 50.0)
+
+
+def test_refresh_embeddings(client, srv):
+    """A file dropped into --concepts joins the list on POST /sdapi/v1/refresh-embeddings (A1111's)."""
+    from neti_fast.concept import random_concept
+    path = random_concept("neti", 32, 55, "<late>", True).save(srv.store.folder / "late.safetensors")
+    try:
+        assert "late" not in client.get("/sdapi/v1/embeddings").json()["loaded"]
+        assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
+        assert "late" in client.get("/sdapi/v1/embeddings").json()["loaded"]
+        assert post(client, prompt="a photo of late").status_code == 200
+    finally:
+        path.unlink()
+        client.post("/sdapi/v1/refresh-embeddings")
+    assert "late" not in client.get("/sdapi/v1/embeddings").json()["loaded"]
