@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--scheduler", choices=["dpm++", "ddim", "euler"], default="dpm++")
+    p.add_argument("--scheduler", choices=["dpm++", "ddim", "euler", "euler-a", "dpm++-karras"], default="dpm++")
     p.add_argument("--truncation", type=int, nargs="+", default=None, metavar="K",
                    help="nested-dropout truncation(s): smaller K = more editable, less faithful; several "
                         "also write a sweep grid per seed (rows prompts, columns truncations)")
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import evaluate
     evaluate.add_arguments(p)
     p.set_defaults(func=evaluate.main)
+
+    from .serve.cli import add_parser as add_serve_parser
+    add_serve_parser(sub)
     return ap
 
 

@@ -28,15 +28,27 @@ from .kv_arena import KVArena
 from .models import NUM_LAYERS, Model
 from .table import stack_rows
 
-SCHEDULERS = ("dpm++", "ddim", "euler")
+SCHEDULERS = ("dpm++", "ddim", "euler", "euler-a", "dpm++-karras")
 
 
 def make_scheduler(name: str, config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-    classes = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+    """dpm++ (DPM-Solver++ 2M), dpm++-karras (same on Karras sigmas), ddim, euler, euler-a (ancestral)."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+    classes = {"dpm++": (DPMSolverMultistepScheduler, {}), "ddim": (DDIMScheduler, {}),
+               "euler": (EulerDiscreteScheduler, {}), "euler-a": (EulerAncestralDiscreteScheduler, {}),
+               "dpm++-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True})}
     if name not in classes:
         raise NetiError(f"--scheduler {name}: must be one of {', '.join(SCHEDULERS)}")
-    return classes[name].from_config(config)
+    cls, extra = classes[name]
+    return cls.from_config(config, **extra)
+
+
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its seed: it draws the image's initial latents and then
+    any noise an ancestral / stochastic scheduler adds, so an image never depends on its batch-mates
+    (diffusers' pipelines with generator=[...] draw the same way)."""
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
 @dataclass
@@ -44,7 +56,7 @@ class GenerateConfig:
     """Settings shared by a generation run (official NeTI inference defaults)."""
     steps: int = 50
     guidance: float = 7.5
-    scheduler: str = "dpm++"          # dpm++ (DPM-Solver++ multistep) | ddim | euler
+    scheduler: str = "dpm++"          # one of SCHEDULERS (make_scheduler)
     height: int | None = None         # None: the model's native size (512 for SD 1.x)
     width: int | None = None
     negative_prompt: str = ""
@@ -97,10 +109,12 @@ class Cond:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def initial_latents(seed: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """diffusers' draw for one image from `torch.Generator("cpu").manual_seed(seed)`: batch-independent."""
+def initial_latents(seed: int, shape: tuple, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """diffusers' draw for one image from `torch.Generator("cpu").manual_seed(seed)` (or `generator`,
+    seeded so): batch-independent."""
     from diffusers.utils.torch_utils import randn_tensor
-    return randn_tensor((1, *shape), generator=torch.Generator("cpu").manual_seed(seed), device=torch.device("cpu"), dtype=dtype)
+    generator = generator or torch.Generator("cpu").manual_seed(seed)
+    return randn_tensor((1, *shape), generator=generator, device=torch.device("cpu"), dtype=dtype)
 
 
 def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
@@ -287,7 +301,8 @@ class Engine:
         return self._arenas[key]
 
     @torch.no_grad()
-    def generate_batch(self, reqs: list[Request], progress: bool = False) -> np.ndarray:
+    def generate_batch(self, reqs: list[Request], progress: bool = False, on_step=None) -> np.ndarray:
+        """Images for `reqs` in one U-Net batch. `on_step(done, total)` is called after every step."""
         m, cfg = self.model, self.cfg
         for r in reqs:
             check_request(m, r)
@@ -298,7 +313,9 @@ class Engine:
         guided = cfg.guidance != 1.0
 
         k_tables, v_tables, base, stride = self.pack(reqs, ts, guided)
-        latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype) for r in reqs])
+        gens = image_generators([r.seed for r in reqs])
+        latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, g)
+                             for r, g in zip(reqs, gens)])
         latents = latents.to(m.device) * sched.init_noise_sigma
         ts_dev = ts.to(m.device)  # the U-Net's t, on the device once: no host-to-device copy per step
         from tqdm.auto import tqdm
@@ -309,7 +326,9 @@ class Engine:
             if guided:
                 u, c = eps.chunk(2)
                 eps = u + cfg.guidance * (c - u)
-            latents = sched.step(eps, t, latents).prev_sample
+            latents = sched.step(eps, t, latents, generator=gens).prev_sample
+            if on_step is not None:
+                on_step(i + 1, len(ts))
         return decode(m, latents)
 
 
@@ -349,7 +368,8 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
     sched = make_scheduler(cfg.scheduler, m.scheduler_config)
     sched.set_timesteps(cfg.steps)
     neg, per_step = reference_conditioning(m, req, cfg, sched.timesteps)
-    latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype).to(m.device)
+    gens = image_generators([req.seed])
+    latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, gens[0]).to(m.device)
     latents = latents * sched.init_noise_sigma
     st.backend = "eager"
     try:
@@ -360,7 +380,7 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
             st.mode, st.enc, st.enc_bypass = "layers", [e for e, _ in layers], [eb for _, eb in layers]
             c = m.unet(x, t, encoder_hidden_states=layers[0][0]).sample
             eps = u + cfg.guidance * (c - u)
-            latents = sched.step(eps, t, latents).prev_sample
+            latents = sched.step(eps, t, latents, generator=gens).prev_sample
     finally:
         st.mode, st.enc, st.enc_bypass, st.backend = "plain", None, None, "auto"
     return decode(m, latents)
