@@ -14,7 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["neti_fast", "neti_fast.kernels", "neti_fast.export", "neti_fast.bench"],
+    packages=["neti_fast", "neti_fast.kernels", "neti_fast.export", "neti_fast.bench", "neti_fast.serve"],
+    package_data={"neti_fast.serve": ["static/*.html"]},
     package_dir={"neti_fast": "neti_fast", "neti_fast.kernels": "kernels",
                  "neti_fast.export": "export", "neti_fast.bench": "bench"},
     install_requires=[
@@ -33,7 +34,10 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "xformers": ["xformers>=0.0.27"],
         "tensorrt": ["tensorrt>=10.0"],
-        "test": ["pytest>=8.0", "triton>=3.0", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        "test": ["pytest>=8.0", "triton>=3.0", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
+                 "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.27", "webuiapi>=0.9",
+                 "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["neti-fast=neti_fast.cli:main"]},
 )

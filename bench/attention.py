@@ -131,12 +131,42 @@ def print_table(rows):
               f"{r['tflops']:>8.2f} {r['gbps']:>8.1f} {r['max_abs_diff_vs_sdpa']:>9.2e}")
 
 
+def sweep_configs(dtype, batch: int = 32) -> list[dict]:
+    """CUDA: every candidate tile size of `kernels.check` at SD 1.5's levels, timed with do_bench,
+    next to the shipped choice (`cross_attention_configs`): the numbers to re-pick the table from."""
+    from triton.testing import do_bench
+
+    from neti_fast.kernels.check import CANDIDATES
+    from neti_fast.kernels.cross_attention import gpu_family, pick_config
+    fam = gpu_family(torch.cuda.get_device_capability())
+    out = []
+    for N, C in SD15_LEVELS:
+        g = torch.Generator().manual_seed(N)
+        q = torch.randn(batch, N, C, generator=g).to("cuda", dtype)
+        k = torch.randn(batch // 2 + 1, L, C, generator=g).to("cuda", dtype)
+        v = torch.randn(batch // 2 + 1, L, C, generator=g).to("cuda", dtype)
+        ri = torch.cat([torch.zeros(batch // 2), torch.arange(1, batch // 2 + 1)]).long().cuda()
+        shipped = pick_config(C // HEADS, L, dtype, fam, N)
+        for bn, nw in CANDIDATES:
+            try:
+                ms = do_bench(lambda: cross_attention_triton(q, k, v, ri, HEADS, block_n=bn, num_warps=nw))
+            except Exception as e:  # noqa: BLE001 - e.g. out of resources: a row, not a crash
+                ms = float("nan")
+                print(f"N={N} C={C} BLOCK_N={bn} warps={nw}: {type(e).__name__}: {e}")
+            out.append(dict(N=N, C=C, B=batch, block_n=bn, num_warps=nw, ms=ms,
+                            shipped=(bn, nw) == (shipped.block_n, shipped.num_warps)))
+            print(f"N={N:>5} C={C:>5} BLOCK_N={bn:>3} warps={nw}  {ms:8.4f} ms{'  <- shipped' if out[-1]['shipped'] else ''}")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 2 only (CPU: two small levels)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--json", metavar="PATH", help="also write results as JSON")
+    p.add_argument("--sweep-configs", action="store_true",
+                   help="CUDA: also time every candidate tile size of the Triton kernel (kernels.check)")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,11 +184,12 @@ def main(argv=None):
     print(f"device: {device_name}  dtype: {dtype}  heads={HEADS} L={L}")
     rows = run(dtype, batches, levels, device)
     print_table(rows)
+    sweep = sweep_configs(dtype) if args.sweep_configs and device == "cuda" and HAS_TRITON else None
     if args.json:
         meta = dict(device=device_name, dtype=str(dtype), torch=torch.__version__,
                     triton=__import__("triton").__version__ if HAS_TRITON else None)
         with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=2)
+            json.dump(dict(meta=meta, results=rows, config_sweep=sweep), f, indent=2)
         print(f"wrote {args.json}")
     return rows
 

@@ -250,15 +250,19 @@ class TensorRTRung(EngineRung):
             from neti_fast.export.tensorrt import TensorRTDenoiser, build_engine
         except ImportError as e:
             raise Skip(f"neti_fast.export.tensorrt unavailable ({e})") from None
-        t0 = time.perf_counter()
         try:
-            onnx_path = export_cached(self.m, _export_dir(self.ctx), height=self.ctx.height, width=self.ctx.width)
-            engine_path = Path(onnx_path).with_suffix(".plan")
-            if not engine_path.exists():
-                build_engine(onnx_path, engine_path)
-            self._den = TensorRTDenoiser(engine_path)
-        except (ImportError, RuntimeError) as e:
-            raise Skip(f"TensorRT unavailable ({type(e).__name__}: {e})") from None
+            import tensorrt  # noqa: F401
+        except ImportError as e:
+            raise Skip(f"tensorrt not installed ({e})") from None
+        t0 = time.perf_counter()
+        # A failed export or build is a failure of the rung (recorded "failed"), not a skip. The
+        # build is cached by build_engine's own check (ONNX fingerprint, TensorRT version, GPU,
+        # profiles): a stale .plan is never reused.
+        onnx_path = export_cached(self.m, _export_dir(self.ctx), height=self.ctx.height, width=self.ctx.width)
+        sizes = self.a.batch_sizes
+        engine_path = build_engine(onnx_path, Path(onnx_path).with_suffix(".plan"), fp16=self.m.dtype != torch.float32,
+                                   max_batch=max(sizes), opt_batches=sizes)
+        self._den = TensorRTDenoiser(engine_path, device=self.m.device)
         self.notes = f"export + engine build (or cache hit) {time.perf_counter() - t0:.1f} s"
         super().setup()
 

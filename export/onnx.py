@@ -138,6 +138,16 @@ def _export_torchscript(mod, args, dest: Path, opset, external: bool) -> None:
                         location=dest.name + ".data", size_threshold=1024)
 
 
+def check_exportable(model) -> None:
+    """bf16 graphs are refused up front: onnxruntime has no bf16 kernels for the U-Net's Conv
+    (seen: "Type 'tensor(bfloat16)' of input parameter (sample) of operator (Conv) ... is invalid"),
+    and TensorRT builds its own reduced precision from an fp16 / fp32 graph anyway."""
+    if str(model.dtype) == "torch.bfloat16":
+        from neti_fast.errors import NetiError
+        raise NetiError("--backend onnx / tensorrt: a bf16 model cannot be exported (onnxruntime has no bf16 "
+                        "convolution); use --dtype fp16, or --backend eager / compile for bf16")
+
+
 def export_onnx(model, path, batch: int = 2, rows: int = 3, height: int | None = None, width: int | None = None,
                 opset: int | None = None, optimize: bool = True) -> Path:
     """Write `TablesUNet(model)` to `path` (ONNX; dynamic batch and table rows; fixed spatial size).
@@ -158,7 +168,9 @@ def export_onnx(model, path, batch: int = 2, rows: int = 3, height: int | None =
     moved into place, external data (`<name>.onnx.data`, used above ~1 GB of weights) first and the
     `.onnx` last, so a reader never sees a `.onnx` whose weights are missing.
     Returns the path; `export_onnx.last_exporter` says which exporter ran ("dynamo" / "torchscript").
+    bf16 models are refused (`check_exportable`).
     """
+    check_exportable(model)
     path = Path(path)
     if batch < 2 or rows < 2:
         raise ValueError("export_onnx: batch and rows must be >= 2 (a size-1 example would be specialised)")
@@ -251,6 +263,7 @@ def export_cached(model, out_dir, name: str = "unet_tables.onnx", height: int | 
     Sidecar: `out_dir/name.json` = {"fingerprint", "exporter", "onnx_bytes"}; written after the
     model, so a crash mid-export leaves no sidecar and the next call exports again.
     """
+    check_exportable(model)
     out_dir = Path(out_dir)
     path, side = out_dir / name, out_dir / (name + ".json")
     fp = fingerprint(model, height, width, opset, optimize)
@@ -288,12 +301,20 @@ class OnnxDenoiser:
     output is returned in the sample's dtype, on the sample's device.
     """
 
-    def __init__(self, path, providers: list | None = None, threads: int | None = None):
+    def __init__(self, path, providers: list | None = None, threads: int | None = None,
+                 device: str | torch.device | None = None):
         import onnxruntime as ort
         self.path = str(path)
+        dev = torch.device(device) if device is not None else None
+        # The CUDA provider runs on its `device_id` (default 0), not on torch's current device:
+        # name the device the engine's tensors live on (`--device cuda:1`).
+        self.device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) \
+            if dev is not None and dev.type == "cuda" else 0
         if providers is None:
             avail = ort.get_available_providers()
-            providers = (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
+            cuda = dev is None or dev.type == "cuda"
+            providers = ([("CUDAExecutionProvider", {"device_id": self.device_id})]
+                         if cuda and "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
@@ -329,7 +350,10 @@ class OnnxDenoiser:
         return torch.from_numpy(eps).to(device=x.device, dtype=x.dtype)
 
     def _run_cuda(self, x, tensors):  # untested here: needs onnxruntime-gpu and a GPU
-        dev = x.device.index or 0
+        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        if dev != self.device_id:
+            raise ValueError(f"{self.path}: onnxruntime session on cuda:{self.device_id}, tensors on cuda:{dev} "
+                             "(pass device= to OnnxDenoiser)")
         to_torch = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64, np.float64: torch.float64}
         binding = self.session.io_binding()
         keep = []

@@ -8,8 +8,14 @@ external weights relative to the file), one optimization profile, `build_seriali
 at run time `Runtime.deserialize_cuda_engine`, `set_input_shape`, `set_tensor_address`,
 `execute_async_v3` on torch's current CUDA stream.
 
-Profile: batch 1 .. 2 * max_batch (classifier-free guidance doubles the batch), rows 1 .. max_rows;
-spatial size is whatever the ONNX graph fixed.
+Profiles: one per batch bucket (`opt_batches`, default the batch sizes asked for, else powers of
+two up to max_batch): bucket i covers U-Net batches (2 x previous bucket, 2 x bucket] and is tuned
+for exactly 2 x bucket (classifier-free guidance doubles the batch), so batch-1 latency runs
+kernels tuned for batch 1, not for the largest batch. Rows 1 .. max_rows, tuned for `opt_rows`
+(the engine's K / V arena hands over power-of-two row counts). Spatial size is what the ONNX graph
+fixed. At run time the context of the bucket that holds the batch is used, on the denoiser's own
+CUDA stream (TensorRT warns that the legacy default stream costs extra synchronization), ordered
+after and before torch's current stream.
 """
 from __future__ import annotations
 
@@ -43,9 +49,31 @@ def _onnx_digest(onnx_path: Path) -> str:
         return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def batch_buckets(max_batch: int, opt_batches=None) -> list[int]:
+    """Images-per-batch buckets, one TensorRT profile each: sorted, ending at max_batch."""
+    if opt_batches:
+        b = sorted({int(x) for x in opt_batches if 1 <= int(x) <= max_batch} | {max_batch})
+    else:
+        b, n = [], 1
+        while n < max_batch:
+            b.append(n)
+            n *= 2
+        b.append(max_batch)
+    return b
+
+
+def profile_ranges(buckets: list[int]) -> list[tuple[int, int, int]]:
+    """(min, opt, max) U-Net batch (2 rows per image) of each bucket's profile."""
+    out, lo = [], 1
+    for b in buckets:
+        out.append((lo, 2 * b, 2 * b))
+        lo = 2 * b + 1
+    return out
+
+
 def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16, max_rows: int = 4096,
                  opt_batch: int | None = None, opt_rows: int | None = None, workspace_gb: float | None = None,
-                 force: bool = False) -> Path:
+                 force: bool = False, opt_batches=None) -> Path:
     """Serialize a TensorRT engine for `onnx_path` to `engine_path` (cached).
 
     Skipped when the engine is newer than the ONNX file and its sidecar (`<engine>.json`) records the
@@ -56,11 +84,11 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16,
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.exists():
         raise FileNotFoundError(onnx_path)
-    opt_batch = opt_batch or max_batch            # per profile dim: min <= opt <= max
-    opt_rows = min(opt_rows or 2 * opt_batch, max_rows)
+    buckets = batch_buckets(max_batch, opt_batches or ([opt_batch] if opt_batch else None))
+    opt_rows = min(opt_rows or 64, max_rows)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "?"
     key = {"format": ENGINE_FORMAT, "onnx": _onnx_digest(onnx_path), "trt": trt.__version__, "gpu": gpu,
-           "fp16": fp16, "max_batch": max_batch, "max_rows": max_rows, "opt_batch": opt_batch, "opt_rows": opt_rows}
+           "fp16": fp16, "max_batch": max_batch, "max_rows": max_rows, "buckets": buckets, "opt_rows": opt_rows}
     side = engine_path.with_name(engine_path.name + ".json")
     if (not force and engine_path.exists() and side.exists()
             and engine_path.stat().st_mtime_ns >= onnx_path.stat().st_mtime_ns):
@@ -82,19 +110,19 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16,
         config.set_flag(trt.BuilderFlag.FP16)
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    profile = builder.create_optimization_profile()
-    B = 2 * max_batch
-    for i in range(network.num_inputs):
-        inp = network.get_input(i)
-        shape = list(inp.shape)
-        if inp.name in ("sample", "row_idx"):
-            lo, opt, hi = ([n, *shape[1:]] for n in (1, min(2 * opt_batch, B), B))
-        elif inp.name == "timestep":
-            continue  # static [1]
-        else:  # k*/v* tables: [R, 77, C]
-            lo, opt, hi = ([n, *shape[1:]] for n in (1, opt_rows, max_rows))
-        profile.set_shape(inp.name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for lo_b, opt_b, hi_b in profile_ranges(buckets):
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            inp = network.get_input(i)
+            shape = list(inp.shape)
+            if inp.name in ("sample", "row_idx"):
+                lo, opt, hi = ([n, *shape[1:]] for n in (lo_b, opt_b, hi_b))
+            elif inp.name == "timestep":
+                continue  # static [1]
+            else:  # k*/v* tables: [R, 77, C]
+                lo, opt, hi = ([n, *shape[1:]] for n in (1, opt_rows, max_rows))
+            profile.set_shape(inp.name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
@@ -112,42 +140,74 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16,
 class TensorRTDenoiser:
     """A TensorRT engine with `TorchDenoiser`'s call signature; CUDA tensors in, CUDA tensor out.
 
-    Inputs are cast to the engine's I/O dtypes (fp32 unless the ONNX graph was fp16; the FP16 build
-    flag changes internal precision, not I/O) and bound by device pointer: no host copies. Runs on
-    torch's current stream, so no extra synchronisation is needed around the call.
+    Inputs are cast to the engine's I/O dtypes (fp32 unless the ONNX graph was fp16 / bf16; the FP16
+    build flag changes internal precision, not I/O) and bound by device pointer: no host copies.
+    One execution context per optimization profile (batch bucket), made on first use.
     """
 
     def __init__(self, engine_path, device: str | torch.device = "cuda"):
         trt = _trt()
         self.trt, self.device = trt, torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        with torch.cuda.device(self.device):
+            self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            self.stream = torch.cuda.Stream(self.device)
         if self.engine is None:
             raise RuntimeError(f"{engine_path}: TensorRT could not load it (built by another TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
+        self.path = str(engine_path)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         missing = [n for n in INPUT_NAMES + OUTPUT_NAMES if n not in names]
         if missing:
             raise ValueError(f"{engine_path}: not a neti-fast tables U-Net engine (missing {', '.join(missing[:4])})")
         dt = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32}
+        if hasattr(trt, "bfloat16"):
+            dt[trt.bfloat16] = torch.bfloat16
         self.dtypes = {n: dt[self.engine.get_tensor_dtype(n)] for n in names}
+        # Each profile's batch range, from the engine itself (min, opt, max of "sample"'s dim 0).
+        self.ranges = [tuple(s[0] for s in self.engine.get_tensor_profile_shape("sample", p))
+                       for p in range(self.engine.num_optimization_profiles)]
+        self._contexts: dict = {}
+
+    def _context(self, batch: int):
+        for p, (lo, _, hi) in enumerate(self.ranges):
+            if lo <= batch <= hi:
+                break
+        else:
+            raise ValueError(f"{self.path}: U-Net batch {batch} is outside every profile "
+                             f"({', '.join(f'{lo}-{hi}' for lo, _, hi in self.ranges)}); rebuild with a larger max_batch")
+        ctx = self._contexts.get(p)
+        if ctx is None:
+            ctx = self.engine.create_execution_context()
+            if not ctx.set_optimization_profile_async(p, self.stream.cuda_stream):
+                raise RuntimeError(f"{self.path}: TensorRT refused optimization profile {p}")
+            self._contexts[p] = ctx
+        return ctx
 
     def __call__(self, x, t, row_idx, k_tables, v_tables):
         if len(k_tables) != NUM_LAYERS or len(v_tables) != NUM_LAYERS:
             raise ValueError(f"expected {NUM_LAYERS} K and V tables")
-        ctx, keep = self.context, []
-        for name, v in zip(INPUT_NAMES, [x, _timestep(t), row_idx.reshape(-1), *k_tables, *v_tables]):
-            v = v.to(device=self.device, dtype=self.dtypes[name]).contiguous()
-            keep.append(v)  # alive until the enqueued work has consumed it (same stream, see below)
-            ctx.set_input_shape(name, tuple(v.shape))
-            ctx.set_tensor_address(name, v.data_ptr())
-        out = torch.empty(tuple(ctx.get_tensor_shape(OUTPUT_NAMES[0])), device=self.device,
-                          dtype=self.dtypes[OUTPUT_NAMES[0]])
-        ctx.set_tensor_address(OUTPUT_NAMES[0], out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed (shapes outside the engine's profile?)")
-        # torch's caching allocator may reuse `keep`'s memory once freed on this stream; work on the
-        # same stream is ordered, so freeing after enqueueing is safe.
+        if x.device != self.device:
+            raise ValueError(f"{self.path}: loaded on {self.device}, called with tensors on {x.device}")
+        with torch.cuda.device(self.device):
+            ctx, keep = self._context(x.shape[0]), []
+            for name, v in zip(INPUT_NAMES, [x, _timestep(t), row_idx.reshape(-1), *k_tables, *v_tables]):
+                v = v.to(device=self.device, dtype=self.dtypes[name]).contiguous()
+                keep.append(v)
+                if not ctx.set_input_shape(name, tuple(v.shape)):
+                    raise ValueError(f"{self.path}: input {name} of shape {tuple(v.shape)} is outside the "
+                                     "engine's profile (rebuild with larger max_batch / max_rows)")
+                ctx.set_tensor_address(name, v.data_ptr())
+            out = torch.empty(tuple(ctx.get_tensor_shape(OUTPUT_NAMES[0])), device=self.device,
+                              dtype=self.dtypes[OUTPUT_NAMES[0]])
+            ctx.set_tensor_address(OUTPUT_NAMES[0], out.data_ptr())
+            cur = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(cur)           # inputs written on torch's stream are ready
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            for v in keep + [out]:                 # the allocator must not reuse them before TRT is done
+                v.record_stream(self.stream)
+            cur.wait_stream(self.stream)           # torch's next kernels see eps
         return out.to(x.dtype)

@@ -19,27 +19,40 @@ offsets its K/V pointers by ``r * stride_r``; no per-sample K/V copy is ever
 materialized and nothing is index_select-ed before the launch.
 
 Why no online softmax: the FlashAttention tutorial streams keys in blocks and
-keeps a running max / running sum (online softmax) because the key axis is
-long.  Here L = 77 fits in ONE padded block of BLOCK_L = 128 keys, so each
-program does a plain, exact, single-pass softmax:
+keeps a running max / running sum because the key axis is long.  Here L = 77
+keys fit in registers at once, so each program does a plain, exact, single-pass
+softmax:
 
-    s   = (q @ K^T) * scale * log2(e)      [BLOCK_N, BLOCK_L], fp32 accumulate
-    s[:, l >= L] = -inf                    padding keys get zero weight
+    s   = (q @ K^T) * scale * log2(e)      [BLOCK_N, L], fp32 accumulate
     p   = exp2(s - rowmax(s))              exp2 with log2(e) folded into scale
     out = (p @ V) / rowsum(p)              normalize once, after the PV matmul
 
-Padding: head_dim (40/80/160 in SD 1.5, 4/8 in tiny test models) is not a
-power of two; it is padded to BLOCK_D = next_pow2(max(head_dim, 16)) and
-masked (16 is tl.dot's minimum K/N).  d = 160 pads to 256, wasting 37.5% of
-the QK^T / PV work on that level; a 128 + 32 split would avoid it if it
-matters after H100 tuning.
+Less padding: tl.dot needs power-of-two tiles of at least 16.  Padding d to
+next_pow2(d) and L to 128 would waste 37.5% of both matmuls at SD 1.5's head dims
+(40 / 80 / 160 -> 64 / 128 / 256) and 40% of the keys (77 -> 128).  Instead both
+axes are split into at most two power-of-two chunks, each a separate tl.dot:
+
+    d   = D0 + D1:   40 -> 32 + 16 (48),  80 -> 64 + 16,  160 -> 128 + 32   (D1 = 0 if d = D0)
+    L   = L0 + L1:   77 -> 64 + 16 (80)
+    s_j = sum_i q[:, Di] @ K[Lj, Di]^T      (chunks of d are a split reduction: accumulate)
+    out[:, Di] = sum_j p_j @ V[Lj, Di]      (chunks of L are a split reduction: accumulate)
+
+so QK^T and PV do 48/40 (d = 40) or exactly d (80, 160) of the head dim's work
+and 80/77 of the keys' (the padding lanes are masked loads of zeros; padded keys
+get -inf scores).
 
 Precision: accumulation is always fp32.  For fp16/bf16 inputs, ``p`` is cast
 back to the input dtype before ``p @ V`` (as FlashAttention does) so that the
-second matmul runs on tensor cores.  For fp32 inputs tl.dot would default to
-TF32 on GPU (10-bit mantissa, ~1e-3 relative error); we default to
-``input_precision="ieee"`` so fp32 stays fp32-accurate, and the launcher's
-``allow_tf32=True`` opts into TF32 for speed.
+second matmul runs on tensor cores.  fp32 inputs are computed in IEEE fp32 on
+FMA units (``input_precision="ieee"``; ``allow_tf32=True`` opts into TF32):
+that path exists for the CPU interpreter and explicit calls.  On CUDA the
+dispatcher sends fp32 to SDPA instead: `python -m neti_fast.kernels.check
+--dtypes fp32` shows why (no tensor cores, register spills).
+
+Block sizes and warps per (GPU family, head dim, dtype) come from
+`cross_attention_configs.CONFIGS`, chosen by `kernels.check --search` from
+ptxas's register / spill / shared-memory report (no GPU timing yet); unknown
+cases use `_default_blocks`.
 
 Grid: (cdiv(N, BLOCK_N), B * heads).  One program = one block of image
 tokens of one (sample, head).  K/V for a (row, head) are re-read by every
@@ -48,7 +61,9 @@ N block but are tiny (77 x d) and stay in L2.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -71,7 +86,7 @@ __all__ = [
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_L = 128  # BLOCK_L: all keys live in one block
+_MAX_L = 128  # all keys are in registers at once (at most two chunks)
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
@@ -126,7 +141,28 @@ def cross_attention_ref(q, k_table, v_table, row_idx, heads, scale=None):
 # --------------------------------------------------------------------------- #
 # Triton kernel
 # --------------------------------------------------------------------------- #
+def split_pow2(n: int, minimum: int = 16) -> tuple[int, int]:
+    """`n` as at most two power-of-two chunks (each >= `minimum`, tl.dot's smallest tile) that
+    cover it: (c0, c1), c1 = 0 when one chunk suffices.  40 -> (32, 16), 80 -> (64, 16),
+    160 -> (128, 32), 77 -> (64, 16), 8 -> (16, 0), 100 -> (64, 64)."""
+    assert n >= 1
+    c0 = max(minimum, 1 << (n.bit_length() - 1))  # largest power of two <= n (at least `minimum`)
+    rest = n - c0
+    if rest <= 0:
+        return c0, 0
+    c1 = max(minimum, 1 << (rest - 1).bit_length())  # next power of two >= rest
+    if c1 >= c0:  # two equal chunks are one chunk of twice the size: fewer, larger dots
+        return 2 * c0, 0
+    return c0, c1
+
+
 if HAS_TRITON:
+
+    @triton.jit
+    def _load_tile(base, offs_r, stride_r, offs_c, mask_r, col_limit):
+        """[len(offs_r), len(offs_c)] tile base[r * stride_r + c], zeros outside (r, c < col_limit)."""
+        return tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :],
+                       mask=mask_r[:, None] & (offs_c < col_limit)[None, :], other=0.0)
 
     @triton.jit
     def _cross_attn_fwd_kernel(
@@ -139,8 +175,8 @@ if HAS_TRITON:
         H: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        BLOCK_L: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        L0: tl.constexpr, L1: tl.constexpr,   # key chunks (L1 = 0: one chunk)
+        D0: tl.constexpr, D1: tl.constexpr,   # head-dim chunks (D1 = 0: one chunk)
         INPUT_PRECISION: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,  # interpreter + bf16 workaround, see launcher
     ):
@@ -151,60 +187,131 @@ if HAS_TRITON:
 
         # The gather: this sample's conditioning row, as an int64 offset.
         r = tl.load(ROW + b).to(tl.int64)
+        head = h * HEAD_DIM  # first channel of head h; the last dim is contiguous
+        q_base = Q + b.to(tl.int64) * stride_qb + head
+        k_base = K + r * stride_kr + head
+        v_base = V + r * stride_vr + head
+        o_base = Out + b.to(tl.int64) * stride_ob + head
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_l = tl.arange(0, BLOCK_L)
-        offs_d = tl.arange(0, BLOCK_D)
         mask_n = offs_n < N
-        mask_l = offs_l < L
-        mask_d = offs_d < HEAD_DIM
-        col = h * HEAD_DIM + offs_d  # channel of (head h, dim d); last dim is contiguous
+        offs_l0 = tl.arange(0, L0)
+        offs_d0 = tl.arange(0, D0)
 
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + offs_n[:, None] * stride_qn + col[None, :]
-        q = tl.load(q_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-
-        kv_mask = mask_l[:, None] & mask_d[None, :]
-        k = tl.load(K + r * stride_kr + offs_l[:, None] * stride_kl + col[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + r * stride_vr + offs_l[:, None] * stride_vl + col[None, :],
-                    mask=kv_mask, other=0.0)
-
-        in_dtype = v.dtype
+        # ---- scores s_j = sum_i q[:, Di] @ K[Lj, Di]^T (fp32), j over key chunks
+        q0 = _load_tile(q_base, offs_n, stride_qn, offs_d0, mask_n, HEAD_DIM)
+        k00 = _load_tile(k_base, offs_l0, stride_kl, offs_d0, offs_l0 < L, HEAD_DIM)
         if DOT_IN_FP32:  # bf16 -> fp32 is exact, so the products are unchanged
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+            q0 = q0.to(tl.float32)
+            k00 = k00.to(tl.float32)
+        s0 = tl.dot(q0, tl.trans(k00), input_precision=INPUT_PRECISION)
+        if D1 > 0:
+            offs_d1 = D0 + tl.arange(0, D1)
+            q1 = _load_tile(q_base, offs_n, stride_qn, offs_d1, mask_n, HEAD_DIM)
+            k01 = _load_tile(k_base, offs_l0, stride_kl, offs_d1, offs_l0 < L, HEAD_DIM)
+            if DOT_IN_FP32:
+                q1 = q1.to(tl.float32)
+                k01 = k01.to(tl.float32)
+            s0 = tl.dot(q1, tl.trans(k01), s0, input_precision=INPUT_PRECISION)
+        s0 = tl.where((offs_l0 < L)[None, :], s0 * qk_scale, float("-inf"))
+        m = tl.max(s0, axis=1)
+        if L1 > 0:
+            offs_l1 = L0 + tl.arange(0, L1)
+            k10 = _load_tile(k_base, offs_l1, stride_kl, offs_d0, offs_l1 < L, HEAD_DIM)
+            if DOT_IN_FP32:
+                k10 = k10.to(tl.float32)
+            s1 = tl.dot(q0, tl.trans(k10), input_precision=INPUT_PRECISION)
+            if D1 > 0:
+                k11 = _load_tile(k_base, offs_l1, stride_kl, offs_d1, offs_l1 < L, HEAD_DIM)
+                if DOT_IN_FP32:
+                    k11 = k11.to(tl.float32)
+                s1 = tl.dot(q1, tl.trans(k11), s1, input_precision=INPUT_PRECISION)
+            s1 = tl.where((offs_l1 < L)[None, :], s1 * qk_scale, float("-inf"))
+            m = tl.maximum(m, tl.max(s1, axis=1))
 
-        # Scores in the log2 domain; padded keys -> -inf -> weight 0.
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        s = tl.where(mask_l[None, :], s, float("-inf"))
-        m = tl.max(s, axis=1)
-        p = tl.math.exp2(s - m[:, None])
-        denom = tl.sum(p, axis=1)
+        # ---- exact softmax over all keys (padded keys: exp2(-inf) = 0)
+        p0 = tl.math.exp2(s0 - m[:, None])
+        denom = tl.sum(p0, axis=1)
+        in_dtype = Q.dtype.element_ty
+        op_dtype = tl.float32 if DOT_IN_FP32 else in_dtype
+        # p is rounded to the input dtype (the tensor-core operand), as on GPU.
+        p0 = p0.to(in_dtype).to(op_dtype)
+        if L1 > 0:
+            p1 = tl.math.exp2(s1 - m[:, None])
+            denom += tl.sum(p1, axis=1)
+            p1 = p1.to(in_dtype).to(op_dtype)
+        inv = 1.0 / denom
 
-        # p is rounded to the input dtype (tensor-core operand), as on GPU.
-        acc = tl.dot(p.to(in_dtype).to(v.dtype), v, input_precision=INPUT_PRECISION)
-        acc = acc / denom[:, None]
+        # ---- out[:, Di] = (sum_j p_j @ V[Lj, Di]) / denom, one head-dim chunk at a time
+        v00 = _load_tile(v_base, offs_l0, stride_vl, offs_d0, offs_l0 < L, HEAD_DIM).to(op_dtype)
+        acc0 = tl.dot(p0, v00, input_precision=INPUT_PRECISION)
+        if L1 > 0:
+            v10 = _load_tile(v_base, offs_l1, stride_vl, offs_d0, offs_l1 < L, HEAD_DIM).to(op_dtype)
+            acc0 = tl.dot(p1, v10, acc0, input_precision=INPUT_PRECISION)
+        tl.store(o_base + offs_n[:, None] * stride_on + offs_d0[None, :],
+                 (acc0 * inv[:, None]).to(Out.dtype.element_ty),
+                 mask=mask_n[:, None] & (offs_d0 < HEAD_DIM)[None, :])
+        if D1 > 0:
+            v01 = _load_tile(v_base, offs_l0, stride_vl, offs_d1, offs_l0 < L, HEAD_DIM).to(op_dtype)
+            acc1 = tl.dot(p0, v01, input_precision=INPUT_PRECISION)
+            if L1 > 0:
+                v11 = _load_tile(v_base, offs_l1, stride_vl, offs_d1, offs_l1 < L, HEAD_DIM).to(op_dtype)
+                acc1 = tl.dot(p1, v11, acc1, input_precision=INPUT_PRECISION)
+            tl.store(o_base + offs_n[:, None] * stride_on + offs_d1[None, :],
+                     (acc1 * inv[:, None]).to(Out.dtype.element_ty),
+                     mask=mask_n[:, None] & (offs_d1 < HEAD_DIM)[None, :])
 
-        o_ptrs = Out + b.to(tl.int64) * stride_ob + offs_n[:, None] * stride_on + col[None, :]
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Everything that selects one compiled variant of the kernel (besides dtype and target)."""
+    block_n: int
+    num_warps: int
+    l0: int
+    l1: int
+    d0: int
+    d1: int
 
 
-def _pick_blocks(head_dim: int, block_n: int | None, num_warps: int | None):
-    """Block-size heuristic (first guess; to be tuned on H100).
+def work_ratio(head_dim: int, L: int, cfg: "KernelConfig") -> float:
+    """(d0 + d1) * (l0 + l1) / (head_dim * L): padded over useful matmul work, both matmuls."""
+    return (cfg.d0 + cfg.d1) * (cfg.l0 + cfg.l1) / (head_dim * L)
 
-    BLOCK_D = next_pow2(max(head_dim, 16)).  Per program the live tiles are
-    q/acc [BLOCK_N, BLOCK_D], K/V [128, BLOCK_D] and s/p [BLOCK_N, 128];
-    with BLOCK_D = 256 (d = 160) a 64-row N block keeps the fp32 accumulator
-    at 64 KB per program, spread over 8 warps.  Small heads use 128-row
-    blocks with 4 warps.
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_n is None:
-        block_n = 128 if block_d <= 64 else 64
-    if num_warps is None:
-        num_warps = 4 if block_d <= 64 else 8
-    return block_n, block_d, num_warps
+
+def gpu_family(capability: tuple[int, int]) -> int | None:
+    """The row of CONFIGS a compute capability uses: 80 (Ampere / Ada, mma.sync), 90 (Hopper,
+    wgmma), 100 (datacenter Blackwell); None for GPUs the compile check does not cover."""
+    major, _ = capability
+    return {8: 80, 9: 90, 10: 100}.get(major)
+
+
+def _default_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) where CONFIGS has no entry: moderate tiles that fit every target."""
+    return (64, 4) if head_dim <= 128 else (32, 4)
+
+
+def pick_config(head_dim: int, L: int, dtype: torch.dtype, family: int | None, N: int | None = None,
+                block_n: int | None = None, num_warps: int | None = None) -> KernelConfig:
+    """The variant to launch: chunking from (head_dim, L); tiles from CONFIGS[(family, d, dtype)],
+    BLOCK_N capped at N's power of two (at least 32) so that small levels do not run mostly-masked
+    programs (4 warps then)."""
+    from .cross_attention_configs import CONFIGS
+    d0, d1 = split_pow2(head_dim)
+    l0, l1 = split_pow2(L)
+    bn, nw = CONFIGS.get((family, head_dim, DTYPE_NAMES.get(dtype)), _default_blocks(head_dim))
+    if N is not None and bn > max(32, 1 << (max(N, 1) - 1).bit_length()):
+        bn, nw = max(32, 1 << (max(N, 1) - 1).bit_length()), 4
+    return KernelConfig(block_n or bn, num_warps or nw, l0, l1, d0, d1)
+
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def kernel_constexprs(heads: int, head_dim: int, cfg: KernelConfig, precision: str = "ieee",
+                      dot_in_fp32: bool = False) -> dict:
+    """The kernel's constexpr arguments (shared by the launcher and `kernels.check`)."""
+    return dict(H=heads, HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, L0=cfg.l0, L1=cfg.l1, D0=cfg.d0,
+                D1=cfg.d1, INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32)
 
 
 def cross_attention_triton(q, k_table, v_table, row_idx, heads, scale=None,
@@ -221,8 +328,9 @@ def cross_attention_triton(q, k_table, v_table, row_idx, heads, scale=None,
         allow_tf32          fp32 only: use TF32 tensor cores instead of exact fp32
     Returns out [B, N, C] in q's dtype (contiguous).
 
-    Works on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set
-    before triton was imported.  Row indices are not bounds-checked on device.
+    Works on CUDA tensors (launched on q's device, whatever the current device is), and on
+    CPU tensors when TRITON_INTERPRET=1 was set before triton was imported.  Row indices are
+    not bounds-checked on device.
     """
     if not HAS_TRITON:
         raise RuntimeError("cross_attention_triton needs triton, which is not installed; "
@@ -253,26 +361,27 @@ def cross_attention_triton(q, k_table, v_table, row_idx, heads, scale=None,
     if B == 0 or N == 0:
         return out
     row_idx = row_idx.contiguous()
-    block_n, block_d, num_warps = _pick_blocks(d, block_n, num_warps)
+    family = gpu_family(torch.cuda.get_device_capability(q.device)) if q.is_cuda else 90
+    cfg = pick_config(d, L, q.dtype, family, N, block_n, num_warps)
     precision = "tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee"
     # The CPU interpreter stores bf16 as raw uint16 and its tl.dot multiplies
     # the bit patterns (bf16 arithmetic is unsupported there; triton issue
     # #11584).  Under the interpreter, bf16 operands are upcast to fp32 inside
     # the kernel first -- exact, so the math matches the GPU path.
     dot_in_fp32 = _interpret_mode() and q.dtype == torch.bfloat16
-    grid = (triton.cdiv(N, block_n), B * heads)
-    _cross_attn_fwd_kernel[grid](
-        q, k_table, v_table, row_idx, out,
-        q.stride(0), q.stride(1),
-        k_table.stride(0), k_table.stride(1),
-        v_table.stride(0), v_table.stride(1),
-        out.stride(0), out.stride(1),
-        N, L, scale * _LOG2E,
-        H=heads, HEAD_DIM=d,
-        BLOCK_N=block_n, BLOCK_L=_MAX_L, BLOCK_D=block_d,
-        INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32,
-        num_warps=num_warps,
-    )
+    grid = (triton.cdiv(N, cfg.block_n), B * heads)
+    # Triton launches on the *current* CUDA device: make it q's (`--device cuda:1`).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _cross_attn_fwd_kernel[grid](
+            q, k_table, v_table, row_idx, out,
+            q.stride(0), q.stride(1),
+            k_table.stride(0), k_table.stride(1),
+            v_table.stride(0), v_table.stride(1),
+            out.stride(0), out.stride(1),
+            N, L, scale * _LOG2E,
+            **kernel_constexprs(heads, d, cfg, precision, dot_in_fp32),
+            num_warps=cfg.num_warps,
+        )
     return out
 
 
@@ -335,4 +444,31 @@ def triton_supported(q, k_table, heads) -> tuple[bool, str]:
         return False, f"head_dim={q.shape[-1] // heads} > {_MAX_HEAD_DIM}"
     if k_table.shape[1] > _MAX_L:
         return False, f"L={k_table.shape[1]} > {_MAX_L}"
+    if q.is_cuda:
+        if q.dtype == torch.float32:
+            # Compiled for sm_80 / sm_90, fp32 runs on FMA units with register spills (and at
+            # head dim 160 once needed more shared memory than any GPU has): SDPA is faster.
+            # `python -m neti_fast.kernels.check --dtypes fp32` shows the numbers.
+            return False, "fp32 on CUDA: the kernel is built for fp16 / bf16 tensor cores (kernels.check --dtypes fp32)"
+        cap = torch.cuda.get_device_capability(q.device)
+        if gpu_family(cap) is None:
+            return False, f"compute capability {cap[0]}.{cap[1]} is not among the targets kernels.check compiles for"
     return True, "ok"
+
+
+def accuracy_ok(out: torch.Tensor, out_same_dtype: torch.Tensor, out_fp32: torch.Tensor) -> tuple[bool, str]:
+    """flash-attention's rule: `out` may be at most twice as far from a higher-precision reference
+    as PyTorch computing in the same dtype, plus a small atol (fp32: 1e-5; fp16 / bf16: one ulp
+    at the output's magnitude, the final rounding both sides pay independently); no NaN / Inf.
+    Shared by the tests and the dispatcher's first-use check. Returns (ok, "err a vs b + atol")."""
+    if not torch.isfinite(out).all():
+        return False, "non-finite output"
+    hi = out_fp32.double()
+    err = (out.double() - hi).abs().max().item()
+    err_pt = (out_same_dtype.double() - hi).abs().max().item()
+    if out.dtype in (torch.float32, torch.float64):
+        atol = 1e-5
+    else:
+        atol = torch.finfo(out.dtype).eps * hi.abs().max().item()
+    detail = f"max error {err:.2e} vs PyTorch's {err_pt:.2e} (+ atol {atol:.1e})"
+    return err <= 2 * err_pt + atol, detail

@@ -13,12 +13,15 @@ a U-Net call, in one of three modes:
             by the fast engine: no projection of text in the denoising loop, and the unconditional
             rows are shared by every sample instead of copied.
 
-The dispatcher `attend_rows` picks the fused Triton kernel when its guards pass (CUDA tensors,
-supported dtype / head dim, not exporting, `NETI_FAST_DISABLE_TRITON` unset), else SDPA on
-gathered rows; `xformers` and `eager` (the official bmm + softmax) can be forced.
+The dispatcher (`AttentionDispatcher`, used by `attend_rows`) decides once per shape class and
+logs it: the fused Triton kernel on CUDA when its guards pass (supported dtype / head dim / GPU,
+not exporting, `NETI_FAST_DISABLE_TRITON` unset) and its first-use check against SDPA passes,
+else SDPA on gathered rows; `xformers` and `eager` (the official bmm + softmax) can be forced.
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -64,23 +67,129 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, backen
     return _merge_heads(out)
 
 
+@dataclass(frozen=True)
+class AttnChoice:
+    impl: str          # triton | sdpa | xformers | eager
+    reason: str        # why (the fallback's cause, or how the kernel was validated)
+
+
+class AttentionDispatcher:
+    """Decides once per (device, dtype, N, C, heads, L, requested backend) which attention runs.
+
+    The decision is cached (a dict lookup per layer per step after the first) and logged once at
+    INFO on the `neti_fast.attention` logger. `auto` picks the Triton kernel on CUDA when its
+    guards pass; the kernel's first use at a shape is then checked against SDPA on the very same
+    inputs (flash-attention's rule vs an fp32 reference, `kernels.cross_attention.accuracy_ok`):
+    an exception or a mismatch turns the kernel off for the process with one warning, and SDPA
+    runs from then on. A forced `triton` that fails the check raises instead. The check needs real
+    data, so it is skipped (and the log says so) when the first use is inside torch.compile's
+    tracing or a CUDA-graph capture; the engine's backends make one eager call first for that.
+    Kill switch: NETI_FAST_DISABLE_TRITON=1.
+    """
+
+    def __init__(self):
+        self.choices: dict = {}
+        self.triton_broken: str | None = None   # set by a failed first-use check: process-wide
+
+    def reset(self) -> None:
+        self.choices.clear()
+        self.triton_broken = None
+
+    @staticmethod
+    def key(q, k_table, heads, backend) -> tuple:
+        return (str(q.device), q.dtype, q.shape[1], q.shape[2], heads, k_table.shape[1], k_table.dtype, backend)
+
+    def decide(self, q, k_table, v_table, row_idx, heads, backend, attn=None):
+        """-> (AttnChoice, output or None): the output when the first-use check already computed it."""
+        key = self.key(q, k_table, heads, backend)
+        choice = self.choices.get(key)
+        if choice is not None:
+            return choice, None
+        out = None
+        if backend in ("sdpa", "xformers", "eager"):
+            choice = AttnChoice(backend, "requested")
+        elif backend == "auto" and not q.is_cuda:
+            # `auto` never picks the CPU interpreter (TRITON_INTERPRET=1): a test device, not a fast path.
+            choice = AttnChoice("sdpa", f"triton needs CUDA (q on {q.device})")
+        else:
+            from .kernels.cross_attention import triton_supported
+            ok, why = triton_supported(q, k_table, heads)
+            if ok and self.triton_broken:
+                ok, why = False, f"disabled for this process after a failed check: {self.triton_broken}"
+            if not ok:
+                if backend == "triton":
+                    raise RuntimeError(f"--attention triton: cannot run here ({why})")
+                choice = AttnChoice("sdpa", f"triton: {why}")
+            elif not q.is_cuda:
+                choice = AttnChoice("triton", "forced; CPU interpreter")
+            else:
+                choice, out = self._first_use_check(q, k_table, v_table, row_idx, heads, backend)
+        self.choices[key] = choice
+        dev, dt, N, C, h, L = key[:6]
+        log.info("attention %s %s [N=%d, C=%d, heads=%d, L=%d]: %s (%s)", dev, str(dt).replace("torch.", ""),
+                 N, C, h, L, choice.impl, choice.reason)
+        return choice, out
+
+    def _first_use_check(self, q, k_table, v_table, row_idx, heads, backend):
+        from .kernels.cross_attention import accuracy_ok, cross_attention_op, cross_attention_ref
+        if _tracing():
+            return AttnChoice("triton", "not checked: first use inside torch.compile tracing / graph capture"), None
+        scale = (q.shape[-1] // heads) ** -0.5
+        try:
+            out = cross_attention_op(q, k_table, v_table, row_idx, heads, scale)
+            sdpa = _gathered(q, k_table, v_table, row_idx, heads, "sdpa", None)
+            ref = cross_attention_ref(q.float(), k_table.float(), v_table.float(), row_idx, heads, scale)
+            ok, detail = accuracy_ok(out, sdpa, ref)
+        except Exception as e:  # noqa: BLE001 - any failure of a never-run kernel: fall back, say why
+            ok, detail, sdpa = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
+        if ok:
+            return AttnChoice("triton", f"checked against SDPA at this shape: {detail}"), out
+        if backend == "triton":
+            raise RuntimeError(f"--attention triton: the kernel failed its check against SDPA ({detail})")
+        self.triton_broken = detail
+        warnings.warn(f"neti-fast: the Triton attention kernel failed its first-use check on {q.device} "
+                      f"({detail}); using SDPA for the rest of this process", RuntimeWarning, stacklevel=4)
+        if sdpa is None:
+            sdpa = _gathered(q, k_table, v_table, row_idx, heads, "sdpa", None)
+        return AttnChoice("sdpa", f"triton failed its check: {detail}"), sdpa
+
+
+def _tracing() -> bool:
+    try:
+        if torch.compiler.is_compiling():
+            return True
+    except AttributeError:
+        pass
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _exporting() -> bool:
+    from .kernels.cross_attention import _is_exporting
+    return _is_exporting()
+
+
+DISPATCH = AttentionDispatcher()
+log = logging.getLogger("neti_fast.attention")
+
+
+def _gathered(q, k_table, v_table, row_idx, heads, backend, attn):
+    # Gather the rows (a per-sample copy the fused kernel avoids), then plain attention.
+    return attend(q, k_table.index_select(0, row_idx), v_table.index_select(0, row_idx), heads, backend, attn)
+
+
 def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, row_idx: torch.Tensor,
                 heads: int, backend: str = "auto", attn=None) -> torch.Tensor:
     """Attention where sample b uses K / V rows `row_idx[b]` of the [R, L, C] tables."""
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        # `auto` never picks the CPU interpreter (TRITON_INTERPRET=1): that is a test device, not a fast path.
-        from .kernels.cross_attention import cross_attention_op, cross_attention_triton, triton_supported
-        ok, why = triton_supported(q, k_table, heads)
-        if ok:
-            scale = (q.shape[-1] // heads) ** -0.5
-            if not q.is_cuda:  # CPU interpreter (tests): no compile / export there, skip the op layer
-                return cross_attention_triton(q, k_table, v_table, row_idx, heads, scale)
-            return cross_attention_op(q, k_table, v_table, row_idx, heads, scale)
-        if backend == "triton":
-            raise RuntimeError(f"--attention triton: cannot run here ({why})")
-        backend = "sdpa"
-    # Fallback: gather the rows (a per-sample copy the fused kernel avoids), then plain attention.
-    return attend(q, k_table.index_select(0, row_idx), v_table.index_select(0, row_idx), heads, backend, attn)
+    choice, out = DISPATCH.decide(q, k_table, v_table, row_idx, heads, backend, attn)
+    if out is not None:
+        return out
+    if choice.impl == "triton" and not _exporting():
+        from .kernels.cross_attention import cross_attention_op, cross_attention_triton
+        scale = (q.shape[-1] // heads) ** -0.5
+        if not q.is_cuda:  # CPU interpreter (tests): no compile / export there, skip the op layer
+            return cross_attention_triton(q, k_table, v_table, row_idx, heads, scale)
+        return cross_attention_op(q, k_table, v_table, row_idx, heads, scale)
+    return _gathered(q, k_table, v_table, row_idx, heads, choice.impl, attn)
 
 
 class NetiCrossAttnProcessor:

@@ -72,11 +72,12 @@ def make_denoiser(model, backend: str = "auto", attention: str = "auto", *, heig
              onnx_export.default_export_dir(model_name or model.name, h, w, model.dtype))
     path = onnx_export.export_cached(model, cache, height=h, width=w)
     if choice.backend == "onnx":
-        return (onnx_export.OnnxDenoiser(path) if threads is None else
-                onnx_export.OnnxDenoiser(path, threads=threads)), choice.attention
+        return onnx_export.OnnxDenoiser(path, threads=threads, device=model.device), choice.attention
     from .export import tensorrt as trt_export
-    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), max_batch=batch_size)
-    return trt_export.TensorRTDenoiser(engine_path), choice.attention
+    import torch
+    engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), fp16=model.dtype != torch.float32,
+                                          max_batch=batch_size, opt_batches=[batch_size])
+    return trt_export.TensorRTDenoiser(engine_path, device=model.device), choice.attention
 
 
 def needs_size(backend: str) -> bool:

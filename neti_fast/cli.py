@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import evaluate
     evaluate.add_arguments(p)
     p.set_defaults(func=evaluate.main)
+
+    from .serve.cli import add_parser as add_serve_parser
+    add_serve_parser(sub)
     return ap
 
 

@@ -23,17 +23,30 @@ import torch
 from .attention import install_processors
 from .conditioning import encode_plain, encode_rows, tokenize
 from .errors import NetiError
+from .kv_arena import KVArena
 from .models import NUM_LAYERS, Model
 from .table import stack_rows
 from .utils import SCHEDULERS, image_size
 
 
 def make_scheduler(name: str, config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-    classes = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+    """dpm++ (DPM-Solver++ 2M), dpm++-karras (same on Karras sigmas), ddim, euler, euler-a (ancestral)."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+    classes = {"dpm++": (DPMSolverMultistepScheduler, {}), "ddim": (DDIMScheduler, {}),
+               "euler": (EulerDiscreteScheduler, {}), "euler-a": (EulerAncestralDiscreteScheduler, {}),
+               "dpm++-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True})}
     if name not in classes:
         raise NetiError(f"--scheduler {name}: must be one of {', '.join(SCHEDULERS)}")
-    return classes[name].from_config(config)
+    cls, extra = classes[name]
+    return cls.from_config(config, **extra)
+
+
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its seed: it draws the image's initial latents and then
+    any noise an ancestral / stochastic scheduler adds, so an image never depends on its batch-mates
+    (diffusers' pipelines with generator=[...] draw the same way)."""
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
 @dataclass
@@ -41,7 +54,7 @@ class GenerateConfig:
     """Settings shared by a generation run (official NeTI inference defaults)."""
     steps: int = 50
     guidance: float = 7.5
-    scheduler: str = "dpm++"          # dpm++ (DPM-Solver++ multistep) | ddim | euler
+    scheduler: str = "dpm++"          # one of SCHEDULERS (make_scheduler)
     height: int | None = None         # None: the model's native size (512 for SD 1.x)
     width: int | None = None
     negative_prompt: str = ""
@@ -97,10 +110,12 @@ class LayerKV:
 Cond = LayerKV  # the older name
 
 
-def initial_latents(seed: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """diffusers' draw for one image from `torch.Generator("cpu").manual_seed(seed)`: batch-independent."""
+def initial_latents(seed: int, shape: tuple, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """diffusers' draw for one image from `torch.Generator("cpu").manual_seed(seed)` (or `generator`,
+    seeded so): batch-independent."""
     from diffusers.utils.torch_utils import randn_tensor
-    return randn_tensor((1, *shape), generator=torch.Generator("cpu").manual_seed(seed), device=torch.device("cpu"), dtype=dtype)
+    generator = generator or torch.Generator("cpu").manual_seed(seed)
+    return randn_tensor((1, *shape), generator=generator, device=torch.device("cpu"), dtype=dtype)
 
 
 def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
@@ -148,17 +163,34 @@ class TorchDenoiser:
 
     This call signature (no dicts, no counters: tensors only) is what every backend implements;
     `export/` writes the same function to ONNX / TensorRT.
+
+    compile=True: `torch.compile` of the U-Net, specialized to every shape except the tables' row
+    count (marked dynamic: a job whose batches need different numbers of rows never recompiles,
+    where a recompile per row count would soon hit dynamo's limit and silently run eager). The first
+    call per latent shape runs eagerly, so the attention dispatcher makes (and checks) its choices on
+    real data before tracing bakes them in.
     """
 
-    def __init__(self, model: Model, attention: str = "auto", compile: bool = False):
+    def __init__(self, model: Model, attention: str = "auto", compile: bool = False,
+                 compile_backend: str = "inductor"):
         self.model, self.state, self.attention = model, install_processors(model), attention
-        self.unet = torch.compile(model.unet, dynamic=False) if compile else model.unet
+        self.compiled = compile
+        self.unet = torch.compile(model.unet, dynamic=False, backend=compile_backend) if compile else model.unet
+        self._seen: set = set()
 
     def __call__(self, x, t, row_idx, k_tables, v_tables):
         st = self.state
         st.mode, st.backend, st.row_idx, st.k_tables, st.v_tables = "tables", self.attention, row_idx, k_tables, v_tables
+        unet = self.unet
+        if self.compiled:
+            for tab in k_tables + v_tables:
+                torch._dynamo.maybe_mark_dynamic(tab, 0)
+            key = (tuple(x.shape[1:]), x.dtype, x.device)
+            if key not in self._seen:
+                self._seen.add(key)
+                unet = self.model.unet
         try:
-            return self.unet(x, t, encoder_hidden_states=None).sample
+            return unet(x, t, encoder_hidden_states=None).sample
         finally:
             st.mode, st.row_idx, st.k_tables, st.v_tables = "plain", None, [], []
 
@@ -171,6 +203,7 @@ class Engine:
         self.cfg = cfg or GenerateConfig()
         self.denoiser = denoiser or TorchDenoiser(model, self.cfg.attention)
         self._cache: OrderedDict = OrderedDict()
+        self._arenas: dict = {}
 
     def schedule(self):
         sched = make_scheduler(self.cfg.scheduler, self.model.scheduler_config)
@@ -238,33 +271,41 @@ class Engine:
         return np.concatenate(out)
 
     def kv_tables(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool):
-        """The batch's conditionings as one K and one V table per layer, and each sample's rows.
+        """The batch's conditionings placed in the engine's K / V arena, and each sample's rows.
 
-        Rows of distinct conditionings are concatenated once (negative prompts first: shared, not
-        copied per sample). U-Net batch row b (negative halves first when `guided`) reads
+        Each distinct conditioning is copied into the arena (`kv_arena.KVArena`: one stable
+        buffer per layer) the first time a batch needs it and stays there while it is in use, so
+        packing computes indices only, and the U-Net always reads the same tensors (a captured CUDA
+        graph stays valid; torch.compile sees one row count). Negative prompts are shared rows, not
+        copied per sample. U-Net batch row b (negative halves first when `guided`) reads
         `base[b] + step * stride[b]`; stride is 0 for conditionings constant over time.
         Returns (k_tables 16 x [R, 77, C_l], v_tables, base [B'], stride [B']).
         """
         m, cfg = self.model, self.cfg
-        entries, index = [], {}
-
-        def add(c: LayerKV) -> int:
-            if id(c) not in index:
-                index[id(c)] = (sum(e.k[0].shape[0] for e in entries), c)
-                entries.append(c)
-            return index[id(c)][0]
         conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps) for r in reqs]
         negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt) for r in reqs] if guided else []
-        base = [add(c) for c in negs + conds]
-        stride = [int(c.time_varying) for c in negs + conds]
-        k_tables = [torch.cat([e.k[l] for e in entries]) for l in range(NUM_LAYERS)]
-        v_tables = [torch.cat([e.v[l] for e in entries]) for l in range(NUM_LAYERS)]
-        return k_tables, v_tables, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
+        rows = negs + conds
+        distinct = list({id(c): c for c in rows}.values())
+        arena = self.arena(distinct[0])
+        starts = arena.place(distinct)
+        base = [starts[id(c)] for c in rows]
+        stride = [int(c.time_varying) for c in rows]
+        return arena.k, arena.v, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
+
+    def arena(self, cond: Cond) -> KVArena:
+        """The engine's K / V arena for `cond`'s dtype and device (made on first use)."""
+        k0 = cond.k[0]
+        key = (k0.dtype, k0.device)
+        if key not in self._arenas:
+            self._arenas[key] = KVArena([k.shape[-1] for k in cond.k], [v.shape[-1] for v in cond.v],
+                                        k0.shape[1], k0.dtype, k0.device)
+        return self._arenas[key]
 
     pack = kv_tables  # the older name
 
     @torch.no_grad()
-    def generate_batch(self, reqs: list[Request], progress: bool = False) -> np.ndarray:
+    def generate_batch(self, reqs: list[Request], progress: bool = False, on_step=None) -> np.ndarray:
+        """Images for `reqs` in one U-Net batch. `on_step(done, total)` is called after every step."""
         m, cfg = self.model, self.cfg
         for r in reqs:
             check_request(m, r)
@@ -275,7 +316,9 @@ class Engine:
         guided = cfg.guidance != 1.0
 
         k_tables, v_tables, base, stride = self.kv_tables(reqs, ts, guided)
-        latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype) for r in reqs])
+        gens = image_generators([r.seed for r in reqs])
+        latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, g)
+                             for r, g in zip(reqs, gens)])
         latents = latents.to(m.device) * sched.init_noise_sigma
         ts_dev = ts.to(m.device)  # the U-Net's t, on the device once: no host-to-device copy per step
         # sample b's K/V row at step i, for every step at once: [steps, B] (stride 0: constant rows)
@@ -288,5 +331,7 @@ class Engine:
             if guided:
                 u, c = eps.chunk(2)
                 eps = u + cfg.guidance * (c - u)
-            latents = sched.step(eps, t, latents).prev_sample
+            latents = sched.step(eps, t, latents, generator=gens).prev_sample
+            if on_step is not None:
+                on_step(i + 1, len(ts))
         return decode(m, latents)

@@ -12,8 +12,8 @@ import torch
 from .attention import install_processors
 from .conditioning import encode, tokenize
 from .models import NUM_LAYERS, Model
-from .pipeline import (GenerateConfig, Request, _size, check_request, decode, initial_latents, make_scheduler,
-                       tokenize_request)
+from .pipeline import (GenerateConfig, Request, _size, check_request, decode, image_generators, initial_latents,
+                       make_scheduler, tokenize_request)
 from .table import stack_rows
 
 
@@ -53,7 +53,8 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
     sched = make_scheduler(cfg.scheduler, m.scheduler_config)
     sched.set_timesteps(cfg.steps)
     neg, per_step = reference_conditioning(m, req, cfg, sched.timesteps)
-    latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype).to(m.device)
+    gens = image_generators([req.seed])
+    latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, gens[0]).to(m.device)
     latents = latents * sched.init_noise_sigma
     st.backend = "eager"
     try:
@@ -64,7 +65,7 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
             st.mode, st.enc, st.enc_bypass = "layers", [e for e, _ in layers], [eb for _, eb in layers]
             c = m.unet(x, t, encoder_hidden_states=layers[0][0]).sample
             eps = u + cfg.guidance * (c - u)
-            latents = sched.step(eps, t, latents).prev_sample
+            latents = sched.step(eps, t, latents, generator=gens).prev_sample
     finally:
         st.mode, st.enc, st.enc_bypass, st.backend = "plain", None, None, "auto"
     return decode(m, latents)

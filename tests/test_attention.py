@@ -3,10 +3,20 @@ import numpy as np
 import pytest
 import torch
 
-from neti_fast.attention import attend_rows
+import logging
+
+from neti_fast.attention import DISPATCH, AttentionDispatcher, attend_rows
 from neti_fast.kernels.cross_attention import cross_attention_ref, triton_supported
 from neti_fast.pipeline import Engine, GenerateConfig, Request
 from neti_fast.table import precompute
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatcher():
+    """Decisions are cached per process; each test starts from none (and leaves none behind)."""
+    DISPATCH.reset()
+    yield
+    DISPATCH.reset()
 
 
 def tables(B=3, R=4, N=16, C=32, heads=4, seed=0):
@@ -57,3 +67,64 @@ def test_engine_with_triton_kernel_equals_sdpa(tiny_model, make_concept):
     a = Engine(tiny_model, GenerateConfig(steps=2, attention="triton")).generate(reqs)
     b = Engine(tiny_model, GenerateConfig(steps=2, attention="sdpa")).generate(reqs)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_decided_once_and_logged_once(monkeypatch, caplog):
+    """The guards run on the first call of a shape class only, and one INFO line says what runs."""
+    import neti_fast.kernels.cross_attention as ca
+    calls = []
+    real = ca.triton_supported
+    monkeypatch.setattr(ca, "triton_supported", lambda *a: calls.append(1) or real(*a))
+    q, k, v, idx = tables()
+    with caplog.at_level(logging.INFO, logger="neti_fast.attention"):
+        for _ in range(5):
+            attend_rows(q, k, v, idx, 4, "sdpa")
+            attend_rows(q, k, v, idx, 4, "auto")
+        attend_rows(tables(N=8)[0], k, v, idx, 4, "auto")       # another N: a new shape class
+    lines = [r.getMessage() for r in caplog.records if r.name == "neti_fast.attention"]
+    assert len(lines) == 3, lines
+    assert "sdpa (requested)" in lines[0] and "N=16" in lines[0]
+    assert "sdpa (triton needs CUDA" in lines[1] and "N=8" in lines[2]
+    assert calls == []  # `auto` on CPU never even asks the kernel's guards
+
+
+def _bad_kernel(q, k, v, ri, heads, scale):
+    return cross_attention_ref(q, k, v, ri, heads, scale) + 0.05  # a plausible but wrong result
+
+
+def test_first_use_check_disables_a_wrong_kernel(monkeypatch):
+    """A kernel whose output is off by more than flash-attention's tolerance is turned off for the
+    process with one warning, and the call returns SDPA's result (the check is what a CUDA run
+    does on first use; here it is driven directly, on CPU)."""
+    import neti_fast.kernels.cross_attention as ca
+    monkeypatch.setattr(ca, "cross_attention_op", _bad_kernel)
+    q, k, v, idx = tables()
+    d = AttentionDispatcher()
+    with pytest.warns(RuntimeWarning, match="failed its first-use check"):
+        choice, out = d._first_use_check(q, k, v, idx, 4, "auto")
+    assert choice.impl == "sdpa" and "max error" in choice.reason and d.triton_broken
+    torch.testing.assert_close(out, attend_rows(q, k, v, idx, 4, "sdpa"))
+    with pytest.raises(RuntimeError, match="failed its check"):   # forced: an error, not a fallback
+        AttentionDispatcher()._first_use_check(q, k, v, idx, 4, "triton")
+
+
+def test_first_use_check_catches_exceptions_and_passes_a_correct_kernel(monkeypatch):
+    import neti_fast.kernels.cross_attention as ca
+    q, k, v, idx = tables()
+    monkeypatch.setattr(ca, "cross_attention_op", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel image")))
+    d = AttentionDispatcher()
+    with pytest.warns(RuntimeWarning, match="no kernel image"):
+        assert d._first_use_check(q, k, v, idx, 4, "auto")[0].impl == "sdpa"
+    monkeypatch.setattr(ca, "cross_attention_op", lambda *a: cross_attention_ref(*a))
+    choice, out = AttentionDispatcher()._first_use_check(q, k, v, idx, 4, "auto")
+    assert choice.impl == "triton" and choice.reason.startswith("checked against SDPA")
+    torch.testing.assert_close(out, cross_attention_ref(q, k, v, idx, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the guard's CUDA branch")
+def test_fp32_on_cuda_is_refused_by_the_guard():
+    """fp32 goes to SDPA on CUDA (the kernel's fp32 path has no tensor cores)."""
+    q, k, _, _ = (t.cuda() for t in tables())
+    ok, why = triton_supported(q, k, 4)
+    assert not ok and "fp32 on CUDA" in why
+    assert triton_supported(q.half(), k.half(), 4)[0]

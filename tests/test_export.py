@@ -207,3 +207,15 @@ def test_tensorrt(model, onnx_path, tmp_path):
         out = _call(den, [a.cuda() for a in args]).cpu()
         # fp16 internals: ~2**-11 relative per op; 2e-2 of the output's scale over the U-Net's depth.
         assert (out - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+def test_tensorrt_profiles_one_per_batch_bucket():
+    """Every U-Net batch 1 .. 2 x max_batch falls in exactly one profile, each tuned (opt) for its
+    bucket's own size: batch-1 latency is not run with kernels tuned for the largest batch."""
+    from neti_fast.export.tensorrt import batch_buckets, profile_ranges
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert batch_buckets(16, [1, 4, 16]) == [1, 4, 16] and batch_buckets(10, [4]) == [4, 10]
+    ranges = profile_ranges([1, 4, 16])
+    assert ranges == [(1, 2, 2), (3, 8, 8), (9, 32, 32)]
+    for b in range(1, 33):
+        assert sum(lo <= b <= hi for lo, _, hi in ranges) == 1

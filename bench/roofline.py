@@ -1,0 +1,196 @@
+"""A roofline model of the ladder's rungs: FLOPs and bytes counted per operator, time predicted.
+
+    python -m neti_fast.bench.roofline [--model sd15-shaped] [--height 512] [--steps 50]
+        [--batch-sizes 1 4 16] [--measured bench/results/X.json] [--json out.json]
+
+THIS IS A MODEL, NOT A MEASUREMENT. For every aten operator of one U-Net call (at the U-Net batch
+each rung uses), one CLIP text-encoder pass and one VAE decode, run on PyTorch's `meta` device (no
+weights, no compute: shapes only), it counts
+  - FLOPs, with torch.utils.flop_counter's formulas (matmul, conv, attention; 2 per multiply-add),
+  - bytes, as every tensor an operator reads plus what it writes (views are free), i.e. no fusion
+    and no cache reuse across operators: an upper bound of memory traffic for an unfused graph,
+and predicts each operator's time as max(FLOPs / peak compute, bytes / peak bandwidth). A rung's
+time per image is its counted work: U-Net calls x a call's time, text-encoder rows x a row's time,
+one VAE decode. The call and row counts are the ladder's own (`unet_calls`, `text_encoder_rows` in
+a ladder JSON given with --measured, whose measured images/s is printed beside the model for the
+device it names), or else the counts each rung's algorithm implies (see `implied_counts`).
+
+Peaks: dense bf16/fp16 tensor-core matmul as measured (H100 SXM about 794 TFLOP/s, the figure the
+GPU targets use; H200 is the same GH100 compute at 4.8 TB/s instead of 3.35 TB/s HBM).
+CLIP rows are counted as full 77-token passes: neti-fast's batched conditioning shares the prompt's
+prefix and CLIP's first layer across rows, so for the NeTI rungs this overestimates its text work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+DEVICES = {  # name: (dense fp16/bf16 matmul FLOP/s, HBM bytes/s)
+    "H100-SXM": (794e12, 3.35e12),
+    "H200": (794e12, 4.8e12),
+}
+_FREE = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "as_strided", "detach", "alias",
+         "slice", "select", "unsqueeze", "squeeze", "reshape", "_reshape_alias", "split", "split_with_sizes",
+         "chunk", "unbind", "lift_fresh", "empty", "empty_like", "zeros", "ones", "full", "arange",
+         "scalar_tensor", "_to_copy", "contiguous", "clone", "lift_fresh_copy"}
+
+
+@dataclass
+class Work:
+    flops: float = 0.0
+    bytes: float = 0.0
+    ops: list = None   # (flops, bytes) per operator
+
+    def seconds(self, peak_flops: float, bandwidth: float) -> float:
+        return sum(max(f / peak_flops, b / bandwidth) for f, b in self.ops)
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(y) for y in x)
+    return 0
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in _FREE:
+            return out
+        f = 0
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            f = formula(*args, **kwargs, out_val=out)  # the registry's wrapper reads the shapes
+        b = _nbytes(list(args)) + _nbytes(list(kwargs.values())) + _nbytes(out)
+        self.ops.append((float(f), float(b)))
+        return out
+
+
+def count(fn) -> Work:
+    with torch.no_grad(), _Counter() as c:
+        fn()
+    return Work(sum(f for f, _ in c.ops), sum(b for _, b in c.ops), c.ops)
+
+
+def meta_models(name: str, dtype: torch.dtype):
+    """The built-in model's three networks on the meta device, in `dtype` (no memory, no init cost)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from neti_fast.models import sd15_configs, tiny_configs
+    cfg = sd15_configs() if name == "sd15-shaped" else tiny_configs(1000, 998, 999)
+    with torch.device("meta"):
+        text = CLIPTextModel(CLIPTextConfig(**cfg["text"])).to(dtype)
+        unet = UNet2DConditionModel(**cfg["unet"]).to(dtype)
+        vae = AutoencoderKL(**cfg["vae"]).to(dtype)
+    return text, unet, vae, cfg
+
+
+def network_work(name: str, height: int, width: int, unet_batches, dtype=torch.float16):
+    """{('unet', b): Work, ('clip_row',): Work, ('vae',): Work} for the model at height x width."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    text, unet, vae, cfg = meta_models(name, dtype)
+    h, w = height // 8, width // 8
+    d = cfg["unet"]["cross_attention_dim"]
+    out = {}
+    with sdpa_kernel(SDPBackend.MATH):  # attention as explicit matmuls: counted by the formulas
+        for b in sorted(set(unet_batches)):
+            x = torch.empty(b, 4, h, w, device="meta", dtype=dtype)
+            enc = torch.empty(b, 77, d, device="meta", dtype=dtype)
+            t = torch.empty(b, device="meta", dtype=dtype)
+            out[("unet", b)] = count(lambda: unet(x, t, encoder_hidden_states=enc))
+        ids = torch.zeros(64, 77, dtype=torch.long, device="meta")
+        clip = count(lambda: text(ids))
+        out[("clip_row",)] = Work(clip.flops / 64, clip.bytes / 64, [(f / 64, b / 64) for f, b in clip.ops])
+        z = torch.empty(1, 4, h, w, device="meta", dtype=dtype)
+        out[("vae",)] = count(lambda: vae.decode(z))
+    return out
+
+
+def implied_counts(rung: str, B: int, steps: int, layers: int = 16) -> tuple[int, int, int]:
+    """(U-Net calls, images per call x2 for guidance, text-encoder rows) for B images, one NeTI
+    concept (16 different for `concepts`), as each rung's algorithm does them."""
+    if rung == "reference":
+        return 2 * steps * B, 1, B * (steps * layers + 1)        # batch-1 calls, 800 + 1 passes per image
+    if rung == "diffusers":
+        return steps, 2 * B, 2
+    if rung == "eager":                                           # one seed at a time, both halves in one call
+        return steps * B, 2, steps * layers + 1
+    if rung == "concepts":
+        return steps, 2 * B, B * steps * layers + 1
+    return steps, 2 * B, steps * layers + 1                      # batched / triton / compile / onnx / tensorrt
+
+
+def predict(work: dict, rung: str, B: int, calls: int, per_call: int, rows: int) -> dict:
+    out = {}
+    u = work[("unet", per_call)]
+    for dev, (pf, bw) in DEVICES.items():
+        s = calls * u.seconds(pf, bw) + rows * work[("clip_row",)].seconds(pf, bw) + B * work[("vae",)].seconds(pf, bw)
+        out[dev] = {"s_per_batch": s, "images_per_s": B / s}
+    flops = calls * u.flops + rows * work[("clip_row",)].flops + B * work[("vae",)].flops
+    nbytes = calls * u.bytes + rows * work[("clip_row",)].bytes + B * work[("vae",)].bytes
+    return {"rung": rung, "batch": B, "unet_calls": calls, "unet_batch": per_call, "text_encoder_rows": rows,
+            "tflop_per_image": flops / B / 1e12, "gb_per_image": nbytes / B / 1e9, "model": out}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m neti_fast.bench.roofline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sd15-shaped", choices=("sd15-shaped", "tiny"))
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-sizes", type=int, nargs="+", action="extend", default=None)
+    p.add_argument("--rungs", nargs="+", action="extend", default=None)
+    p.add_argument("--measured", default=None, help="a ladder JSON: its counts, and its images/s beside the model")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    width = a.width or a.height
+    measured = json.load(open(a.measured)) if a.measured else None
+    if measured:
+        rows_in = [r for r in measured["rows"] if r.get("status") == "ok"]
+        a.height, width, a.steps = measured["height"], measured["width"], measured["steps"]
+        a.model = measured["model"] if measured["model"] in ("tiny", "sd15-shaped") else a.model
+        plan = []
+        for r in rows_in:
+            per_call = max(1, round(2 * r["batch"] * a.steps / max(r["unet_calls"], 1)))
+            plan.append((r["rung"], r["batch"], r["unet_calls"], per_call, r["text_encoder_rows"], r))
+    else:
+        rungs = a.rungs or ["reference", "diffusers", "eager", "batched", "concepts"]
+        plan = [(rung, B, *implied_counts(rung, B, a.steps), None) for rung in rungs for B in (a.batch_sizes or [1, 4, 16])]
+    work = network_work(a.model, a.height, width, [pc for _, _, _, pc, _, _ in plan])
+    results = []
+    print(f"roofline MODEL (not a measurement): {a.model} {a.height}x{width}, {a.steps} steps, fp16; "
+          "per-operator max(FLOPs / peak, bytes / bandwidth), unfused bytes")
+    head = f"{'rung':>10} {'B':>3} {'calls':>6} {'rows':>6} {'TFLOP/img':>10} {'GB/img':>8}" + "".join(
+        f" {d + ' img/s':>15}" for d in DEVICES) + "   measured"
+    print(head)
+    for rung, B, calls, per_call, rows, m in plan:
+        r = predict(work, rung, B, calls, per_call, rows)
+        if m is not None:
+            r["measured"] = {"device": measured["device"], "images_per_s": m.get("images_per_s")}
+        results.append(r)
+        meas = f"   {m['images_per_s']:.3g} img/s on {measured['device']}" if m is not None else ""
+        print(f"{rung:>10} {B:>3} {calls:>6} {rows:>6} {r['tflop_per_image']:>10.2f} {r['gb_per_image']:>8.1f}" + "".join(
+            f" {r['model'][d]['images_per_s']:>15.3g}" for d in DEVICES) + meas)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"kind": "roofline model, not a measurement", "model": a.model, "height": a.height,
+                       "width": width, "steps": a.steps, "devices": DEVICES, "rows": results}, f, indent=1)
+        print(f"wrote {a.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

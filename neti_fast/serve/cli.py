@@ -1,0 +1,59 @@
+"""`neti-fast serve`: arguments and start-up (FastAPI / uvicorn come with `pip install -e ".[serve]"`)."""
+from __future__ import annotations
+
+import os
+
+from ..errors import NetiError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP server: Automatic1111-compatible API and a web page; "
+                                     "batches concurrent users' requests across their concepts")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id, or built-in: tiny, sd15-shaped")
+    p.add_argument("--concepts", default=None, metavar="DIR",
+                   help="folder of concept / table / bundle files (any supported format); each is named by its "
+                        "file name without suffix, written {name} (or as a word) in prompts")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs --api-key)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--max-batch", type=int, default=16, help="images per engine batch (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=50.0,
+                   help="how long a request waits for batch-mates before its batch starts (default 50)")
+    p.add_argument("--api-key", default=os.environ.get("NETI_FAST_API_KEY"),
+                   help="required on every route but /health (default: $NETI_FAST_API_KEY)")
+    p.add_argument("--state-dir", default="neti-fast-serve",
+                   help="where uploads, training runs and trained concepts go (default ./neti-fast-serve)")
+    p.add_argument("--max-upload-mb", type=int, default=256, help="largest concept upload (default 256)")
+    p.add_argument("--cache-mb", type=int, default=2048, help="memory for prepared conditionings (default 2048)")
+    p.add_argument("--concept-cache-mb", type=int, default=1024, help="memory for loaded concept tables (default 1024)")
+    p.set_defaults(func=main)
+
+
+def config_from_args(args):
+    from .app import ServeConfig
+    from ..cli import _torch_setup  # one device / dtype rule for every subcommand
+    device, dtype = _torch_setup(args)
+    return ServeConfig(model=args.model, concepts=args.concepts, host=args.host, port=args.port, device=device,
+                       dtype=str(dtype).replace("torch.", ""), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                       api_key=args.api_key or None, state_dir=args.state_dir, max_upload_mb=args.max_upload_mb,
+                       cache_mb=args.cache_mb, concept_cache_mb=args.concept_cache_mb)
+
+
+def main(args) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise NetiError('needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
+    from .app import Server, check_config, create_app
+    cfg = config_from_args(args)
+    check_config(cfg)  # before the (slow) model load
+    server = Server(cfg)
+    names = server.store.names()
+    print(f"neti-fast serve: {cfg.model} on {cfg.device}, {len(names)} concept(s)"
+          f"{' (' + ', '.join(names[:8]) + (', ...' if len(names) > 8 else '') + ')' if names else ''}; "
+          f"http://{cfg.host}:{cfg.port}/")
+    for name, why in server.store.skipped.items():
+        print(f"  skipped {name}: {why}")
+    uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning")

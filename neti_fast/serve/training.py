@@ -1,0 +1,154 @@
+"""Training from the page: one background run at a time on the server's device.
+
+The run trains on its own copy of the model (the serving model's attention processors stay bound to
+the engine, so generation goes on meanwhile), from uploaded images that are decoded and re-saved
+as PNG under the server's state folder (never under a client-chosen name). When it finishes, the
+concept is copied into `<state>/trained/` and joins the server's concepts.
+
+Settings are official NeTI's (train.TrainConfig) except on the built-in `tiny` model, where the
+default is a short run (a demo of the workflow, as `neti-fast demo` does).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import NetiError
+from .a1111 import FieldError
+
+log = logging.getLogger("neti_fast.serve")
+
+MIN_IMAGES, MAX_IMAGES = 1, 8
+MAX_IMAGE_BYTES = 20 * 2**20
+
+
+@dataclass
+class TrainJob:
+    id: str
+    placeholder: str
+    init_word: str
+    steps: int
+    state: str = "running"            # running | done | failed
+    step: int = 0
+    loss: float | None = None
+    error: str | None = None
+    concept: str | None = None        # the name it joined the list under
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["progress"] = 1.0 if self.state == "done" else (self.step / self.steps if self.steps else 0.0)
+        return d
+
+
+def train_defaults(model_spec: str) -> dict:
+    from ..train import TrainConfig
+    if model_spec == "tiny":
+        return {"steps": 30, "batch_size": 2, "grad_accum": 1}
+    c = TrainConfig()
+    return {"steps": c.steps, "batch_size": c.batch_size, "grad_accum": c.grad_accum}
+
+
+class Trainer:
+    def __init__(self, model_spec: str, device: str, dtype, state_dir: Path, store):
+        self.model_spec, self.device, self.dtype = model_spec, device, dtype
+        self.state_dir, self.store = Path(state_dir), store
+        self.jobs: dict[str, TrainJob] = {}
+        self._lock = threading.Lock()
+        self._running: TrainJob | None = None
+        self._model = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, images: list[tuple[str, bytes]], placeholder: str, init_word: str, steps: int | None,
+              method: str = "neti") -> TrainJob:
+        placeholder, init_word = (placeholder or "").strip(), (init_word or "").strip()
+        if not placeholder or len(placeholder) > 40 or any(c.isspace() for c in placeholder):
+            raise FieldError("placeholder", "give a new token of 1-40 characters without spaces, e.g. <my-cat>")
+        if not init_word or len(init_word) > 40 or any(c.isspace() for c in init_word):
+            raise FieldError("init_word", "give one word the concept starts from, e.g. cat")
+        if method not in ("neti", "xti", "ti"):
+            raise FieldError("method", "must be neti, xti or ti")
+        if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
+            raise FieldError("images", f"give {MIN_IMAGES}-{MAX_IMAGES} images (3-5 is the usual)")
+        defaults = train_defaults(self.model_spec)
+        steps = defaults["steps"] if steps is None else steps
+        if not 1 <= steps <= 100000:
+            raise FieldError("steps", "must be between 1 and 100000")
+        decoded = [_decode_image(name, data) for name, data in images]
+        with self._lock:
+            if self._running is not None:
+                raise FieldError("train", f"a training run is going on ({self._running.placeholder}, "
+                                 f"step {self._running.step}/{self._running.steps}); one at a time per device", 409)
+            job = TrainJob(uuid.uuid4().hex[:12], placeholder, init_word, steps)
+            self.jobs[job.id], self._running = job, job
+        run_dir = self.state_dir / "train" / job.id
+        img_dir = run_dir / "images"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(decoded):
+            img.save(img_dir / f"image-{i:02d}.png")
+        self._thread = threading.Thread(target=self._train, args=(job, run_dir, method, defaults),
+                                        name="neti-fast-train", daemon=True)
+        self._thread.start()
+        return job
+
+    def _train(self, job: TrainJob, run_dir: Path, method: str, defaults: dict) -> None:
+        from ..concept import atomic_write
+        from ..train import TrainConfig, train
+        try:
+            if self._model is None:
+                from ..models import load_model
+                self._model = load_model(self.model_spec, device=self.device, dtype=self.dtype)
+            cfg = TrainConfig(images=str(run_dir / "images"), placeholder=job.placeholder, init_word=job.init_word,
+                              method=method, model=self.model_spec, out=str(run_dir / "out"), steps=job.steps,
+                              batch_size=defaults["batch_size"], grad_accum=defaults["grad_accum"], save_every=0,
+                              device=self.device, dtype=str(self.dtype).replace("torch.", ""))
+
+            def on_step(step, loss, _trainable):
+                job.step, job.loss = step, float(loss)
+            path = train(cfg, model=self._model, progress=False, on_step=on_step)
+            from .concepts import clean_name
+            base = clean_name(job.placeholder)
+            name, k = base, 2
+            taken = set(self.store.names())
+            trained = self.state_dir / "trained"
+            while name in taken or (trained / f"{name}.safetensors").exists():  # never over an earlier file
+                name, k = f"{base}-{k}", k + 1
+            dest = trained / f"{name}.safetensors"
+            data = Path(path).read_bytes()
+            atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+            self.store.add_file(dest, name, "trained")
+            job.concept, job.state = name, "done"
+        except NetiError as e:
+            job.error, job.state = str(e), "failed"
+        except Exception as e:  # a bug: keep the traceback in the server log, a line for the page
+            log.exception("training %s failed", job.id)
+            job.error, job.state = f"training failed: {type(e).__name__}: {e}", "failed"
+        finally:
+            job.finished = time.time()
+            with self._lock:
+                self._running = None
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def _decode_image(name: str, data: bytes):
+    """Decode an upload as an image (Pillow), or a 422 naming it; never kept in the client's format."""
+    from PIL import Image, UnidentifiedImageError
+    if len(data) > MAX_IMAGE_BYTES:
+        raise FieldError("images", f"{name}: larger than {MAX_IMAGE_BYTES // 2**20} MB", 413)
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > 40_000_000:
+            raise FieldError("images", f"{name}: {img.width}x{img.height} is too many pixels")
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise FieldError("images", f"{name}: not an image Pillow can read") from None
