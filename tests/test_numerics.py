@@ -41,8 +41,8 @@ def record(monkeypatch):
         got["latents"].append(latents.detach().double().clone())
         return real_decode(model, latents)
 
-    def latents(seed, shape, dtype):
-        return real_latents(seed, shape, torch.float32).to(dtype)
+    def latents(seed, shape, dtype, generator=None):
+        return real_latents(seed, shape, torch.float32, generator).to(dtype)
     monkeypatch.setattr(DPMSolverMultistepScheduler, "step", step)
     for mod in (P, R):
         monkeypatch.setattr(mod, "decode", decode)

@@ -215,7 +215,7 @@ def test_engine_failure_fails_alone(srv, client, tmp_path):
 
     def explode(*_a, **_k):
         raise RuntimeError("boom inside the engine")
-    table.rows = explode
+    table.schedule_rows = explode  # Table.rows is the older name of schedule_rows
     good = body(prompt="a photo of cup", seed=21)
     want = alone(srv, good)[0]
     srv.batcher.max_wait = 1.0  # both requests land in one batch
