@@ -1,0 +1,179 @@
+// Row-gathered cross-attention, CPU kernel (fp32 / bf16 in, fp32 math).  Python twin and
+// reference: kernels/cross_attention.py (cross_attention_ref).
+//
+// Sample b reads row r = row[b] of the precomputed [R, L, C] K / V tables (L <= 128 text
+// tokens, C = H * D).  For head h (channels h*D .. h*D+D-1) and image token n:
+//
+//     s[l]   = scale * sum_j q[b, n, h*D + j] * K[r, l, h*D + j]         l < L
+//     p[l]   = exp(s[l] - max_l s)                                        (exact softmax: all
+//     out[b, n, h*D + j] = sum_l p[l] * V[r, l, h*D + j] / sum_l p[l]      keys in one pass)
+//
+// All L keys fit in one padded block (Lp = L rounded up to the vector width), so there is no
+// online softmax.  The gather happens here: the kernel offsets its K / V reads by r * stride_r;
+// no per-sample copy of K / V is ever made.
+//
+// Work item = (b, h, block of block_n queries).  Per item, K[r, :, h] is packed transposed into
+// Kt[D][Lp] (fp32, zero padded), so the scores of one query are D fused multiply-adds of
+// Lp-long vectors (vectorized over keys: efficient for any head dim, including tiny's 4 / 8).
+// V is packed as V[L][Dp] (Dp = D rounded up to the vector width) when D >= the vector width
+// (out = L multiply-adds of Dp-long vectors), else transposed as Vt[D][Lp] (out[j] = dot(p, Vt[j])).
+// Packing costs L*D per item against block_n*L*D*2 multiply-adds, and consecutive items of one
+// thread usually share (r, h), in which case the packed tiles are reused.  Four queries are
+// processed together so that each loaded K / V vector feeds four independent FMA chains.
+//
+// bf16 inputs are widened to fp32 on load and the output rounded once on store, so the only bf16
+// rounding is of the inputs and the result (PyTorch's own bf16 attention rounds the scores and
+// probabilities too, hence the equivalence tests bound our error by PyTorch's).
+//
+// This file is compiled once per CPU ISA (DEFAULT, AVX2, AVX512; CMakeLists.txt sets the flags
+// and CPU_CAPABILITY), like ATen's own kernels; csrc/ops.cpp picks one at run time.
+
+#include "cross_attention.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#ifndef CPU_CAPABILITY
+#error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
+#endif
+
+namespace neti_fast::cpu::CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kQ = 4;  // queries processed together
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+
+template <typename T>
+void run(const CrossAttnParams& p, int64_t begin, int64_t end) {
+  constexpr int64_t W = Vec::size();
+  const int64_t D = p.D, L = p.L, H = p.H, N = p.N;
+  const int64_t Lp = round_up(L, W), Dp = round_up(D, W);
+  const int64_t nv_l = Lp / W;
+  const bool v_rows = D >= W;  // V layout: [L][Dp] (axpy over D) or Vt[D][Lp] (dot over L)
+  const int64_t nblocks = (N + p.block_n - 1) / p.block_n;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+
+  std::vector<float> kt(D * Lp), vb(v_rows ? L * Dp : D * Lp), qf(kQ * D), s(kQ * Lp), acc(kQ * Dp);
+  int64_t packed_r = -1, packed_h = -1;
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t nb = item % nblocks, bh = item / nblocks;
+    const int64_t h = bh % H, b = bh / H;
+    const int64_t r = p.row[b];
+
+    if (r != packed_r || h != packed_h) {  // pack K^T and V of (row r, head h) as fp32
+      std::fill(kt.begin(), kt.end(), 0.f);
+      std::fill(vb.begin(), vb.end(), 0.f);
+      for (int64_t l = 0; l < L; ++l) {
+        const T* kl = k + r * p.k_sr + l * p.k_sl + h * D;
+        const T* vl = v + r * p.v_sr + l * p.v_sl + h * D;
+        for (int64_t j = 0; j < D; ++j) {
+          kt[j * Lp + l] = to_float(kl[j]);
+          if (v_rows) vb[l * Dp + j] = to_float(vl[j]);
+          else vb[j * Lp + l] = to_float(vl[j]);
+        }
+      }
+      packed_r = r;
+      packed_h = h;
+    }
+
+    const int64_t n_begin = nb * p.block_n, n_end = std::min(N, n_begin + p.block_n);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kQ) {
+      const int64_t nq = std::min(kQ, n_end - n0);  // tail: lanes >= nq repeat the last query
+      for (int64_t i = 0; i < kQ; ++i) {
+        const T* qn = q + b * p.q_sb + (n0 + std::min(i, nq - 1)) * p.q_sn + h * D;
+        for (int64_t j = 0; j < D; ++j) qf[i * D + j] = to_float(qn[j]) * p.scale;
+      }
+
+      // Scores: s_i[l] = sum_j qf_i[j] * Kt[j][l].
+      for (int64_t t = 0; t < nv_l; ++t) {
+        Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+        const float* kcol = kt.data() + t * W;
+        for (int64_t j = 0; j < D; ++j) {
+          const Vec kv = Vec::loadu(kcol + j * Lp);
+          a0 = at::vec::fmadd(Vec(qf[j]), kv, a0);
+          a1 = at::vec::fmadd(Vec(qf[D + j]), kv, a1);
+          a2 = at::vec::fmadd(Vec(qf[2 * D + j]), kv, a2);
+          a3 = at::vec::fmadd(Vec(qf[3 * D + j]), kv, a3);
+        }
+        a0.store(s.data() + t * W);
+        a1.store(s.data() + Lp + t * W);
+        a2.store(s.data() + 2 * Lp + t * W);
+        a3.store(s.data() + 3 * Lp + t * W);
+      }
+
+      // Softmax numerators p = exp(s - max) (padding keys -> -inf -> 0) and their sums.
+      float inv_sum[kQ];
+      for (int64_t i = 0; i < kQ; ++i) {
+        float* si = s.data() + i * Lp;
+        for (int64_t l = L; l < Lp; ++l) si[l] = -std::numeric_limits<float>::infinity();
+        Vec m = Vec::loadu(si);
+        for (int64_t t = 1; t < nv_l; ++t) m = at::vec::maximum(m, Vec::loadu(si + t * W));
+        const float mx = at::vec::vec_reduce_all<float>(
+            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, m);
+        Vec sum(0.f);
+        const Vec vmx(mx);
+        for (int64_t t = 0; t < nv_l; ++t) {
+          const Vec e = (Vec::loadu(si + t * W) - vmx).exp();
+          e.store(si + t * W);
+          sum = sum + e;
+        }
+        inv_sum[i] = 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+      }
+
+      // out_i = (p_i @ V) / sum_i.
+      if (v_rows) {
+        for (int64_t t = 0; t < Dp / W; ++t) {
+          Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+          const float* vcol = vb.data() + t * W;
+          for (int64_t l = 0; l < L; ++l) {
+            const Vec vv = Vec::loadu(vcol + l * Dp);
+            a0 = at::vec::fmadd(Vec(s[l]), vv, a0);
+            a1 = at::vec::fmadd(Vec(s[Lp + l]), vv, a1);
+            a2 = at::vec::fmadd(Vec(s[2 * Lp + l]), vv, a2);
+            a3 = at::vec::fmadd(Vec(s[3 * Lp + l]), vv, a3);
+          }
+          (a0 * Vec(inv_sum[0])).store(acc.data() + t * W);
+          (a1 * Vec(inv_sum[1])).store(acc.data() + Dp + t * W);
+          (a2 * Vec(inv_sum[2])).store(acc.data() + 2 * Dp + t * W);
+          (a3 * Vec(inv_sum[3])).store(acc.data() + 3 * Dp + t * W);
+        }
+      } else {
+        for (int64_t j = 0; j < D; ++j) {
+          const float* vrow = vb.data() + j * Lp;
+          for (int64_t i = 0; i < kQ; ++i) {
+            Vec a(0.f);
+            for (int64_t t = 0; t < nv_l; ++t)
+              a = at::vec::fmadd(Vec::loadu(s.data() + i * Lp + t * W), Vec::loadu(vrow + t * W), a);
+            acc[i * Dp + j] = inv_sum[i] *
+                at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a);
+          }
+        }
+      }
+
+      for (int64_t i = 0; i < nq; ++i) {
+        T* on = out + b * p.o_sb + (n0 + i) * p.o_sn + h * D;
+        for (int64_t j = 0; j < D; ++j) on[j] = static_cast<T>(acc[i * Dp + j]);
+      }
+    }
+  }
+}
+
+void cross_attention_range(const CrossAttnParams& p, int64_t begin, int64_t end) {
+  if (p.dtype == kBFloat16) run<c10::BFloat16>(p, begin, end);
+  else run<float>(p, begin, end);
+}
+
+}  // namespace neti_fast::cpu::CPU_CAPABILITY
