@@ -18,8 +18,8 @@
 // V is packed as V[L][Dp] (Dp = D rounded up to the vector width) when D >= the vector width
 // (out = L multiply-adds of Dp-long vectors), else transposed as Vt[D][Lp] (out[j] = dot(p, Vt[j])).
 // Packing costs L*D per item against block_n*L*D*2 multiply-adds, and consecutive items of one
-// thread usually share (r, h), in which case the packed tiles are reused.  Four queries are
-// processed together so that each loaded K / V vector feeds four independent FMA chains.
+// thread usually share (r, h), in which case the packed tiles are reused.  Eight queries are
+// processed together so that each loaded K / V vector feeds eight independent FMA chains.
 //
 // bf16 inputs are widened to fp32 on load and the output rounded once on store, so the only bf16
 // rounding is of the inputs and the result (PyTorch's own bf16 attention rounds the scores and
@@ -45,7 +45,7 @@
 namespace neti_fast::cpu::CPU_CAPABILITY {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kQ = 4;  // queries processed together
+constexpr int64_t kQ = 8;  // queries processed together: 8 FMA chains hide the FMA latency
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -97,21 +97,17 @@ void run(const CrossAttnParams& p, int64_t begin, int64_t end) {
         for (int64_t j = 0; j < D; ++j) qf[i * D + j] = to_float(qn[j]) * p.scale;
       }
 
-      // Scores: s_i[l] = sum_j qf_i[j] * Kt[j][l].
+      // Scores: s_i[l] = sum_j qf_i[j] * Kt[j][l]  (kQ independent FMA chains per K load).
       for (int64_t t = 0; t < nv_l; ++t) {
-        Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+        Vec a[kQ];
+        for (int64_t i = 0; i < kQ; ++i) a[i] = Vec(0.f);
         const float* kcol = kt.data() + t * W;
         for (int64_t j = 0; j < D; ++j) {
           const Vec kv = Vec::loadu(kcol + j * Lp);
-          a0 = at::vec::fmadd(Vec(qf[j]), kv, a0);
-          a1 = at::vec::fmadd(Vec(qf[D + j]), kv, a1);
-          a2 = at::vec::fmadd(Vec(qf[2 * D + j]), kv, a2);
-          a3 = at::vec::fmadd(Vec(qf[3 * D + j]), kv, a3);
+#pragma GCC unroll 8
+          for (int64_t i = 0; i < kQ; ++i) a[i] = at::vec::fmadd(Vec(qf[i * D + j]), kv, a[i]);
         }
-        a0.store(s.data() + t * W);
-        a1.store(s.data() + Lp + t * W);
-        a2.store(s.data() + 2 * Lp + t * W);
-        a3.store(s.data() + 3 * Lp + t * W);
+        for (int64_t i = 0; i < kQ; ++i) a[i].store(s.data() + i * Lp + t * W);
       }
 
       // Softmax numerators p = exp(s - max) (padding keys -> -inf -> 0) and their sums.
@@ -136,19 +132,15 @@ void run(const CrossAttnParams& p, int64_t begin, int64_t end) {
       // out_i = (p_i @ V) / sum_i.
       if (v_rows) {
         for (int64_t t = 0; t < Dp / W; ++t) {
-          Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+          Vec a[kQ];
+          for (int64_t i = 0; i < kQ; ++i) a[i] = Vec(0.f);
           const float* vcol = vb.data() + t * W;
           for (int64_t l = 0; l < L; ++l) {
             const Vec vv = Vec::loadu(vcol + l * Dp);
-            a0 = at::vec::fmadd(Vec(s[l]), vv, a0);
-            a1 = at::vec::fmadd(Vec(s[Lp + l]), vv, a1);
-            a2 = at::vec::fmadd(Vec(s[2 * Lp + l]), vv, a2);
-            a3 = at::vec::fmadd(Vec(s[3 * Lp + l]), vv, a3);
+#pragma GCC unroll 8
+            for (int64_t i = 0; i < kQ; ++i) a[i] = at::vec::fmadd(Vec(s[i * Lp + l]), vv, a[i]);
           }
-          (a0 * Vec(inv_sum[0])).store(acc.data() + t * W);
-          (a1 * Vec(inv_sum[1])).store(acc.data() + Dp + t * W);
-          (a2 * Vec(inv_sum[2])).store(acc.data() + 2 * Dp + t * W);
-          (a3 * Vec(inv_sum[3])).store(acc.data() + 3 * Dp + t * W);
+          for (int64_t i = 0; i < kQ; ++i) (a[i] * Vec(inv_sum[i])).store(acc.data() + i * Dp + t * W);
         }
       } else {
         for (int64_t j = 0; j < D; ++j) {

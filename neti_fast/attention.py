@@ -14,8 +14,10 @@ a U-Net call, in one of three modes:
             rows are shared by every sample instead of copied.
 
 The dispatcher `attend_rows` picks the fused Triton kernel when its guards pass (CUDA tensors,
-supported dtype / head dim, not exporting, `NETI_FAST_DISABLE_TRITON` unset), else SDPA on
-gathered rows; `xformers` and `eager` (the official bmm + softmax) can be forced.
+supported dtype / head dim, not exporting, `NETI_FAST_DISABLE_TRITON` unset); on CPU the native
+C++ kernel (`neti_fast.native`, where `_C` is built, `NETI_FAST_DISABLE_NATIVE` unset, and measured
+faster for the shape class); else SDPA on gathered rows; `native`, `xformers` and `eager` (the
+official bmm + softmax) can be forced.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager")
+BACKENDS = ("auto", "triton", "native", "sdpa", "xformers", "eager")
 
 
 @dataclass
@@ -67,6 +69,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, backen
 def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, row_idx: torch.Tensor,
                 heads: int, backend: str = "auto", attn=None) -> torch.Tensor:
     """Attention where sample b uses K / V rows `row_idx[b]` of the [R, L, C] tables."""
+    # --- native backend (issue 13): the C++ kernel of neti_fast._C; `auto` on CPU takes it where
+    # neti_fast.native.native_preferred says the micro-benchmark measured it faster than SDPA.
+    if backend == "native" or (backend == "auto" and not q.is_cuda and not _is_exporting()):
+        from . import native
+        if backend == "native":
+            ok, why = native.native_supported(q, k_table, heads)
+            if not ok:
+                raise RuntimeError(f"--attention native: cannot run here ({why})")
+            return native.cross_attention_native(q, k_table, v_table, row_idx, heads)
+        if native.native_preferred(q, k_table, heads):
+            return native.cross_attention_native(q, k_table, v_table, row_idx, heads)
+    # --- end native backend
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         # `auto` never picks the CPU interpreter (TRITON_INTERPRET=1): that is a test device, not a fast path.
         from .kernels.cross_attention import cross_attention_op, cross_attention_triton, triton_supported
@@ -81,6 +95,19 @@ def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, r
         backend = "sdpa"
     # Fallback: gather the rows (a per-sample copy the fused kernel avoids), then plain attention.
     return attend(q, k_table.index_select(0, row_idx), v_table.index_select(0, row_idx), heads, backend, attn)
+
+
+def _is_exporting() -> bool:
+    """torch.export / ONNX export: `auto` keeps the portable SDPA graph (`native` can be forced)."""
+    try:
+        if torch.compiler.is_exporting():
+            return True
+    except AttributeError:
+        pass
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except AttributeError:
+        return False
 
 
 class NetiCrossAttnProcessor:
@@ -100,7 +127,7 @@ class NetiCrossAttnProcessor:
                 ek, ev = st.enc[l], st.enc_bypass[l]
             else:
                 ek = ev = encoder_hidden_states
-            backend = "sdpa" if st.backend in ("auto", "triton") else st.backend
+            backend = "sdpa" if st.backend in ("auto", "triton", "native") else st.backend
             out = attend(q, attn.to_k(ek), attn.to_v(ev), attn.heads, backend, attn)
         return attn.to_out[1](attn.to_out[0](out))
 

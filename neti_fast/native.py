@@ -60,6 +60,8 @@ def _build_status() -> str:
 
 def _load() -> tuple[bool, str]:
     global _state
+    if _state is not None:  # decided: no lock (also keeps torch.compile tracing through this)
+        return _state
     with _lock:
         if _state is None:
             path = library_path()
@@ -133,20 +135,20 @@ def native_supported(q: torch.Tensor, k_table: torch.Tensor, heads: int) -> tupl
     return False, f"no native kernel for device {q.device}"
 
 
-# Measured by `python -m neti_fast.bench.attention` (bench/results/cpu-attention-native.json):
-# see native_preferred.
-_PREFER_MAX_WORK = None
+# `auto` on CPU, from `python -m neti_fast.bench.attention` (native vs SDPA, alternated, one run;
+# bench/results/cpu-attention-native.json, figures in README "Native extension"): fp32 native is
+# faster at every SD 1.5 level and at tiny's; in bf16 PyTorch's SDPA (bf16 GEMMs) wins or ties at
+# SD 1.5's head dims (40 / 80 / 160), while at tiny's (4 / 8) SDPA is mostly call overhead.
+_BF16_MAX_HEAD_DIM = 16
 
 
 def native_preferred(q: torch.Tensor, k_table: torch.Tensor, heads: int) -> bool:
-    """Should `auto` pick the native kernel over SDPA on this CPU shape class?
-
-    Decided from the attention micro-benchmark (README "Native extension" gives the figures).
-    """
+    """Should `auto` pick the native kernel over SDPA for this CPU shape class?"""
     if q.device.type != "cpu":
         return False  # on CUDA the Triton kernel is the tuned path; native is opt-in there
-    ok, _ = native_supported(q, k_table, heads)
-    return ok
+    if not native_supported(q, k_table, heads)[0]:
+        return False
+    return q.dtype == torch.float32 or q.shape[-1] // heads <= _BF16_MAX_HEAD_DIM
 
 
 def cross_attention_native(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
