@@ -68,7 +68,7 @@ def _load() -> tuple[bool, str]:
             if not path.exists():
                 status = _build_status()
                 why = f"{status}" if status.startswith("not built") else "not built (no neti_fast/_C.so)"
-                _state = (False, f"native extension {why}; reinstall with cmake and a C++ compiler to build it")
+                _state = (False, f"native extension {why}; reinstall with cmake and a C++ compiler present (and NETI_FAST_NATIVE unset) to build it")
             else:
                 try:
                     torch.ops.load_library(str(path))
