@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -173,8 +174,8 @@ def main(argv=None):
     if args.json:
         meta = dict(device=device_name, dtype=str(dtype), torch=torch.__version__,
                     triton=__import__("triton").__version__ if HAS_TRITON else None,
-                    threads=torch.get_num_threads(), timing="median, calls alternated" if device == "cpu"
-                    else "triton.testing.do_bench median")
+                    threads=torch.get_num_threads(), loadavg_1min=os.getloadavg()[0],
+                    timing="median, calls alternated" if device == "cpu" else "triton.testing.do_bench median")
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=2)
         print(f"wrote {args.json}")

@@ -67,8 +67,9 @@ def _load() -> tuple[bool, str]:
             path = library_path()
             if not path.exists():
                 status = _build_status()
-                why = f"{status}" if status.startswith("not built") else "not built (no neti_fast/_C.so)"
-                _state = (False, f"native extension {why}; reinstall with cmake and a C++ compiler present (and NETI_FAST_NATIVE unset) to build it")
+                why = status if status.startswith("not built") else "not built (no neti_fast/_C.so)"
+                _state = (False, f"native extension {why}; reinstall with cmake and a C++ compiler present "
+                                 "(and NETI_FAST_NATIVE unset) to build it")
             else:
                 try:
                     torch.ops.load_library(str(path))

@@ -292,8 +292,9 @@ def test_cuda_artifact_has_sm80_and_sm90():
     listing = subprocess.run([exe, "--list-elf", "--list-ptx", str(lib)], capture_output=True, text=True,
                              check=True).stdout
     assert "sm_80.cubin" in listing and "sm_90.cubin" in listing and "sm_90.ptx" in listing, listing
-    syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
-    assert "neti_fast_cross_attention_cuda" in syms
+    if shutil.which("nm"):  # the launcher _C dlopen()s is exported
+        syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+        assert "neti_fast_cross_attention_cuda" in syms
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here, or a CPU-only torch)")
