@@ -12,11 +12,12 @@
 // online softmax.  The gather happens here: the kernel offsets its K / V reads by r * stride_r;
 // no per-sample copy of K / V is ever made.
 //
-// Work item = (b, h, block of block_n queries).  Per item, K[r, :, h] is packed transposed into
+// Work item = (b, h, block of block_n queries).  Per (r, h), K[r, :, h] is packed transposed into
 // Kt[D][Lp] (fp32, zero padded), so the scores of one query are D fused multiply-adds of
 // Lp-long vectors (vectorized over keys: efficient for any head dim, including tiny's 4 / 8).
-// V is packed as V[L][Dp] (Dp = D rounded up to the vector width) when D >= the vector width
-// (out = L multiply-adds of Dp-long vectors), else transposed as Vt[D][Lp] (out[j] = dot(p, Vt[j])).
+// V is used in its table layout [L][D] when D >= the vector width (out = L multiply-adds of D-long
+// vectors; read in place for fp32, widened into a copy for bf16), else transposed as Vt[D][Lp]
+// (out[j] = dot(p, Vt[j])).
 // Packing costs L*D per item against block_n*L*D*2 multiply-adds, and consecutive items of one
 // thread usually share (r, h), in which case the packed tiles are reused.  Eight queries are
 // processed together so that each loaded K / V vector feeds eight independent FMA chains.
@@ -36,6 +37,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifndef CPU_CAPABILITY
@@ -73,21 +75,29 @@ void run(const CrossAttnParams& p, int64_t begin, int64_t end) {
     const int64_t h = bh % H, b = bh / H;
     const int64_t r = p.row[b];
 
-    if (r != packed_r || h != packed_h) {  // pack K^T and V of (row r, head h) as fp32
-      std::fill(kt.begin(), kt.end(), 0.f);
-      std::fill(vb.begin(), vb.end(), 0.f);
+    // fp32 V in the [L][D] row layout is read in place from the table (no copy); otherwise packed.
+    const bool v_in_place = v_rows && std::is_same_v<T, float>;
+    if (r != packed_r || h != packed_h) {  // pack K^T (and V) of (row r, head h) as fp32
+      for (int64_t j = 0; j < D; ++j)  // padding keys: zero (their scores are masked anyway)
+        std::fill(kt.begin() + j * Lp + L, kt.begin() + (j + 1) * Lp, 0.f);
+      if (!v_rows) std::fill(vb.begin(), vb.end(), 0.f);
       for (int64_t l = 0; l < L; ++l) {
         const T* kl = k + r * p.k_sr + l * p.k_sl + h * D;
         const T* vl = v + r * p.v_sr + l * p.v_sl + h * D;
-        for (int64_t j = 0; j < D; ++j) {
-          kt[j * Lp + l] = to_float(kl[j]);
-          if (v_rows) vb[l * Dp + j] = to_float(vl[j]);
-          else vb[j * Lp + l] = to_float(vl[j]);
+        for (int64_t j = 0; j < D; ++j) kt[j * Lp + l] = to_float(kl[j]);
+        if (v_in_place) continue;
+        if (v_rows) {
+          for (int64_t j = 0; j < D; ++j) vb[l * Dp + j] = to_float(vl[j]);
+          for (int64_t j = D; j < Dp; ++j) vb[l * Dp + j] = 0.f;
+        } else {
+          for (int64_t j = 0; j < D; ++j) vb[j * Lp + l] = to_float(vl[j]);
         }
       }
       packed_r = r;
       packed_h = h;
     }
+    const float* vsrc = v_in_place ? reinterpret_cast<const float*>(v) + r * p.v_sr + h * D : vb.data();
+    const int64_t vstride = v_in_place ? p.v_sl : Dp;
 
     const int64_t n_begin = nb * p.block_n, n_end = std::min(N, n_begin + p.block_n);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kQ) {
@@ -134,9 +144,10 @@ void run(const CrossAttnParams& p, int64_t begin, int64_t end) {
         for (int64_t t = 0; t < Dp / W; ++t) {
           Vec a[kQ];
           for (int64_t i = 0; i < kQ; ++i) a[i] = Vec(0.f);
-          const float* vcol = vb.data() + t * W;
+          const float* vcol = vsrc + t * W;
+          const int64_t rem = std::min<int64_t>(W, D - t * W);  // the last vector may be partial
           for (int64_t l = 0; l < L; ++l) {
-            const Vec vv = Vec::loadu(vcol + l * Dp);
+            const Vec vv = rem == W ? Vec::loadu(vcol + l * vstride) : Vec::loadu(vcol + l * vstride, rem);
 #pragma GCC unroll 8
             for (int64_t i = 0; i < kQ; ++i) a[i] = at::vec::fmadd(Vec(s[i * Lp + l]), vv, a[i]);
           }
