@@ -19,8 +19,8 @@
 // vectors; read in place for fp32, widened into a copy for bf16), else transposed as Vt[D][Lp]
 // (out[j] = dot(p, Vt[j])).
 // Packing costs L*D per item against block_n*L*D*2 multiply-adds, and consecutive items of one
-// thread usually share (r, h), in which case the packed tiles are reused.  Eight queries are
-// processed together so that each loaded K / V vector feeds eight independent FMA chains.
+// thread usually share (r, h), in which case the packed tiles are reused.  Eight queries (times two
+// vectors on AVX512) are processed together: independent FMA chains, fewer loads than FMAs.
 //
 // bf16 inputs are widened to fp32 on load and the output rounded once on store, so the only bf16
 // rounding is of the inputs and the result (PyTorch's own bf16 attention rounds the scores and
@@ -53,6 +53,56 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
+
+// Register blocks: NT vectors x kQ queries of accumulators.  Each loaded K / V vector feeds kQ FMAs
+// and each broadcast query / probability value NT of them, so loads stay below the FMA count
+// (AVX512: NT = 2, 16 accumulators of its 32 registers; narrower ISAs have 16 registers: NT = 1).
+constexpr int kNT = Vec::size() == 16 ? 2 : 1;
+
+// s_i[t0*W ..) = sum_j qf_i[j] * Kt[j][t0*W ..) for NT vectors of keys.
+template <int NT>
+inline void score_block(const float* kt, int64_t Lp, int64_t D, const float* qf, float* s, int64_t t0) {
+  constexpr int64_t W = Vec::size();
+  Vec a[NT][kQ];
+  for (int t = 0; t < NT; ++t)
+    for (int64_t i = 0; i < kQ; ++i) a[t][i] = Vec(0.f);
+  const float* kcol = kt + t0 * W;
+  for (int64_t j = 0; j < D; ++j) {
+    Vec kv[NT];
+    for (int t = 0; t < NT; ++t) kv[t] = Vec::loadu(kcol + j * Lp + t * W);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < kQ; ++i) {
+      const Vec qb(qf[i * D + j]);
+      for (int t = 0; t < NT; ++t) a[t][i] = at::vec::fmadd(qb, kv[t], a[t][i]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int64_t i = 0; i < kQ; ++i) a[t][i].store(s + i * Lp + (t0 + t) * W);
+}
+
+// acc_i[t0*W ..) = inv_sum_i * sum_l p_i[l] * V[l][t0*W ..) for NT vectors of channels, the last
+// of which may hold only `rem` < W channels (then NT == 1).
+template <int NT>
+inline void pv_block(const float* vsrc, int64_t vstride, int64_t L, const float* s, int64_t Lp,
+                     const float* inv_sum, float* acc, int64_t Dp, int64_t t0, int64_t rem) {
+  constexpr int64_t W = Vec::size();
+  Vec a[NT][kQ];
+  for (int t = 0; t < NT; ++t)
+    for (int64_t i = 0; i < kQ; ++i) a[t][i] = Vec(0.f);
+  const float* vcol = vsrc + t0 * W;
+  for (int64_t l = 0; l < L; ++l) {
+    Vec vv[NT];
+    for (int t = 0; t < NT; ++t)
+      vv[t] = rem == W ? Vec::loadu(vcol + l * vstride + t * W) : Vec::loadu(vcol + l * vstride + t * W, rem);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < kQ; ++i) {
+      const Vec pb(s[i * Lp + l]);
+      for (int t = 0; t < NT; ++t) a[t][i] = at::vec::fmadd(pb, vv[t], a[t][i]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int64_t i = 0; i < kQ; ++i) (a[t][i] * Vec(inv_sum[i])).store(acc + i * Dp + (t0 + t) * W);
+}
 
 template <typename T>
 void run(const CrossAttnParams& p, int64_t begin, int64_t end) {
@@ -107,18 +157,10 @@ void run(const CrossAttnParams& p, int64_t begin, int64_t end) {
         for (int64_t j = 0; j < D; ++j) qf[i * D + j] = to_float(qn[j]) * p.scale;
       }
 
-      // Scores: s_i[l] = sum_j qf_i[j] * Kt[j][l]  (kQ independent FMA chains per K load).
-      for (int64_t t = 0; t < nv_l; ++t) {
-        Vec a[kQ];
-        for (int64_t i = 0; i < kQ; ++i) a[i] = Vec(0.f);
-        const float* kcol = kt.data() + t * W;
-        for (int64_t j = 0; j < D; ++j) {
-          const Vec kv = Vec::loadu(kcol + j * Lp);
-#pragma GCC unroll 8
-          for (int64_t i = 0; i < kQ; ++i) a[i] = at::vec::fmadd(Vec(qf[i * D + j]), kv, a[i]);
-        }
-        for (int64_t i = 0; i < kQ; ++i) a[i].store(s.data() + i * Lp + t * W);
-      }
+      // Scores: s_i[l] = sum_j qf_i[j] * Kt[j][l].
+      int64_t t = 0;
+      for (; t + kNT <= nv_l; t += kNT) score_block<kNT>(kt.data(), Lp, D, qf.data(), s.data(), t);
+      for (; t < nv_l; ++t) score_block<1>(kt.data(), Lp, D, qf.data(), s.data(), t);
 
       // Softmax numerators p = exp(s - max) (padding keys -> -inf -> 0) and their sums.
       float inv_sum[kQ];
@@ -141,18 +183,12 @@ void run(const CrossAttnParams& p, int64_t begin, int64_t end) {
 
       // out_i = (p_i @ V) / sum_i.
       if (v_rows) {
-        for (int64_t t = 0; t < Dp / W; ++t) {
-          Vec a[kQ];
-          for (int64_t i = 0; i < kQ; ++i) a[i] = Vec(0.f);
-          const float* vcol = vsrc + t * W;
-          const int64_t rem = std::min<int64_t>(W, D - t * W);  // the last vector may be partial
-          for (int64_t l = 0; l < L; ++l) {
-            const Vec vv = rem == W ? Vec::loadu(vcol + l * vstride) : Vec::loadu(vcol + l * vstride, rem);
-#pragma GCC unroll 8
-            for (int64_t i = 0; i < kQ; ++i) a[i] = at::vec::fmadd(Vec(s[i * Lp + l]), vv, a[i]);
-          }
-          for (int64_t i = 0; i < kQ; ++i) (a[i] * Vec(inv_sum[i])).store(acc.data() + i * Dp + t * W);
-        }
+        const int64_t full = D / W;  // channel vectors with all W lanes; then at most one partial
+        int64_t t = 0;
+        for (; t + kNT <= full; t += kNT)
+          pv_block<kNT>(vsrc, vstride, L, s.data(), Lp, inv_sum, acc.data(), Dp, t, W);
+        for (; t < Dp / W; ++t)
+          pv_block<1>(vsrc, vstride, L, s.data(), Lp, inv_sum, acc.data(), Dp, t, std::min<int64_t>(W, D - t * W));
       } else {
         for (int64_t j = 0; j < D; ++j) {
           const float* vrow = vb.data() + j * Lp;
