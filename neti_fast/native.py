@@ -138,10 +138,11 @@ def native_supported(q: torch.Tensor, k_table: torch.Tensor, heads: int) -> tupl
 
 # `auto` on CPU, from `python -m neti_fast.bench.attention --threads 1` (native vs SDPA, calls
 # alternated, one run; bench/results/cpu-attention-native-{fp32,bf16}.json, README "Native
-# extension"): at tiny's head dims (4 / 8) native is 1.4-2.4x faster in fp32 and bf16 (SDPA is mostly
-# call overhead there); at SD 1.5's (40 / 80 / 160) it is 0.95-1.22x in fp32 and 0.73-1.03x in bf16,
-# i.e. not faster, so SDPA keeps those.
-_PREFER_MAX_HEAD_DIM = 16
+# extension"): fp32 native is faster at every level measured (1.22-1.45x at SD 1.5's head dims
+# 40 / 80 / 160, 1.39-2.07x at tiny's 4 / 8); in bf16 it is faster at tiny's (1.27-2.44x: SDPA is
+# mostly call overhead there) but not at SD 1.5's (0.79-1.20x: PyTorch's bf16 GEMMs), so SDPA keeps
+# bf16 above head dim 16.
+_BF16_MAX_HEAD_DIM = 16
 
 
 def native_preferred(q: torch.Tensor, k_table: torch.Tensor, heads: int) -> bool:
@@ -150,7 +151,7 @@ def native_preferred(q: torch.Tensor, k_table: torch.Tensor, heads: int) -> bool
         return False  # on CUDA the Triton kernel is the tuned path; native is opt-in there
     if not native_supported(q, k_table, heads)[0]:
         return False
-    return q.shape[-1] // heads <= _PREFER_MAX_HEAD_DIM
+    return q.dtype == torch.float32 or q.shape[-1] // heads <= _BF16_MAX_HEAD_DIM
 
 
 def cross_attention_native(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
