@@ -142,7 +142,7 @@ BACKENDS = ("auto", "eager", "triton", "compile", "onnx", "tensorrt")
 
 def add_runtime_args(p) -> None:
     """--attention / --backend / --export-dir, shared by `generate` and `run`."""
-    p.add_argument("--attention", choices=["auto", "triton", "sdpa", "xformers", "eager"], default="auto",
+    p.add_argument("--attention", choices=["auto", "triton", "native", "sdpa", "xformers", "eager"], default="auto",
                    help="cross-attention kernel (auto: the Triton kernel on CUDA when its guards pass, else SDPA)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="U-Net runtime. auto = eager today: it has no build step, and the others (compile, "
