@@ -137,6 +137,10 @@ class AttentionDispatcher:
                 choice = AttnChoice("triton", "forced; CPU interpreter")
             else:
                 choice, out = self._first_use_check(q, k_table, v_table, row_idx, heads, backend)
+        if _tracing():
+            # Inside torch.compile's tracing (or a graph capture) nothing is cached or logged: the
+            # first eager call at this shape makes, checks and logs the decision for good.
+            return choice, out
         self.choices[key] = choice
         dev, dt, N, C, h, L = key[:6]
         log.info("attention %s %s [N=%d, C=%d, heads=%d, L=%d]: %s (%s)", dev, str(dt).replace("torch.", ""),
