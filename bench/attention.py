@@ -1,4 +1,4 @@
-"""Micro-benchmark: row-gathered cross-attention, Triton vs SDPA vs xformers vs eager.
+"""Micro-benchmark: row-gathered cross-attention, Triton vs native vs SDPA vs xformers vs eager.
 
     python -m neti_fast.bench.attention [--quick] [--dtype fp16] [--json out.json]
 
@@ -11,14 +11,18 @@ each, so the K/V tables have R = B/2 + 1 rows.
 The non-Triton baselines must gather K/V rows themselves (``table[row_idx]``),
 and that gather is inside their timed region: it is the work the Triton kernel
 avoids.  On CUDA every implementation is timed with triton.testing.do_bench
-(median ms).  Without CUDA a small fp32 run times SDPA / eager with
-time.perf_counter only: the Triton interpreter is far too slow to be worth timing.
+(median ms).  Without CUDA a small fp32 run times SDPA / eager / the native C++ kernel (where
+neti_fast._C is built) with time.perf_counter, the implementations' calls alternated one by one
+(this VM's speed drifts over minutes), at SD 1.5's levels and at the `tiny` model's (same 8 heads,
+head dim 4 / 8): the Triton interpreter is far too slow to be worth timing.  These CPU figures
+decide `neti_fast.native.native_preferred`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -33,6 +37,7 @@ from neti_fast.kernels.cross_attention import (
 
 HEADS, L = 8, 77
 SD15_LEVELS = [(4096, 320), (1024, 640), (256, 1280), (64, 1280)]  # (N, C) at 512x512
+TINY_LEVELS = [(64, 32), (16, 32), (4, 64), (1, 64)]  # tiny's (N, C) at its 64x64 (latent 8x8)
 BATCHES = (2, 8, 32)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -66,6 +71,10 @@ def make_impls(q, k_table, v_table, ri):
         return cross_attention_ref(q, k_table, v_table, ri, HEADS)
 
     impls = {"sdpa": sdpa, "eager": eager}
+    if not q.is_cuda:
+        from neti_fast import native
+        if native.native_supported(q, k_table, HEADS)[0]:
+            impls["native"] = lambda: native.cross_attention_native(q, k_table, v_table, ri, HEADS)
     if q.is_cuda and HAS_TRITON:
         impls = {"triton": lambda: cross_attention_triton(q, k_table, v_table, ri, HEADS), **impls}
     if q.is_cuda:
@@ -84,15 +93,18 @@ def make_impls(q, k_table, v_table, ri):
     return impls
 
 
-def _time_cpu(fn, warmup=2, reps=5):
+def _time_cpu_alternating(impls, warmup=2, reps=7):
+    """Median ms of each implementation, their calls alternated one by one."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in impls.values():
+            fn()
+    ts = {name: [] for name in impls}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in ts.items()}
 
 
 def run(dtype, batches, levels, device):
@@ -100,7 +112,7 @@ def run(dtype, batches, levels, device):
         from triton.testing import do_bench
         timer = lambda fn: do_bench(fn, return_mode="median")  # noqa: E731
     else:
-        timer = _time_cpu
+        timer = None
     elt = torch.finfo(dtype).bits // 8
     rows = []
     for B in batches:
@@ -112,23 +124,25 @@ def run(dtype, batches, levels, device):
             ri = torch.cat([torch.zeros(B // 2), torch.arange(1, B - B // 2 + 1)]).to(device, torch.int32)
             impls = make_impls(q, k_table, v_table, ri)
             base = impls["sdpa"]()
+            times = _time_cpu_alternating(impls) if timer is None else {n: timer(f) for n, f in impls.items()}
             for name, fn in impls.items():
-                ms = timer(fn)
+                ms = times[name]
                 err = (fn().float() - base.float()).abs().max().item()
                 rows.append(dict(impl=name, B=B, N=N, C=C, L=L, heads=HEADS, ms=ms,
                                  tflops=attention_flops(B, N, L, C) / ms * 1e-9,
                                  gbps=attention_bytes(B, N, L, C, elt) / ms * 1e-6,
-                                 max_abs_diff_vs_sdpa=err))
+                                 max_abs_diff_vs_sdpa=err, sdpa_ms_over_ms=times["sdpa"] / ms))
     return rows
 
 
 def print_table(rows):
-    hdr = f"{'impl':>9} {'B':>3} {'N':>5} {'C':>5} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'|d| sdpa':>9}"
+    hdr = (f"{'impl':>9} {'B':>3} {'N':>5} {'C':>5} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'|d| sdpa':>9}"
+           f" {'sdpa/x':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['impl']:>9} {r['B']:>3} {r['N']:>5} {r['C']:>5} {r['ms']:>9.4f} "
-              f"{r['tflops']:>8.2f} {r['gbps']:>8.1f} {r['max_abs_diff_vs_sdpa']:>9.2e}")
+              f"{r['tflops']:>8.2f} {r['gbps']:>8.1f} {r['max_abs_diff_vs_sdpa']:>9.2e} {r['sdpa_ms_over_ms']:>7.2f}")
 
 
 def sweep_configs(dtype, batch: int = 32) -> list[dict]:
@@ -167,16 +181,19 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write results as JSON")
     p.add_argument("--sweep-configs", action="store_true",
                    help="CUDA: also time every candidate tile size of the Triton kernel (kernels.check)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")]
     batches, levels = BATCHES, SD15_LEVELS
     if device == "cpu":
-        print("no CUDA: timing SDPA / eager on CPU only; Triton timings need a GPU "
+        print("no CUDA: timing SDPA / eager / native on CPU only; Triton timings need a GPU "
               "(the TRITON_INTERPRET=1 interpreter is for correctness, not speed)")
         batches = (2,)
-        levels = SD15_LEVELS[2:] if args.quick else SD15_LEVELS
+        levels = (SD15_LEVELS[2:] if args.quick else SD15_LEVELS) + TINY_LEVELS
     elif args.quick:
         batches = (2,)
 
@@ -187,7 +204,9 @@ def main(argv=None):
     sweep = sweep_configs(dtype) if args.sweep_configs and device == "cuda" and HAS_TRITON else None
     if args.json:
         meta = dict(device=device_name, dtype=str(dtype), torch=torch.__version__,
-                    triton=__import__("triton").__version__ if HAS_TRITON else None)
+                    triton=__import__("triton").__version__ if HAS_TRITON else None,
+                    threads=torch.get_num_threads(), loadavg_1min=os.getloadavg()[0],
+                    timing="median, calls alternated" if device == "cpu" else "triton.testing.do_bench median")
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=rows, config_sweep=sweep), f, indent=2)
         print(f"wrote {args.json}")

@@ -15,8 +15,10 @@ a U-Net call, in one of three modes:
 
 The dispatcher (`AttentionDispatcher`, used by `attend_rows`) decides once per shape class and
 logs it: the fused Triton kernel on CUDA when its guards pass (supported dtype / head dim / GPU,
-not exporting, `NETI_FAST_DISABLE_TRITON` unset) and its first-use check against SDPA passes,
-else SDPA on gathered rows; `xformers` and `eager` (the official bmm + softmax) can be forced.
+not exporting, `NETI_FAST_DISABLE_TRITON` unset) and its first-use check against SDPA passes; on
+CPU the native C++ kernel (`neti_fast.native`, where `_C` is built, `NETI_FAST_DISABLE_NATIVE`
+unset, and measured faster for the shape class); else SDPA on gathered rows; `native`, `xformers`
+and `eager` (the official bmm + softmax) can be forced.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager")
+BACKENDS = ("auto", "triton", "native", "sdpa", "xformers", "eager")
 
 
 @dataclass
@@ -108,9 +110,20 @@ class AttentionDispatcher:
         out = None
         if backend in ("sdpa", "xformers", "eager"):
             choice = AttnChoice(backend, "requested")
+        elif backend == "native":
+            from .native import native_supported
+            ok, why = native_supported(q, k_table, heads)
+            if not ok:
+                raise RuntimeError(f"--attention native: cannot run here ({why})")
+            choice = AttnChoice("native", "requested")
         elif backend == "auto" and not q.is_cuda:
             # `auto` never picks the CPU interpreter (TRITON_INTERPRET=1): a test device, not a fast path.
-            choice = AttnChoice("sdpa", f"triton needs CUDA (q on {q.device})")
+            # The native C++ kernel where it is built and measured faster here (neti_fast.native).
+            from .native import native_preferred
+            if native_preferred(q, k_table, heads):
+                choice = AttnChoice("native", "native C++ kernel, measured faster than SDPA for this shape class")
+            else:
+                choice = AttnChoice("sdpa", f"triton needs CUDA (q on {q.device}); native not preferred here")
         else:
             from .kernels.cross_attention import triton_supported
             ok, why = triton_supported(q, k_table, heads)
@@ -124,6 +137,10 @@ class AttentionDispatcher:
                 choice = AttnChoice("triton", "forced; CPU interpreter")
             else:
                 choice, out = self._first_use_check(q, k_table, v_table, row_idx, heads, backend)
+        if _tracing():
+            # Inside torch.compile's tracing (or a graph capture) nothing is cached or logged: the
+            # first eager call at this shape makes, checks and logs the decision for good.
+            return choice, out
         self.choices[key] = choice
         dev, dt, N, C, h, L = key[:6]
         log.info("attention %s %s [N=%d, C=%d, heads=%d, L=%d]: %s (%s)", dev, str(dt).replace("torch.", ""),
@@ -183,13 +200,20 @@ def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, r
     choice, out = DISPATCH.decide(q, k_table, v_table, row_idx, heads, backend, attn)
     if out is not None:
         return out
-    if choice.impl == "triton" and not _exporting():
+    impl = choice.impl
+    if impl in ("triton", "native") and backend == "auto" and _exporting():
+        impl = "sdpa"  # torch.export / ONNX: `auto` keeps the portable graph
+    if impl == "triton":
         from .kernels.cross_attention import cross_attention_op, cross_attention_triton
         scale = (q.shape[-1] // heads) ** -0.5
         if not q.is_cuda:  # CPU interpreter (tests): no compile / export there, skip the op layer
             return cross_attention_triton(q, k_table, v_table, row_idx, heads, scale)
         return cross_attention_op(q, k_table, v_table, row_idx, heads, scale)
-    return _gathered(q, k_table, v_table, row_idx, heads, choice.impl, attn)
+    if impl == "native":
+        from .native import cross_attention_native
+        return cross_attention_native(q, k_table, v_table, row_idx, heads)
+    return _gathered(q, k_table, v_table, row_idx, heads, impl, attn)
+
 
 
 class NetiCrossAttnProcessor:
@@ -209,7 +233,7 @@ class NetiCrossAttnProcessor:
                 ek, ev = st.enc[l], st.enc_bypass[l]
             else:
                 ek = ev = encoder_hidden_states
-            backend = "sdpa" if st.backend in ("auto", "triton") else st.backend
+            backend = "sdpa" if st.backend in ("auto", "triton", "native") else st.backend
             out = attend(q, attn.to_k(ek), attn.to_v(ev), attn.heads, backend, attn)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -59,7 +59,7 @@ class GenerateConfig:
     width: int | None = None
     negative_prompt: str = ""
     batch_size: int = 8               # images per U-Net batch (each is two rows with guidance)
-    attention: str = "auto"           # auto | triton | sdpa | xformers | eager
+    attention: str = "auto"           # auto | triton | native | sdpa | xformers | eager
     cache_mb: int = 2048              # bound on cached prepared conditionings
 
 

@@ -14,7 +14,7 @@ from .errors import NetiError
 
 METHODS = ("neti", "xti", "ti")                  # concept kinds: NeTI mapper, per-layer XTI, one TI embedding
 SCHEDULERS = ("dpm++", "ddim", "euler", "euler-a", "dpm++-karras")  # --scheduler names (pipeline.make_scheduler)
-ATTENTIONS = ("auto", "triton", "sdpa", "xformers", "eager")  # --attention names
+ATTENTIONS = ("auto", "triton", "native", "sdpa", "xformers", "eager")  # --attention names
 # dtype names accepted on the command line and in configs -> torch attribute name
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
                "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}

@@ -84,8 +84,10 @@ def test_decided_once_and_logged_once(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "neti_fast.attention"]
     assert len(lines) == 3, lines
     assert "sdpa (requested)" in lines[0] and "N=16" in lines[0]
-    assert "sdpa (triton needs CUDA" in lines[1] and "N=8" in lines[2]
-    assert calls == []  # `auto` on CPU never even asks the kernel's guards
+    from neti_fast.native import native_preferred
+    auto = "native (" if native_preferred(q, k, 4) else "sdpa (triton needs CUDA"
+    assert auto in lines[1] and "N=8" in lines[2]
+    assert calls == []  # `auto` on CPU never even asks the Triton kernel's guards
 
 
 def _bad_kernel(q, k, v, ri, heads, scale):
