@@ -27,6 +27,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from neti_fast.utils import image_size
+
 _CACHE: dict = {}
 
 
@@ -48,7 +50,7 @@ def _count(fn) -> int:
 
 
 def _size(model, height, width) -> tuple[int, int]:
-    return height or model.default_size, width or model.default_size
+    return image_size(model, height, width)
 
 
 def unet_flops(model, height: int | None = None, width: int | None = None, batch: int = 1) -> int:

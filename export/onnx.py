@@ -27,6 +27,7 @@ import torch
 
 from neti_fast.attention import install_processors
 from neti_fast.models import NUM_LAYERS
+from neti_fast.utils import image_size
 
 INPUT_NAMES = ["sample", "timestep", "row_idx"] + [f"k{i}" for i in range(NUM_LAYERS)] + [f"v{i}" for i in range(NUM_LAYERS)]
 OUTPUT_NAMES = ["eps"]
@@ -82,7 +83,7 @@ def example_inputs(model, batch: int = 2, rows: int = 3, height: int | None = No
     """Random inputs in the graph's layout (sample, timestep, row_idx, k0..k15, v0..v15)."""
     g = torch.Generator().manual_seed(seed)
     f = model.vae_scale_factor
-    h, w = (height or model.default_size) // f, (width or model.default_size) // f
+    h, w = (n // f for n in image_size(model, height, width))
     dt, dev = model.dtype, model.device
     sample = torch.randn(batch, model.unet.config.in_channels, h, w, generator=g).to(dev, dt)
     t = _timestep(torch.randint(0, 1000, (), generator=g)).to(dev)
@@ -214,6 +215,12 @@ export_onnx.last_exporter = None
 # ----------------------------------------------------------------------------- caching
 
 FULL_HASH_BYTES = 512 << 20   # hash every byte of state_dicts up to this size (tiny: ~10 MB)
+def sample_indices(n: int, k: int) -> torch.Tensor:
+    """k evenly spaced indices 0 .. n-1, in integer arithmetic: a float32 linspace rounds indices
+    past 2**24 (SD 1.5's larger weights) and can step past the end of the tensor."""
+    return torch.arange(k, dtype=torch.int64) * (n - 1) // (k - 1)
+
+
 SAMPLE_ELEMS = 4096           # above it: per tensor, this many evenly strided elements
 
 
@@ -230,7 +237,7 @@ def fingerprint(model, height: int | None = None, width: int | None = None, opse
     unet = model.unet
     meta = {"format": FORMAT_VERSION, "neti_fast": _version(), "torch": torch.__version__,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()},
-            "dtype": str(model.dtype), "height": height or model.default_size, "width": width or model.default_size,
+            "dtype": str(model.dtype), "height": image_size(model, height, width)[0], "width": image_size(model, height, width)[1],
             "opset": opset, "optimize": optimize}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     sd = unet.state_dict()
@@ -240,7 +247,7 @@ def fingerprint(model, height: int | None = None, width: int | None = None, opse
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         flat = t.reshape(-1)
         if not full and flat.numel() > SAMPLE_ELEMS:
-            flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLE_ELEMS, device=flat.device).long()]
+            flat = flat[sample_indices(flat.numel(), SAMPLE_ELEMS).to(flat.device)]
         h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

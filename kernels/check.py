@@ -30,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from neti_fast.utils import first_line
+
 # Per compute capability: (max shared memory per block with opt-in, shared memory per SM), bytes.
 # From NVIDIA's CUDA C++ Programming Guide, "Technical Specifications per Compute Capability".
 SMEM = {80: (166_912, 167_936), 86: (101_376, 102_400), 89: (101_376, 102_400),
@@ -141,7 +143,7 @@ def compile_case(arch: int, dtype: str, label: str, N: int, heads: int, head_dim
             k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                                options={"num_warps": cfg.num_warps})
     except Exception as e:  # noqa: BLE001 - a compile failure is a result row, not a crash
-        res.error = f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        res.error = f"compile error: {type(e).__name__}: {first_line(e)}"
         return res
     res.seconds = time.perf_counter() - t0
     log = buf.getvalue()

@@ -62,7 +62,6 @@ N block but are tiny (77 x d) and stay in L2.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -421,7 +420,8 @@ def _is_exporting() -> bool:
 
 def triton_supported(q, k_table, heads) -> tuple[bool, str]:
     """Can the Triton kernel run for these inputs?  Returns (ok, reason)."""
-    if os.environ.get("NETI_FAST_DISABLE_TRITON", "").strip().lower() in ("1", "true", "yes", "on"):
+    from neti_fast.utils import env_flag
+    if env_flag("NETI_FAST_DISABLE_TRITON"):
         return False, "disabled by NETI_FAST_DISABLE_TRITON"
     if not HAS_TRITON:
         return False, "triton is not installed"

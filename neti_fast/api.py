@@ -18,14 +18,8 @@ from . import manifest, outputs
 from .concept import Concept, load_concept  # noqa: F401  (re-exported)
 from .errors import NetiError
 from .models import Model, load_model  # noqa: F401
-from . import pipeline
 from .pipeline import Engine, GenerateConfig, Request
-from .reference import generate_reference, reference_conditioning
-
-# the reference path lived in pipeline.py; `from neti_fast.pipeline import generate_reference` keeps
-# working because the package (this module) binds the names there (pipeline itself never imports
-# reference.py, which imports it: no cycle)
-pipeline.generate_reference, pipeline.reference_conditioning = generate_reference, reference_conditioning
+from .reference import generate_reference, reference_conditioning  # noqa: F401  (re-exported)
 from .mixing import parse_layer_mix, parse_time_mix  # noqa: F401
 from .table import Table, load_table, load_tables, precompute  # noqa: F401
 from .utils import default_device  # noqa: F401

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "triton", "native", "sdpa", "xformers", "eager")
+from .utils import ATTENTIONS as BACKENDS, first_line  # noqa: F401  (BACKENDS: the --attention names, one definition)
 
 
 @dataclass
@@ -158,7 +158,7 @@ class AttentionDispatcher:
             ref = cross_attention_ref(q.float(), k_table.float(), v_table.float(), row_idx, heads, scale)
             ok, detail = accuracy_ok(out, sdpa, ref)
         except Exception as e:  # noqa: BLE001 - any failure of a never-run kernel: fall back, say why
-            ok, detail, sdpa = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
+            ok, detail, sdpa = False, f"{type(e).__name__}: {first_line(e)}", None
         if ok:
             return AttnChoice("triton", f"checked against SDPA at this shape: {detail}"), out
         if backend == "triton":

@@ -24,12 +24,13 @@ wrapped denoiser. Not yet run on a GPU: see the README's backend table.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from .utils import env_flag
 
 log = logging.getLogger("neti_fast.cudagraph")
 
@@ -44,8 +45,8 @@ class _Graph:
 
 
 def graphs_enabled() -> bool:
-    """False when NETI_FAST_DISABLE_CUDA_GRAPHS is set (1 / true / yes / on): the kill switch."""
-    return os.environ.get("NETI_FAST_DISABLE_CUDA_GRAPHS", "").strip().lower() not in ("1", "true", "yes", "on")
+    """False when NETI_FAST_DISABLE_CUDA_GRAPHS is on (`utils.env_flag`): the kill switch."""
+    return not env_flag("NETI_FAST_DISABLE_CUDA_GRAPHS")
 
 
 def tables_key(k_tables, v_tables) -> tuple:

@@ -17,7 +17,6 @@ once, and callers use PyTorch.  NETI_FAST_DISABLE_NATIVE=1 turns it off at run t
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -39,7 +38,8 @@ _warned = False
 
 
 def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    from .utils import env_flag
+    return env_flag(name)
 
 
 def library_path() -> Path:

@@ -24,7 +24,7 @@ from .attention import install_processors
 from .conditioning import encode_plain, encode_rows, tokenize
 from .errors import NetiError
 from .kv_arena import KVArena
-from .models import NUM_LAYERS, Model
+from .models import Model
 from .table import stack_rows
 from .utils import SCHEDULERS, image_size
 
@@ -335,3 +335,14 @@ class Engine:
             if on_step is not None:
                 on_step(i + 1, len(ts))
         return decode(m, latents)
+
+
+def __getattr__(name: str):
+    """`neti_fast.pipeline.generate_reference` / `reference_conditioning`: the reference path moved
+    to `reference.py` (which imports this module); resolved on first access (PEP 562), so neither
+    module imports the other at import time."""
+    if name in ("generate_reference", "reference_conditioning"):
+        from . import reference
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -219,3 +219,13 @@ def test_tensorrt_profiles_one_per_batch_bucket():
     assert ranges == [(1, 2, 2), (3, 8, 8), (9, 32, 32)]
     for b in range(1, 33):
         assert sum(lo <= b <= hi for lo, _, hi in ranges) == 1
+
+
+def test_fingerprint_sample_indices_stay_in_bounds_past_2_pow_24():
+    """SD 1.5 has weight tensors of more than 2**24 elements; the sampled indices must stay exact."""
+    from neti_fast.export.onnx import sample_indices
+    n = 2**24 + 4
+    idx = sample_indices(n, 4096)
+    assert idx[0] == 0 and idx[-1] == n - 1 and bool((idx[1:] > idx[:-1]).all())
+    # what the float32 linspace gave: the last index past the end
+    assert torch.linspace(0, n - 1, 4096).long()[-1] > n - 1

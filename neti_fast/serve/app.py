@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ..errors import NetiError
+from ..utils import image_size
 from . import a1111
 from .a1111 import FieldError
 
@@ -128,7 +129,7 @@ class Server:
         sampler, schedule, engine_sched = a1111.resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler)
         a1111.check_eta(req.eta, sampler)
         f = m.vae_scale_factor
-        h, w = req.height or m.default_size, req.width or m.default_size
+        h, w = image_size(m, req.height, req.width)
         for name, v in (("width", w), ("height", h)):
             if v % f:
                 raise FieldError(name, f"{v}: must be a multiple of {f}")
