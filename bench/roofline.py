@@ -13,7 +13,8 @@ and predicts each operator's time as max(FLOPs / peak compute, bytes / peak band
 time per image is its counted work: U-Net calls x a call's time, text-encoder rows x a row's time,
 one VAE decode. The call and row counts are the ladder's own (`unet_calls`, `text_encoder_rows` in
 a ladder JSON given with --measured, whose measured images/s is printed beside the model for the
-device it names), or else the counts each rung's algorithm implies (see `implied_counts`).
+device it names, in the dtype it ran), or else the counts each rung's algorithm implies (see
+`implied_counts`; fp16).
 
 Peaks: dense bf16/fp16 tensor-core matmul as measured (H100 SXM about 794 TFLOP/s, the figure the
 GPU targets use; H200 is the same GH100 compute at 4.8 TB/s instead of 3.35 TB/s HBM).
@@ -162,6 +163,10 @@ def main(argv=None):
         rows_in = [r for r in measured["rows"] if r.get("status") == "ok"]
         a.height, width, a.steps = measured["height"], measured["width"], measured["steps"]
         a.model = measured["model"] if measured["model"] in ("tiny", "sd15-shaped") else a.model
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16}.get(str(measured.get("dtype", "fp16")).replace("torch.", ""), torch.float16)
+        dev = measured.get("device")
+        device_name = dev.get("name", str(dev)) if isinstance(dev, dict) else str(dev)
         plan = []
         for r in rows_in:
             per_call = max(1, round(2 * r["batch"] * a.steps / max(r["unet_calls"], 1)))
@@ -169,25 +174,28 @@ def main(argv=None):
     else:
         rungs = a.rungs or ["reference", "diffusers", "eager", "batched", "concepts"]
         plan = [(rung, B, *implied_counts(rung, B, a.steps), None) for rung in rungs for B in (a.batch_sizes or [1, 4, 16])]
-    work = network_work(a.model, a.height, width, [pc for _, _, _, pc, _, _ in plan])
+        dtype, device_name = torch.float16, None
+    work = network_work(a.model, a.height, width, [pc for _, _, _, pc, _, _ in plan], dtype)
     results = []
-    print(f"roofline MODEL (not a measurement): {a.model} {a.height}x{width}, {a.steps} steps, fp16; "
-          "per-operator max(FLOPs / peak, bytes / bandwidth), unfused bytes")
+    print(f"roofline MODEL (not a measurement): {a.model} {a.height}x{width}, {a.steps} steps, "
+          f"{str(dtype).replace('torch.', '')}; "
+          "per-operator max(FLOPs / fp16-bf16 tensor-core peak, bytes / bandwidth), unfused bytes")
     head = f"{'rung':>10} {'B':>3} {'calls':>6} {'rows':>6} {'TFLOP/img':>10} {'GB/img':>8}" + "".join(
         f" {d + ' img/s':>15}" for d in DEVICES) + "   measured"
     print(head)
     for rung, B, calls, per_call, rows, m in plan:
         r = predict(work, rung, B, calls, per_call, rows)
         if m is not None:
-            r["measured"] = {"device": measured["device"], "images_per_s": m.get("images_per_s")}
+            r["measured"] = {"device": device_name, "images_per_s": m.get("images_per_s")}
         results.append(r)
-        meas = f"   {m['images_per_s']:.3g} img/s on {measured['device']}" if m is not None else ""
+        meas = f"   {m['images_per_s']:.3g} img/s on {device_name}" if m is not None else ""
         print(f"{rung:>10} {B:>3} {calls:>6} {rows:>6} {r['tflop_per_image']:>10.2f} {r['gb_per_image']:>8.1f}" + "".join(
             f" {r['model'][d]['images_per_s']:>15.3g}" for d in DEVICES) + meas)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"kind": "roofline model, not a measurement", "model": a.model, "height": a.height,
-                       "width": width, "steps": a.steps, "devices": DEVICES, "rows": results}, f, indent=1)
+                       "width": width, "steps": a.steps, "dtype": str(dtype), "devices": DEVICES,
+                       "rows": results}, f, indent=1)
         print(f"wrote {a.json}")
     return results
 

@@ -292,7 +292,7 @@ class Engine:
         stride = [int(c.time_varying) for c in rows]
         return arena.k, arena.v, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
 
-    def arena(self, cond: Cond) -> KVArena:
+    def arena(self, cond: LayerKV) -> KVArena:
         """The engine's K / V arena for `cond`'s dtype and device (made on first use)."""
         k0 = cond.k[0]
         key = (k0.dtype, k0.device)

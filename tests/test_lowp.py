@@ -2,7 +2,7 @@
 
 A GPU run defaults to fp16; these run every piece of the fast path below fp32 on the built-in
 tiny model: conditioning (batched CLIP), the K / V tables, each attention implementation (the
-interpreted Triton kernel included) and the compile backend.
+interpreted Triton kernel and the native C++ one included), the compile backend and the ONNX export.
 
 What is compared: the guided noise prediction of the first step, where the engine and the
 reference path see the same latents, so the difference is rounding alone (later steps add the
@@ -96,7 +96,7 @@ def run(model, dt, reqs, attention="sdpa", compile=False):
     return watch.eps0
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "triton"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "triton", "native"])
 def test_engine_in_low_precision(setup, lowp, attention):
     _, reqs, ref32, _ = setup
     model, dt, bound = lowp
@@ -106,6 +106,11 @@ def test_engine_in_low_precision(setup, lowp, attention):
         if not ok:
             pytest.skip(f"Triton kernel unavailable here: {why}")
         reqs, ref32 = reqs[:1], ref32[:1]  # the interpreter is slow: one image
+    if attention == "native":
+        from neti_fast.native import native_supported
+        ok, why = native_supported(torch.zeros(1, 4, 32, dtype=dt), torch.zeros(1, 77, 32, dtype=dt), 4)
+        if not ok:
+            pytest.skip(f"native kernel not for this case: {why}")
     err = (run(model, dt, reqs, attention) - ref32).abs().max().item()
     assert err <= bound, (attention, err, bound)
 
