@@ -62,6 +62,7 @@ N block but are tiny (77 x d) and stay in L2.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -284,11 +285,17 @@ def gpu_family(capability: tuple[int, int]) -> int | None:
     return {8: 80, 9: 90, 10: 100}.get(major)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_family(index: int) -> int | None:
+    return gpu_family(torch.cuda.get_device_capability(index))
+
+
 def _default_blocks(head_dim: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) where CONFIGS has no entry: moderate tiles that fit every target."""
     return (64, 4) if head_dim <= 128 else (32, 4)
 
 
+@functools.lru_cache(maxsize=None)  # called per layer per step by the launcher: decide once per shape
 def pick_config(head_dim: int, L: int, dtype: torch.dtype, family: int | None, N: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None) -> KernelConfig:
     """The variant to launch: chunking from (head_dim, L); tiles from CONFIGS[(family, d, dtype)],
@@ -360,7 +367,8 @@ def cross_attention_triton(q, k_table, v_table, row_idx, heads, scale=None,
     if B == 0 or N == 0:
         return out
     row_idx = row_idx.contiguous()
-    family = gpu_family(torch.cuda.get_device_capability(q.device)) if q.is_cuda else 90
+    family = _device_family(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.is_cuda else 90
     cfg = pick_config(d, L, q.dtype, family, N, block_n, num_warps)
     precision = "tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee"
     # The CPU interpreter stores bf16 as raw uint16 and its tl.dot multiplies

@@ -97,7 +97,7 @@ def native_available() -> tuple[bool, str]:
     return ok, why
 
 
-def _is_exporting() -> bool:
+def _in_onnx_export() -> bool:
     try:
         return bool(torch.onnx.is_in_onnx_export())
     except AttributeError:
@@ -109,7 +109,7 @@ def native_supported(q: torch.Tensor, k_table: torch.Tensor, heads: int) -> tupl
     ok, why = native_available()
     if not ok:
         return False, why
-    if _is_exporting():  # torch.export keeps the op as one node (fake impl); ONNX has no such op
+    if _in_onnx_export():  # torch.export keeps the op as one node (fake impl); ONNX has no such op
         return False, "ONNX export: use the PyTorch path"
     if q.dim() != 3 or k_table.dim() != 3 or q.shape[-1] != k_table.shape[-1]:
         return False, f"bad shapes q {tuple(q.shape)}, k_table {tuple(k_table.shape)}"
