@@ -10,8 +10,8 @@ the first time a batch needs it and stays there while it is used (least recently
 reused first), so packing a batch computes indices only, and graphs captured once stay valid.
 
 Capacity grows (by powers of two, at least 16 rows) only when a batch needs more rows than the
-arena has; then the buffers are replaced, `generation` increases, and whoever holds the old
-tensors (captured graphs) must drop them. Rows past a conditioning's range are never read.
+arena has; then the buffers are replaced, and whoever read the old ones (captured CUDA graphs)
+sees new addresses and drops them (`cudagraph.tables_key`). Rows past a conditioning's range are never read.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ class KVArena:
         self.k_widths, self.v_widths, self.L = list(k_widths), list(v_widths), L
         self.dtype, self.device = dtype, torch.device(device)
         self.capacity = 0
-        self.generation = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         # id(cond) -> (weakref to cond, start, rows); order = least recently used first.
@@ -80,7 +79,6 @@ class KVArena:
         self.k = [torch.zeros((self.capacity, self.L, w), **kw) for w in self.k_widths]
         self.v = [torch.zeros((self.capacity, self.L, w), **kw) for w in self.v_widths]
         self._slots.clear()
-        self.generation += 1
 
     def place(self, conds: list) -> dict[int, int]:
         """Make every conditioning in `conds` (distinct objects with per-layer `.k` / `.v` lists of
