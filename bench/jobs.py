@@ -36,7 +36,7 @@ TEMPLATES = ["a photo of {}", "a painting of {} in the snow", "{} on a beach", "
 
 def build_workload(work: Path, dim: int, n_requests: int, n_seeds: int, n_concepts: int) -> list[dict]:
     """Concept files in `work`, and the requests (job lines with absolute concept paths)."""
-    from neti_fast.concept import random_concept
+    from neti_fast.concept_model import random_concept
     paths = []
     for c in range(n_concepts):
         method = METHODS[c % len(METHODS)]
@@ -83,7 +83,7 @@ def _busy_others(seconds: float = 1.0) -> list[dict]:
 
 
 def run(args) -> dict:
-    from neti_fast.bench.ladder import _device_info, _versions
+    from neti_fast.bench.report import _device_info, _versions
 
     from neti_fast.api import generate_to_folder
     from neti_fast.jobs import run_job

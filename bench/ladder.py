@@ -67,12 +67,9 @@ import torch
 
 from neti_fast.utils import default_device, default_dtype_name, image_size, torch_dtype
 
-# split into measure / rungs / report; the names stay importable from here
-from .measure import Clock, PeakMemory, TextRows, UnetTimer, _rss, measure_peak_tflops  # noqa: F401
-from .report import _device_info, _fmt, _mem, _versions, format_table, summary, write_chart  # noqa: F401
-from .rungs import (COMPILE_CPU_REASON, GUIDANCE, PLAIN_PROMPT, PROMPT, RUNG_CLASSES, RUNGS, CompileRung,  # noqa: F401
-                    ConceptsRung, DiffusersRung, EagerRung, EngineRung, OnnxRung, ReferenceRung, Rung, Skip,
-                    TensorRTRung, TritonRung, _export_dir)
+from .measure import Clock, PeakMemory, TextRows, UnetTimer, measure_peak_tflops
+from .report import _device_info, _versions, format_table, summary, write_chart
+from .rungs import GUIDANCE, RUNG_CLASSES, RUNGS, Rung, Skip
 
 DTYPES = {name: torch_dtype(name) for name in ("fp32", "fp16", "bf16")}
 SCHEMA = "neti-fast-bench/1"
@@ -273,7 +270,7 @@ def side_by_side(ctx: Context, ran: set[str], log=print) -> dict:
 
 
 def run_ladder(args, log=print) -> dict:
-    from neti_fast.concept import random_concept
+    from neti_fast.concept_model import random_concept
     from neti_fast.models import load_model
     from neti_fast.table import precompute
 

@@ -90,7 +90,7 @@ def _engine(model, attention, steps, size, batch):
 
 
 def measure_model(spec: str, size: int | None, steps: int, batch: int, pairs: int, log=print) -> dict:
-    from neti_fast.concept import random_concept
+    from neti_fast.concept_model import random_concept
     from neti_fast.models import load_model
     from neti_fast.pipeline import Request
     from neti_fast.table import precompute

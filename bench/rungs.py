@@ -164,7 +164,7 @@ class ConceptsRung(BatchedRung):
     name, label = "concepts", "neti-fast batched, a different concept per image"
 
     def setup(self):
-        from neti_fast.concept import random_concept
+        from neti_fast.concept_model import random_concept
         from neti_fast.table import precompute
         self.tables = [precompute(random_concept("neti", self.m.text_dim, 1000 + i, f"<c{i}>"), (), progress=False)
                        for i in range(max(self.a.batch_sizes))]

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from . import manifest, outputs
-from .concept import Concept, load_concept  # noqa: F401  (re-exported)
+from .concept import load_concept  # noqa: F401  (the documented API: neti_fast/__init__.py)
 from .errors import NetiError
-from .models import Model, load_model  # noqa: F401
+from .mixing import parse_layer_mix, parse_time_mix  # noqa: F401  (documented API)
+from .models import Model, load_model  # noqa: F401  (documented API)
 from .pipeline import Engine, GenerateConfig, Request
-from .reference import generate_reference, reference_conditioning  # noqa: F401  (re-exported)
-from .mixing import parse_layer_mix, parse_time_mix  # noqa: F401
-from .table import Table, load_table, load_tables, precompute  # noqa: F401
-from .utils import default_device  # noqa: F401
+from .table import load_table, load_tables, precompute  # noqa: F401  (documented API)
 
 
 def _requests(table, prompts, seeds, truncations, cfg):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .utils import ATTENTIONS as BACKENDS, first_line  # noqa: F401  (BACKENDS: the --attention names, one definition)
+from .utils import first_line
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CrossAttnState:
     k_tables: list = field(default_factory=list)         # tables: 16 x [R, 77, C_l]
     v_tables: list = field(default_factory=list)
     row_idx: torch.Tensor | None = None                  # tables: [B] rows, one per sample
-    backend: str = "auto"                                # see BACKENDS
+    backend: str = "auto"                                # one of utils.ATTENTIONS
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

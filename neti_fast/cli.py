@@ -12,14 +12,6 @@ from pathlib import Path
 
 from . import options
 from .errors import NetiError
-from .options import BACKENDS, add_runtime_args, parse_seeds  # noqa: F401  (re-exported)
-from .utils import CLI_DTYPES, DTYPE_NAMES
-
-DTYPES = {k: DTYPE_NAMES[k] for k in CLI_DTYPES}  # kept for compatibility
-
-
-def _torch_setup(args):  # the older name
-    return options.torch_setup(args)
 
 
 def _quiet_libraries():
@@ -113,17 +105,6 @@ def cmd_generate(args):
     print(f"{len(entries)} images, {len(prompts)} grid(s){sweep} and manifest.jsonl in {args.out}")
 
 
-def resolve_backend(args) -> str:
-    """The backend --backend means (auto -> eager today); see backends.resolve."""
-    from .backends import resolve
-    return resolve(getattr(args, "backend", "auto")).backend
-
-
-def attention_choice(args) -> str:
-    from .backends import resolve
-    return resolve(getattr(args, "backend", "auto"), args.attention).attention
-
-
 def cmd_export(args):
     from .export import onnx as onnx_export
     from .models import load_model
@@ -154,8 +135,6 @@ def cmd_bench(args):
 
 # ----------------------------------------------------------------------------- parser
 
-_add_model_args = options.add_model_args  # the older name
-
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="neti-fast", description=(
@@ -169,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a NeTI (default), XTI or TI concept from 3-5 images")
-    from . import train
-    train.add_arguments(p)
+    from .train_config import add_arguments as add_train_arguments
+    add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("import", help="convert official NeTI / Textual Inversion / Automatic1111 files to a concept")
@@ -197,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="batched generation with a concept (or plain SD without one)")
-    _add_model_args(p)
+    options.add_model_args(p)
     p.add_argument("--concept", action="extend", nargs="+", metavar="[NAME=]PATH",
                    help="table or concept file (any supported format); repeat for several concepts, written "
                         "{NAME} in prompts (default NAME: the placeholder without <>)")
@@ -230,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("export", help="export the U-Net (with per-layer K/V table inputs) to ONNX or TensorRT")
-    _add_model_args(p)
+    options.add_model_args(p)
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)

@@ -1,12 +1,11 @@
-"""Concepts: the `Concept` class (concept_model.py) and `load_concept`, which reads every supported
-file format (importers.py). Import from here."""
+"""`load_concept`, which reads every supported concept file format (importers.py) into a
+`Concept` (concept_model.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .concept_model import FORMAT_VERSION, METHODS, Concept, random_concept  # noqa: F401  (re-exported)
+from .concept_model import Concept
 from .importers import import_concept
-from .utils import atomic_write  # noqa: F401  (re-exported: older code imports it from here)
 
 
 def load_concept(path: str | Path, placeholder: str | None = None) -> Concept:

@@ -20,7 +20,7 @@ import torch
 from .errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
 from .models import NUM_LAYERS
-from .utils import METHODS, atomic_write, first_line  # noqa: F401  (atomic_write: re-exported)
+from .utils import METHODS, atomic_write, first_line
 FORMAT_VERSION = "1"
 
 
@@ -72,7 +72,6 @@ class Concept:
         idx = l.long() if self.method == "xti" else torch.zeros_like(l, dtype=torch.long)
         return self.embeds[idx.to(self.embeds.device)].float(), None
 
-    rows = embeddings_at  # the older name
 
     # ------------------------------------------------------------------ safetensors I/O
     def metadata(self) -> dict[str, str]:

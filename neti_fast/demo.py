@@ -45,7 +45,8 @@ def make_training_images(folder: Path, n: int = 4, size: int = 64) -> Path:
 
 
 def run_demo(out: str | Path = "neti-fast-demo", train_steps: int = 30, gen_steps: int = 20) -> dict:
-    from .train import TrainConfig, train
+    from .train import train
+    from .train_config import TrainConfig
 
     out = Path(out)
     t0 = time.perf_counter()

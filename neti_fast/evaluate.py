@@ -351,14 +351,6 @@ class Similarity:
 
 # ----------------------------------------------------------------------------- metrics
 
-def mean_pairwise_cosine(a, b) -> float:
-    """Mean of cos(a_i, b_j) over all pairs (rows need not be normalised)."""
-    import torch
-    a = torch.nn.functional.normalize(torch.as_tensor(a).float(), dim=-1)
-    b = torch.nn.functional.normalize(torch.as_tensor(b).float(), dim=-1)
-    return float((a @ b.T).mean())
-
-
 def per_image_scores(gen_clip, train_clip, text_clip, gen_dino=None, train_dino=None) -> dict[str, list[float]]:
     """Per generated image i: image similarity mean_j cos(g_i, r_j), text similarity cos(g_i, t_i)
     (t_i: the embedding of image i's prompt without the concept), DINO similarity mean_j cos(d_i, dr_j).

@@ -75,8 +75,6 @@ class Img:
                 "guidance": L.guidance, "scheduler": L.scheduler, "height": self.height, "width": self.width,
                 "model": model_name, "dtype": dtype, "status": "done"}
 
-    entry = manifest_entry  # the older name
-
 
 _JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
                dict: "an object", type(None): "null"}
@@ -312,5 +310,3 @@ def plan_batches(images: list[Img], batch_size: int) -> list[list[Img]]:
     bs = max(1, batch_size)
     return [g[i:i + bs] for g in groups.values() for i in range(0, len(g), bs)]
 
-
-pack = plan_batches  # the older name

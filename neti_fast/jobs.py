@@ -30,16 +30,11 @@ from pathlib import Path
 from . import manifest
 from .distributed import Dist, prepare_builtin, setup_distributed
 from .errors import NetiError
-from .jobfile import (KEYS, Concepts, Img, Line, check_lines, expand, pack, parse_job,  # noqa: F401  (re-exported)
-                      plan_batches)
-from .manifest import MANIFEST, SETTINGS, manifest_files  # noqa: F401  (re-exported)
+from .jobfile import Concepts, Img, check_lines, expand, parse_job, plan_batches
+from .manifest import MANIFEST
 from .utils import atomic_write, dtype_name
 
 SUMMARY = "job.json"
-read_manifests = manifest.read_done          # older names, kept for compatibility
-merge_manifests = manifest.merge
-_append = manifest.append
-_same_image = manifest.same_image
 
 
 def _format_errors(job: Path, errors: list[tuple[int, str]]) -> str:

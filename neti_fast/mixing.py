@@ -78,7 +78,6 @@ class MixedTable:
         """As `Table.embeddings_at`: each (t[i], l[i]) evaluated by the part that serves it."""
         return self._select([p.embeddings_at(t, l, truncation) for p in self.parts], self.which(t, l))
 
-    exact, rows = embeddings_at, schedule_rows  # the older names
 
 
 def _split_name(spec: str, flag: str) -> tuple[str, str]:

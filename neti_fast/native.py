@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .utils import env_flag
+
 __all__ = ["native_available", "native_supported", "native_preferred", "cross_attention_native",
            "library_path", "cuda_library_path"]
 
@@ -35,11 +37,6 @@ _CUDA_MAX_HEAD_DIM = 256
 _lock = threading.Lock()
 _state: tuple[bool, str] | None = None  # (loaded, reason), decided once
 _warned = False
-
-
-def _truthy(name: str) -> bool:
-    from .utils import env_flag
-    return env_flag(name)
 
 
 def library_path() -> Path:
@@ -89,7 +86,7 @@ def _warn_once(why: str) -> None:
 
 def native_available() -> tuple[bool, str]:
     """Is the native op usable in this process?  (ok, reason).  Loads `_C` on first call."""
-    if _truthy("NETI_FAST_DISABLE_NATIVE"):
+    if env_flag("NETI_FAST_DISABLE_NATIVE"):
         return False, "disabled by NETI_FAST_DISABLE_NATIVE"
     ok, why = _load()
     if not ok:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .utils import atomic_write, check_writable  # noqa: F401  (check_writable: re-exported)
+from .utils import atomic_write
 
 
 def slug(text: str, n: int = 40) -> str:

@@ -9,8 +9,7 @@ Fast engine, per batch of requests (any mix of prompts, concepts, truncations, s
      reads row  base[b] + step * stride[b]  (stride 0 for rows constant over time), computed on
      the device, so the loop has no host sync and no per-step text work.
 
-The reference path (the official NeTI algorithm the engine is held to) is reference.py;
-`neti_fast.pipeline.generate_reference` still works (the package binds it here on import).
+The reference path (the official NeTI algorithm the engine is held to) is reference.py.
 """
 from __future__ import annotations
 
@@ -106,8 +105,6 @@ class LayerKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-
-Cond = LayerKV  # the older name
 
 
 def initial_latents(seed: int, shape: tuple, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -301,8 +298,6 @@ class Engine:
                                         k0.shape[1], k0.dtype, k0.device)
         return self._arenas[key]
 
-    pack = kv_tables  # the older name
-
     @torch.no_grad()
     def generate_batch(self, reqs: list[Request], progress: bool = False, on_step=None) -> np.ndarray:
         """Images for `reqs` in one U-Net batch. `on_step(done, total)` is called after every step."""
@@ -335,14 +330,4 @@ class Engine:
             if on_step is not None:
                 on_step(i + 1, len(ts))
         return decode(m, latents)
-
-
-def __getattr__(name: str):
-    """`neti_fast.pipeline.generate_reference` / `reference_conditioning`: the reference path moved
-    to `reference.py` (which imports this module); resolved on first access (PEP 562), so neither
-    module imports the other at import time."""
-    if name in ("generate_reference", "reference_conditioning"):
-        from . import reference
-        return getattr(reference, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .concept import Concept, atomic_write
+from .concept_model import Concept
 from .errors import NetiError
 from .models import NUM_LAYERS
-from .utils import first_line
+from .utils import atomic_write, first_line
 
 NUM_TIMESTEPS = 1000
 _UIDS = itertools.count()
@@ -115,7 +115,6 @@ class Table:
         D = token.shape[-1]
         return token.cpu().view(S, NUM_LAYERS, D), None if bypass is None else bypass.cpu().view(S, NUM_LAYERS, D)
 
-    exact, rows = embeddings_at, schedule_rows  # the older names
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file

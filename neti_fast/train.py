@@ -32,15 +32,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (CHECKPOINT_RE, _checkpoints, _rank_seed, _rng_state, _seed_globals, _set_rng_state,  # noqa: F401
-                          load_checkpoint, save_checkpoint, unet_dtype_is_fp16)
-from .concept import Concept
+from .checkpoints import (_checkpoints, _rank_seed, _rng_state, _seed_globals, load_checkpoint, save_checkpoint,
+                          unet_dtype_is_fp16)
+from .concept_model import Concept
 from .errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
 from .models import NUM_LAYERS
-from .train_config import (DTYPES, LR_SCHEDULERS, TrainConfig, _check_config, _device, add_arguments,  # noqa: F401
-                           config_from_args, default_out, load_yaml_config)
-from .utils import METHODS, atomic_write, check_writable, image_size, torch_dtype  # noqa: F401
+from .train_config import TrainConfig, _check_config, _device, config_from_args, default_out
+from .utils import check_writable, image_size, torch_dtype
 
 def init_token_id(tokenizer, placeholder: str, init_word: str) -> int:
     """Validate the placeholder (new) and the init word (exactly one token); return the init word's id."""

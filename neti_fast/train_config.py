@@ -13,7 +13,6 @@ import torch
 from .errors import NetiError
 from .utils import DTYPE_NAMES, METHODS, default_device, torch_dtype
 
-DTYPES = {name: getattr(torch, full) for name, full in DTYPE_NAMES.items()}  # kept for compatibility
 # diffusers.optimization.get_scheduler names (as the official NeTI trainer); piecewise_constant needs rules
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 

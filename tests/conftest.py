@@ -26,7 +26,7 @@ def tiny_model(_cache_dir):
 
 
 def _make_concept(method: str = "neti", dim: int = 32, seed: int = 0, bypass: bool = True, placeholder: str = "<c>"):
-    from neti_fast.concept import random_concept
+    from neti_fast.concept_model import random_concept
     return random_concept(method, dim, seed, placeholder, bypass)
 
 

@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from neti_fast.bench import flops, ladder
+from neti_fast.bench import flops, ladder, report, rungs
 
 
 def _onnx_importable() -> bool:
@@ -94,7 +94,7 @@ def test_ladder_json_rows_and_chart(ladder_run):
     for name in ("triton", "compile", "tensorrt"):
         (r,) = by[name]
         assert r["status"] == "skipped" and isinstance(r["reason"], str) and r["reason"]
-    assert by["compile"][0]["reason"] == ladder.COMPILE_CPU_REASON
+    assert by["compile"][0]["reason"] == rungs.COMPILE_CPU_REASON
     if "onnx" in by:
         for r in by["onnx"]:
             assert r["status"] in ("ok", "skipped"), r
@@ -129,7 +129,7 @@ def test_ladder_json_rows_and_chart(ladder_run):
 
 def test_table_text(ladder_run):
     result, _, _ = ladder_run
-    text = ladder.format_table(result)
+    text = report.format_table(result)
     assert "reference" in text and "conditioning speedup" in text and "skipped:" in text
 
 
@@ -139,7 +139,7 @@ def test_diffusers_rung_restores_neti_processors(tiny):
     before = dict(tiny.unet.attn_processors)
     ctx = ladder.Context(ladder._resolve(ladder.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
         ["--quick", "--device", "cpu"])), tiny, None, tiny.default_size, tiny.default_size, {}, None)
-    rung = ladder.DiffusersRung(ctx)
+    rung = rungs.DiffusersRung(ctx)
     rung.setup()
     assert not any(isinstance(p, NetiCrossAttnProcessor) for p in tiny.unet.attn_processors.values())
     rung.teardown()
@@ -155,8 +155,8 @@ def test_summary_without_side_by_side_uses_rung_columns():
                 "unet_ms_per_step": unet, "images_per_s": ips}
     rows = [row("reference", 2, 100.0, 50.0, 1.0), row("batched", 2, 10.0, 20.0, 4.0), row("concepts", 2, 12.0, 22.0, 3.0)]
     for side in (None, {"failed": "RuntimeError: x"}, {"concepts": {"batch": 4, "ratio": 9.0}}):
-        s = ladder.summary(rows, side)
+        s = report.summary(rows, side)
         assert s["conditioning_speedup"] == 10.0
         assert s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == 22.0 / 20.0  # batch 4 != 2: not used
-    s = ladder.summary(rows, {"conditioning": {"speedup": 7.0}, "concepts": {"batch": 2, "ratio": 1.01}})
+    s = report.summary(rows, {"conditioning": {"speedup": 7.0}, "concepts": {"batch": 2, "ratio": 1.01}})
     assert s["conditioning_speedup"] == 7.0 and s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == 1.01

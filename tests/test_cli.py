@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from neti_fast.cli import main, parse_seeds
+from neti_fast.cli import main
+from neti_fast.options import parse_seeds
 from neti_fast.errors import NetiError
 
 

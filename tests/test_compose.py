@@ -10,7 +10,8 @@ from neti_fast.conditioning import tokenize
 from neti_fast.errors import NetiError
 from neti_fast.mixing import add_mixes, parse_layer_mix, parse_time_mix
 from neti_fast.models import UNET_LAYERS
-from neti_fast.pipeline import Engine, GenerateConfig, Request, generate_reference
+from neti_fast.pipeline import Engine, GenerateConfig, Request
+from neti_fast.reference import generate_reference
 from neti_fast.table import Table, load_tables, precompute
 
 STEPS = 3
@@ -78,9 +79,9 @@ def test_layer_mix_rows_and_reference(tiny_model, concepts):
     tables = {"cat": concepts["cat"], "painting": concepts["painting"]}
     mix = parse_layer_mix("IN01-IN08:cat,MID-OUT11:{painting}", tables)
     ts = torch.tensor([999.0, 500.0, 3.0])
-    tok, byp = mix.rows(ts)
-    cat_tok, cat_byp = concepts["cat"].rows(ts)
-    pai_tok, _ = concepts["painting"].rows(ts)
+    tok, byp = mix.schedule_rows(ts)
+    cat_tok, cat_byp = concepts["cat"].schedule_rows(ts)
+    pai_tok, _ = concepts["painting"].schedule_rows(ts)
     coarse = UNET_LAYERS.index("IN08") + 1
     assert torch.equal(tok[:, :coarse], cat_tok[:, :coarse]) and torch.equal(tok[:, coarse:], pai_tok[:, coarse:])
     assert torch.equal(byp[:, :coarse], cat_byp[:, :coarse]) and not byp[:, coarse:].any()  # XTI: no bypass
@@ -100,9 +101,9 @@ def test_time_mix(tiny_model, concepts):
     tables = {"cat": concepts["cat"], "ti": concepts["ti"]}
     mix = parse_time_mix("t>=600:cat,t<600:ti", tables)
     ts = torch.tensor([999.0, 600.0, 599.5, 10.0])
-    tok, byp = mix.rows(ts)
-    cat_tok, _ = concepts["cat"].rows(ts)
-    ti_tok, _ = concepts["ti"].rows(ts)
+    tok, byp = mix.schedule_rows(ts)
+    cat_tok, _ = concepts["cat"].schedule_rows(ts)
+    ti_tok, _ = concepts["ti"].schedule_rows(ts)
     assert torch.equal(tok[:2], cat_tok[:2]) and torch.equal(tok[2:], ti_tok[2:])
     assert not byp[2:].any()
     r = Request("a painting of {mix}", 4, add_mixes(tables, time_mix="t>=600:cat,t<600:ti"))

@@ -137,7 +137,7 @@ def test_engine_end_to_end(model, onnx_path):
     anywhere (1 for such a flip, 1 of margin), and nearly every pixel identical.
     """
     import neti_fast.table
-    from neti_fast.concept import Concept
+    from neti_fast.concept_model import Concept
     from neti_fast.mapper import MapperConfig, NeTIMapper
     torch.manual_seed(0)
     concept = Concept("neti", "<c>", 32, mapper=NeTIMapper(MapperConfig(output_dim=32, target_norm=0.4)).eval())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from neti_fast.concept import Concept
+from neti_fast.concept_model import Concept
 from neti_fast.errors import NetiError
 from neti_fast.importers import import_concept
 from neti_fast.mapper import MapperConfig, NeTIMapper
@@ -189,7 +189,7 @@ def test_official_neti_matches_reference(tmp_path, official_module, use_pe, bypa
     for trunc in (None, 1, 7, 64, 128):
         with torch.no_grad():
             want = ref(t.clone(), l.clone(), trunc)
-            token, byp = c.rows(t, l, trunc)
+            token, byp = c.embeddings_at(t, l, trunc)
         if bypass:
             torch.testing.assert_close(token, want[:, :D], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(byp, want[:, D:], rtol=1e-5, atol=1e-6)
@@ -199,7 +199,7 @@ def test_official_neti_matches_reference(tmp_path, official_module, use_pe, bypa
     # the imported concept survives our own safetensors round trip unchanged
     c.save(tmp_path / "c.safetensors")
     c2 = import_concept(tmp_path / "c.safetensors")
-    torch.testing.assert_close(c2.rows(t, l, 5)[0], c.rows(t, l, 5)[0], rtol=0, atol=0)
+    torch.testing.assert_close(c2.embeddings_at(t, l, 5)[0], c.embeddings_at(t, l, 5)[0], rtol=0, atol=0)
     torch.testing.assert_close(c2.placeholder_embed, c.placeholder_embed)
 
 
@@ -296,7 +296,7 @@ def test_neti_fast_round_trip(tmp_path, method):
     c2 = import_concept(tmp_path / "c.safetensors")
     assert (c2.method, c2.placeholder, c2.text_dim, c2.init_word) == (method, "<d>", D, "dog")
     t, l = _grid()
-    torch.testing.assert_close(c2.rows(t, l)[0], c.rows(t, l)[0], rtol=0, atol=0)
+    torch.testing.assert_close(c2.embeddings_at(t, l)[0], c.embeddings_at(t, l)[0], rtol=0, atol=0)
     assert import_concept(tmp_path / "c.safetensors", placeholder="<e>").placeholder == "<e>"
 
 

@@ -268,6 +268,7 @@ import json, os, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 import neti_fast.concept_model as C, neti_fast.checkpoints as K, neti_fast.train as T
+from neti_fast.train_config import TrainConfig
 from neti_fast.data import TextualInversionDataset
 from neti_fast.models import load_model
 
@@ -283,11 +284,11 @@ def spy_batch(self, n):
     px, caps = orig_batch(self, n)
     seen.append([float(px.sum()), caps])
     return px, caps
-T.atomic_write = K.atomic_write = C.atomic_write = spy_write
+K.atomic_write = C.atomic_write = spy_write
 TextualInversionDataset.next_batch = spy_batch
 model = load_model("tiny")
 def cfg(run, steps, **kw):
-    return T.TrainConfig(images=images, placeholder="<ddp>", init_word="cat", out=str(out / run), steps=steps,
+    return TrainConfig(images=images, placeholder="<ddp>", init_word="cat", out=str(out / run), steps=steps,
                          batch_size=1, grad_accum=1, resolution=64, save_every=1, device="cpu", **kw)
 T.train(cfg("full", 3), model, progress=False)
 final = {}

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from neti_fast.models import load_model
-from neti_fast.pipeline import Engine, GenerateConfig, Request, TorchDenoiser, generate_reference
+from neti_fast.pipeline import Engine, GenerateConfig, Request, TorchDenoiser
+from neti_fast.reference import generate_reference
 from neti_fast.table import precompute
 
 G = 1.5

@@ -18,7 +18,8 @@ import torch
 from neti_fast import native
 from neti_fast.attention import attend_rows
 from neti_fast.kernels.cross_attention import accuracy_ok, cross_attention_ref
-from neti_fast.pipeline import Engine, GenerateConfig, Request, generate_reference
+from neti_fast.pipeline import Engine, GenerateConfig, Request
+from neti_fast.reference import generate_reference
 from neti_fast.table import precompute
 
 OK, WHY = native.native_available()

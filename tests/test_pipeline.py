@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from neti_fast.errors import NetiError
-from neti_fast.pipeline import Engine, GenerateConfig, Request, generate_reference
+from neti_fast.pipeline import Engine, GenerateConfig, Request
+from neti_fast.reference import generate_reference
 from neti_fast.table import precompute
 
 STEPS = 4

@@ -39,8 +39,8 @@ def test_file_format_and_lookup(tmp_path, make_concept):
     assert md["neti_fast.format"] == "table" and md["method"] == "neti" and md["truncations"] == "16"
     table = load_table(path)
     ts = torch.tensor([999, 500, 21, 0])
-    tok, byp = table.rows(ts, 16)
-    want_tok, want_byp = c.rows(ts.repeat_interleave(16).float(), torch.arange(16).repeat(4).float(), 16)
+    tok, byp = table.schedule_rows(ts, 16)
+    want_tok, want_byp = c.embeddings_at(ts.repeat_interleave(16).float(), torch.arange(16).repeat(4).float(), 16)
     torch.testing.assert_close(tok, want_tok.view(4, 16, 32), rtol=0, atol=0)
     torch.testing.assert_close(byp, want_byp.view(4, 16, 32), rtol=0, atol=0)
 
@@ -49,12 +49,12 @@ def test_fractional_timesteps_evaluate_the_mapper(make_concept):
     c = make_concept("neti", dim=32, seed=3)
     table = precompute(c, progress=False)
     ts = torch.tensor([999.0, 612.37, 0.5])
-    tok, _ = table.rows(ts)
-    want, _ = c.rows(ts.repeat_interleave(16), torch.arange(16).repeat(3).float())
+    tok, _ = table.schedule_rows(ts)
+    want, _ = c.embeddings_at(ts.repeat_interleave(16), torch.arange(16).repeat(3).float())
     torch.testing.assert_close(tok, want.view(3, 16, 32))
     # a truncation that was not precomputed is served exactly too
-    tok8, _ = table.rows(torch.tensor([10]), 8)
-    torch.testing.assert_close(tok8[0], c.rows(torch.full((16,), 10.0), torch.arange(16).float(), 8)[0])
+    tok8, _ = table.schedule_rows(torch.tensor([10]), 8)
+    torch.testing.assert_close(tok8[0], c.embeddings_at(torch.full((16,), 10.0), torch.arange(16).float(), 8)[0])
 
 
 @pytest.mark.parametrize("method", ["xti", "ti"])

@@ -10,12 +10,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from neti_fast.concept import Concept
+from neti_fast.concept_model import Concept
 from neti_fast.errors import NetiError
 from neti_fast.mapper import NeTIMapper
 from neti_fast.models import load_model
-from neti_fast.train import (TrainConfig, Trainable, add_arguments, config_from_args, load_yaml_config, main,
-                             train)
+from neti_fast.train import Trainable, main, train
+from neti_fast.train_config import TrainConfig, add_arguments, config_from_args, load_yaml_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,7 +94,7 @@ def test_train_each_method(model, images, tmp_path, method):
         changed = [k for k, v in c.tensors().items() if k in init and not torch.equal(v, init[k])]
         assert any("output_layer" in k for k in changed)
         assert torch.equal(c.tensors()["mapper.encoder.w"], init["mapper.encoder.w"])  # fixed buffer
-        token, bypass = c.rows(torch.tensor([0, 999]), torch.tensor([0, 15]))
+        token, bypass = c.embeddings_at(torch.tensor([0, 999]), torch.tensor([0, 15]))
         assert torch.isfinite(token).all() and bypass is not None
     else:
         assert c.embeds.shape == ((16 if method == "xti" else 1), model.text_dim)

@@ -177,7 +177,7 @@ class Server:
     def add_upload(self, filename: str, data: bytes, name: str | None) -> list[str]:
         import uuid
 
-        from ..concept import atomic_write
+        from ..utils import atomic_write
         from .concepts import NAME_RE, SUFFIXES, clean_name
         suffix = Path(filename or "").suffix.lower()
         if suffix not in SUFFIXES:

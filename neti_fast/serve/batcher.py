@@ -5,7 +5,7 @@ truncation). A worker thread takes the oldest waiting image, waits until `max_wa
 arrival (or until `max_batch` compatible images wait), and runs every waiting image whose Shape
 (steps, size, scheduler, guidance: what one denoising loop must share) matches, up to `max_batch`,
 as one `Engine.generate_batch` - whatever their prompts, concepts and truncations. The packing is
-the engine's (`Engine.pack`); this module only decides who rides together.
+the engine's (`Engine.kv_tables`); this module only decides who rides together.
 
 Independence: an image's noise comes only from its own seed (pipeline.image_generators), so what
 shares its batch never changes it. That is what makes the two failure rules cheap:

@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
 
 def config_from_args(args):
     from .app import ServeConfig
-    from ..cli import _torch_setup  # one device / dtype rule for every subcommand
-    device, dtype = _torch_setup(args)
+    from ..options import torch_setup  # one device / dtype rule for every subcommand
+    device, dtype = torch_setup(args)
     return ServeConfig(model=args.model, concepts=args.concepts, host=args.host, port=args.port, device=device,
                        dtype=str(dtype).replace("torch.", ""), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                        api_key=args.api_key or None, state_dir=args.state_dir, max_upload_mb=args.max_upload_mb,

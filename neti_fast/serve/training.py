@@ -48,7 +48,7 @@ class TrainJob:
 
 
 def train_defaults(model_spec: str) -> dict:
-    from ..train import TrainConfig
+    from ..train_config import TrainConfig
     if model_spec == "tiny":
         return {"steps": 30, "batch_size": 2, "grad_accum": 1}
     c = TrainConfig()
@@ -98,8 +98,9 @@ class Trainer:
         return job
 
     def _train(self, job: TrainJob, run_dir: Path, method: str, defaults: dict) -> None:
-        from ..concept import atomic_write
-        from ..train import TrainConfig, train
+        from ..utils import atomic_write
+        from ..train import train
+        from ..train_config import TrainConfig
         try:
             if self._model is None:
                 from ..models import load_model
