@@ -15,7 +15,7 @@ avoids.  On CUDA every implementation is timed with triton.testing.do_bench
 neti_fast._C is built) with time.perf_counter, the implementations' calls alternated one by one
 (this VM's speed drifts over minutes), at SD 1.5's levels and at the `tiny` model's (same 8 heads,
 head dim 4 / 8): the Triton interpreter is far too slow to be worth timing.  These CPU figures
-decide `neti_fast.native.native_preferred`.
+decide `neti_fast.sd.native.native_preferred`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def make_impls(q, k_table, v_table, ri):
 
     impls = {"sdpa": sdpa, "eager": eager}
     if not q.is_cuda:
-        from neti_fast import native
+        from neti_fast.sd import native
         if native.native_supported(q, k_table, HEADS)[0]:
             impls["native"] = lambda: native.cross_attention_native(q, k_table, v_table, ri, HEADS)
     if q.is_cuda and HAS_TRITON:

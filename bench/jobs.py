@@ -6,7 +6,7 @@ Workload: `--requests` requests of `--seeds` seeds each over `--concepts` random
 and TI in turn; NeTI requests cycle through truncations full / 8 / 16), one prompt template per
 request. Both sides use the same loaded model, batch size, steps and concept files, and both write
 PNGs:
-  packed:       `neti_fast.jobs.run_job` on a JSONL file of all requests (images from different
+  packed:       `neti_fast.jobs.runner.run_job` on a JSONL file of all requests (images from different
                 requests, concepts and truncations share full batches);
   per request:  `neti_fast.api.generate_to_folder` once per request, as a user scripting the API or
                 the `generate` command would (a fresh engine per call; the model load is excluded);
@@ -36,7 +36,7 @@ TEMPLATES = ["a photo of {}", "a painting of {} in the snow", "{} on a beach", "
 
 def build_workload(work: Path, dim: int, n_requests: int, n_seeds: int, n_concepts: int) -> list[dict]:
     """Concept files in `work`, and the requests (job lines with absolute concept paths)."""
-    from neti_fast.concept_model import random_concept
+    from neti_fast.concepts.concept import random_concept
     paths = []
     for c in range(n_concepts):
         method = METHODS[c % len(METHODS)]
@@ -86,10 +86,10 @@ def run(args) -> dict:
     from neti_fast.bench.report import _device_info, _versions
 
     from neti_fast.api import generate_to_folder
-    from neti_fast.jobs import run_job
-    from neti_fast.models import load_model
-    from neti_fast.pipeline import Engine, GenerateConfig, Request
-    from neti_fast.table import load_table
+    from neti_fast.jobs.runner import run_job
+    from neti_fast.sd.models import load_model
+    from neti_fast.engine.engine import Engine, GenerateConfig, Request
+    from neti_fast.concepts.table import load_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +141,7 @@ def run(args) -> dict:
 
     from PIL import Image
 
-    from neti_fast.outputs import image_name
+    from neti_fast.jobs.outputs import image_name
     diff = 0
     for i, ln in enumerate(lines):
         for seed in ln["seeds"]:

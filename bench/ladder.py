@@ -270,9 +270,9 @@ def side_by_side(ctx: Context, ran: set[str], log=print) -> dict:
 
 
 def run_ladder(args, log=print) -> dict:
-    from neti_fast.concept_model import random_concept
-    from neti_fast.models import load_model
-    from neti_fast.table import precompute
+    from neti_fast.concepts.concept import random_concept
+    from neti_fast.sd.models import load_model
+    from neti_fast.concepts.table import precompute
 
     from . import flops as flops_mod
 

@@ -62,7 +62,7 @@ class _AttentionClock:
     module global the processors call."""
 
     def __init__(self):
-        import neti_fast.attention as A
+        import neti_fast.sd.attention as A
         self.module, self.inner, self.seconds = A, A.attend_rows, 0.0
 
         def timed(*a, **k):
@@ -82,7 +82,7 @@ class _AttentionClock:
 
 
 def _engine(model, attention, steps, size, batch):
-    from neti_fast.pipeline import Engine, GenerateConfig
+    from neti_fast.engine.engine import Engine, GenerateConfig
     cfg = GenerateConfig(steps=steps, height=size, width=size, batch_size=batch, attention=attention)
     eng = Engine(model, cfg)
     eng.denoiser = _TimedDenoiser(eng.denoiser)
@@ -90,10 +90,10 @@ def _engine(model, attention, steps, size, batch):
 
 
 def measure_model(spec: str, size: int | None, steps: int, batch: int, pairs: int, log=print) -> dict:
-    from neti_fast.concept_model import random_concept
-    from neti_fast.models import load_model
-    from neti_fast.pipeline import Request
-    from neti_fast.table import precompute
+    from neti_fast.concepts.concept import random_concept
+    from neti_fast.sd.models import load_model
+    from neti_fast.engine.engine import Request
+    from neti_fast.concepts.table import precompute
 
     model = load_model(spec)
     size = size or model.default_size
@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from neti_fast import native
+    from neti_fast.sd import native
     ok, why = native.native_available()
     if not ok:
         raise SystemExit(f"bench.native: {why}")

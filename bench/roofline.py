@@ -90,7 +90,7 @@ def meta_models(name: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from neti_fast.models import sd15_configs, tiny_configs
+    from neti_fast.sd.models import sd15_configs, tiny_configs
     cfg = sd15_configs() if name == "sd15-shaped" else tiny_configs(1000, 998, 999)
     with torch.device("meta"):
         text = CLIPTextModel(CLIPTextConfig(**cfg["text"])).to(dtype)

@@ -54,21 +54,21 @@ class ReferenceRung(Rung):
     name, label = "reference", "official NeTI algorithm (generate_reference)"
 
     def setup(self):
-        from neti_fast.pipeline import GenerateConfig
+        from neti_fast.engine.engine import GenerateConfig
         self.cfg = GenerateConfig(steps=self.a.steps, guidance=GUIDANCE, scheduler="dpm++",
                                   height=self.ctx.height, width=self.ctx.width, batch_size=1)
         self.notes = "B seeds one after the other; 2 batch-1 U-Net calls per step; eager bmm attention"
 
     def cond(self):
-        from neti_fast.pipeline import Request, make_scheduler
-        from neti_fast.reference import reference_conditioning
+        from neti_fast.engine.engine import Request, make_scheduler
+        from neti_fast.engine.reference import reference_conditioning
         sched = make_scheduler(self.cfg.scheduler, self.m.scheduler_config)
         sched.set_timesteps(self.cfg.steps)
         reference_conditioning(self.m, Request(PROMPT, 0, self.ctx.table), self.cfg, sched.timesteps)
 
     def run(self, seeds):
-        from neti_fast.pipeline import Request
-        from neti_fast.reference import generate_reference
+        from neti_fast.engine.engine import Request
+        from neti_fast.engine.reference import generate_reference
         for s in seeds:
             generate_reference(self.m, Request(PROMPT, s, self.ctx.table), self.cfg)
 
@@ -112,7 +112,7 @@ class EngineRung(Rung):
         return None  # the Engine's default TorchDenoiser
 
     def setup(self):
-        from neti_fast.pipeline import Engine, GenerateConfig
+        from neti_fast.engine.engine import Engine, GenerateConfig
         self.cfg = GenerateConfig(steps=self.a.steps, guidance=GUIDANCE, scheduler="dpm++", height=self.ctx.height,
                                   width=self.ctx.width, batch_size=1 if self.per_seed else max(self.a.batch_sizes),
                                   attention=self.attention)
@@ -137,7 +137,7 @@ class EngineRung(Rung):
 
     @torch.no_grad()
     def run(self, seeds):
-        from neti_fast.pipeline import Request
+        from neti_fast.engine.engine import Request
         self.engine._cache.clear()  # cold: conditioning is part of every measured run
         reqs = [Request(PROMPT, s, self.ctx.table) for s in seeds]
         if self.per_seed:
@@ -164,8 +164,8 @@ class ConceptsRung(BatchedRung):
     name, label = "concepts", "neti-fast batched, a different concept per image"
 
     def setup(self):
-        from neti_fast.concept_model import random_concept
-        from neti_fast.table import precompute
+        from neti_fast.concepts.concept import random_concept
+        from neti_fast.concepts.table import precompute
         self.tables = [precompute(random_concept("neti", self.m.text_dim, 1000 + i, f"<c{i}>"), (), progress=False)
                        for i in range(max(self.a.batch_sizes))]
         self.notes = "B concepts in one batch: each sample indexes its own K/V rows (compare with `batched`: one concept)"
@@ -173,7 +173,7 @@ class ConceptsRung(BatchedRung):
 
     @torch.no_grad()
     def run(self, seeds):
-        from neti_fast.pipeline import Request
+        from neti_fast.engine.engine import Request
         self.engine._cache.clear()
         self.engine.generate_batch([Request(PROMPT, s, self.tables[i]) for i, s in enumerate(seeds)])
 
@@ -207,7 +207,7 @@ class CompileRung(EngineRung):
         super().setup()
 
     def make_denoiser(self):
-        from neti_fast.backends import make_denoiser
+        from neti_fast.engine.backends import make_denoiser
         return make_denoiser(self.m, "compile", self.attention)[0]
 
 
@@ -224,7 +224,7 @@ class OnnxRung(EngineRung):
     name, label = "onnx", "neti-fast batched + ONNX Runtime denoiser"
 
     def setup(self):
-        from neti_fast.backends import make_denoiser
+        from neti_fast.engine.backends import make_denoiser
         t0 = time.perf_counter()
         try:  # same intra-op thread count as torch, for a like-for-like CPU comparison
             self._den, _ = make_denoiser(self.m, "onnx", height=self.ctx.height, width=self.ctx.width,

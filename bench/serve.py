@@ -57,8 +57,8 @@ def run(args) -> dict:
     import httpx
     import torch
 
-    from neti_fast.concept_model import random_concept
-    from neti_fast.models import load_model
+    from neti_fast.concepts.concept import random_concept
+    from neti_fast.sd.models import load_model
     from neti_fast.serve.app import Server, ServeConfig
     from neti_fast.serve.background import BackgroundServer
 

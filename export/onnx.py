@@ -10,7 +10,7 @@ Graph inputs (names are the contract with `OnnxDenoiser` and `tensorrt.build_eng
 Output:
     eps       float [B, 4, h, w]
 
-Cross-attention in the graph is the "sdpa" backend of `neti_fast.attention`: Gather (index_select)
+Cross-attention in the graph is the "sdpa" backend of `neti_fast.sd.attention`: Gather (index_select)
 of the rows, then scaled-dot-product attention. The Triton custom op is never exported.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neti_fast.attention import install_processors
-from neti_fast.models import NUM_LAYERS
+from neti_fast.sd.attention import install_processors
+from neti_fast.sd.models import NUM_LAYERS
 from neti_fast.utils import image_size
 
 INPUT_NAMES = ["sample", "timestep", "row_idx"] + [f"k{i}" for i in range(NUM_LAYERS)] + [f"v{i}" for i in range(NUM_LAYERS)]
@@ -257,7 +257,7 @@ def default_export_dir(model_name: str, height: int, width: int, dtype) -> Path:
     fingerprint in it decides whether an export is reused."""
     import hashlib
 
-    from neti_fast.models import _cache_root
+    from neti_fast.sd.models import _cache_root
     tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model_name))[-40:]
     tag += "-" + hashlib.sha1(str(model_name).encode()).hexdigest()[:8]
     return _cache_root() / "exports" / f"{tag}-{height}x{width}-{str(dtype).replace('torch.', '')}"

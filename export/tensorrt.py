@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .onnx import INPUT_NAMES, OUTPUT_NAMES, _timestep
-from neti_fast.models import NUM_LAYERS
+from neti_fast.sd.models import NUM_LAYERS
 
 ENGINE_FORMAT = "1"
 

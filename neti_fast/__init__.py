@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 
 from .api import (Engine, GenerateConfig, Request, generate, generate_to_folder, load_concept,  # noqa: F401
                   load_model, load_table, load_tables, parse_layer_mix, parse_time_mix, precompute)
-from .adapter import attach  # noqa: F401
+from .engine.adapter import attach  # noqa: F401
 from .errors import NetiError  # noqa: F401

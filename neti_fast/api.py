@@ -14,13 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from . import manifest, outputs
-from .concept import load_concept  # noqa: F401  (the documented API: neti_fast/__init__.py)
+from .jobs import manifest
+from .jobs import outputs
+from .concepts.importers import load_concept  # noqa: F401  (the documented API: neti_fast/__init__.py)
 from .errors import NetiError
-from .mixing import parse_layer_mix, parse_time_mix  # noqa: F401  (documented API)
-from .models import Model, load_model  # noqa: F401  (documented API)
-from .pipeline import Engine, GenerateConfig, Request
-from .table import load_table, load_tables, precompute  # noqa: F401  (documented API)
+from .concepts.mixing import parse_layer_mix, parse_time_mix  # noqa: F401  (documented API)
+from .sd.models import Model, load_model  # noqa: F401  (documented API)
+from .engine.engine import Engine, GenerateConfig, Request
+from .concepts.table import load_table, load_tables, precompute  # noqa: F401  (documented API)
 
 
 def _requests(table, prompts, seeds, truncations, cfg):
@@ -30,7 +31,7 @@ def _requests(table, prompts, seeds, truncations, cfg):
 def _engine(model, cfg, engine, backend, export_dir=None, model_name=None):
     if engine is not None:
         return engine
-    from .backends import engine as backend_engine
+    from .engine.backends import engine as backend_engine
     return backend_engine(model, cfg, backend, export_dir=export_dir, model_name=model_name)
 
 
@@ -39,7 +40,7 @@ def generate(model: Model, table, prompts: list[str], seeds=(0,), truncations=(N
     """Images for every (prompt, truncation, seed), in that nesting order: uint8 [N, H, W, 3].
 
     `backend`: the U-Net runtime (auto | eager | triton | compile | onnx | tensorrt, as `--backend`;
-    see neti_fast.backends); ignored when an `engine` is given."""
+    see neti_fast.engine.backends); ignored when an `engine` is given."""
     cfg = cfg or GenerateConfig()
     engine = _engine(model, cfg, engine, backend)
     return engine.generate(_requests(table, prompts, seeds, truncations, cfg))
@@ -53,14 +54,14 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
     with several truncations also a sweep grid per seed (rows prompts, columns truncations, labelled):
     the paper's reconstruction-vs-editability figure.
 
-    This is a small job run by the job runner (neti_fast.jobs): the same fixed batch plan, manifest
+    This is a small job run by the job runner (neti_fast.jobs.runner): the same fixed batch plan, manifest
     and resume as `neti-fast run`. Images already in `out` with the same settings are skipped; a PNG
     the manifest does not list (a run killed between writing it and recording it) is kept if it
     equals the regenerated image and is an error otherwise (unless `overwrite`). Folders written
     with the older manifest.json resume too. Returns the manifest entries {file: entry}.
     """
-    from . import jobs
-    from .jobfile import Concepts, Line, expand
+    from .jobs import runner as jobs
+    from .jobs.jobfile import Concepts, Line, expand
     from .utils import dtype_name
     cfg = cfg or GenerateConfig()
     out = Path(out)

@@ -33,20 +33,20 @@ def _quiet_libraries():
 # ----------------------------------------------------------------------------- subcommands
 
 def cmd_tiny_model(args):
-    from .models import build_tiny
+    from .sd.models import build_tiny
     print(f"wrote {build_tiny(args.dir)}")
 
 
 def cmd_import(args):
-    from .importers import import_concept
-    concept = import_concept(args.src, placeholder=args.placeholder, embeds_path=args.embeds)
+    from .concepts.importers import load_concept
+    concept = load_concept(args.src, placeholder=args.placeholder, embeds_path=args.embeds)
     out = concept.save(args.out)
     print(f"imported {concept.method.upper()} concept {concept.placeholder!r} ({concept.source}) -> {out}")
 
 
 def cmd_precompute(args):
-    from .concept import load_concept
-    from .table import precompute
+    from .concepts.importers import load_concept
+    from .concepts.table import precompute
     concept = load_concept(args.concept, placeholder=args.placeholder)
     if Path(args.out).exists() and not args.overwrite:
         raise NetiError(f"--out {args.out}: exists; use --overwrite to replace it")
@@ -56,7 +56,7 @@ def cmd_precompute(args):
 
 
 def cmd_merge(args):
-    from .table import load_tables, save_bundle
+    from .concepts.table import load_tables, save_bundle
     if Path(args.out).exists() and not args.overwrite:
         raise NetiError(f"--out {args.out}: exists; use --overwrite to replace it")
     tables = load_tables(args.concepts)
@@ -79,11 +79,11 @@ def _read_prompts(args) -> list[str]:
 
 def cmd_generate(args):
     from .api import generate_to_folder
-    from .backends import engine as backend_engine
-    from .mixing import add_mixes
-    from .models import load_model
-    from .pipeline import GenerateConfig, Request, check_request
-    from .table import load_tables
+    from .engine.backends import engine as backend_engine
+    from .concepts.mixing import add_mixes
+    from .sd.models import load_model
+    from .engine.engine import GenerateConfig, Request, check_request
+    from .concepts.table import load_tables
     prompts = _read_prompts(args)
     seeds = options.seeds_of(args)
     tables = add_mixes(load_tables(args.concept or [], args.placeholder), args.layer_mix, args.time_mix)
@@ -107,7 +107,7 @@ def cmd_generate(args):
 
 def cmd_export(args):
     from .export import onnx as onnx_export
-    from .models import load_model
+    from .sd.models import load_model
     device, dtype = options.torch_setup(args)
     model = load_model(args.model, device=device, dtype=dtype)
     out = Path(args.out)
@@ -119,7 +119,7 @@ def cmd_export(args):
 
 
 def cmd_train(args):
-    from . import train
+    from .training import trainer as train
     train.main(args)
 
 
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a NeTI (default), XTI or TI concept from 3-5 images")
-    from .train_config import add_arguments as add_train_arguments
+    from .training.config import add_arguments as add_train_arguments
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("run", help="run a JSONL job of many requests: packed batches, resumable, torchrun-aware")
-    from . import jobs
+    from .jobs import runner as jobs
     jobs.add_arguments(p)
     p.set_defaults(func=jobs.main)
 
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="CLIP image / text and DINO similarity of generated images (per truncation)")
-    from . import evaluate
+    from .evaluation import evaluate
     evaluate.add_arguments(p)
     p.set_defaults(func=evaluate.main)
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .api import generate_to_folder, load_model, precompute
-from .pipeline import GenerateConfig
+from .engine.engine import GenerateConfig
 
 NOISE_NOTE = ("\nNote: the built-in `tiny` model has random weights, so these images are noise-like patterns, "
               "not pictures of the prompts. The demo shows that every stage runs; for real images train and "
@@ -45,8 +45,8 @@ def make_training_images(folder: Path, n: int = 4, size: int = 64) -> Path:
 
 
 def run_demo(out: str | Path = "neti-fast-demo", train_steps: int = 30, gen_steps: int = 20) -> dict:
-    from .train import train
-    from .train_config import TrainConfig
+    from .training.trainer import train
+    from .training.config import TrainConfig
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def run_demo(out: str | Path = "neti-fast-demo", train_steps: int = 30, gen_step
                       out=str(concept_dir), steps=train_steps, batch_size=2, grad_accum=1, save_every=0,
                       resume=resume)
     concept_path = train(cfg, model=model)
-    from .concept import load_concept
+    from .concepts.importers import load_concept
     table = precompute(load_concept(concept_path), truncations=[t for t in TRUNCATIONS if t])
     table_path = table.save(out / "table.safetensors")
     gen_dir = out / "images"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .backends import BACKEND_NAMES
+from .engine.backends import BACKEND_NAMES
 from .errors import NetiError
 from .utils import ATTENTIONS, CLI_DTYPES, SCHEDULERS, default_device, default_dtype_name, torch_dtype
 

@@ -21,12 +21,12 @@ def _cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(_cache_dir):
-    from neti_fast.models import load_model
+    from neti_fast.sd.models import load_model
     return load_model("tiny")
 
 
 def _make_concept(method: str = "neti", dim: int = 32, seed: int = 0, bypass: bool = True, placeholder: str = "<c>"):
-    from neti_fast.concept_model import random_concept
+    from neti_fast.concepts.concept import random_concept
     return random_concept(method, dim, seed, placeholder, bypass)
 
 

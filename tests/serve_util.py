@@ -17,7 +17,7 @@ STEPS = 2
 
 
 def make_concepts(folder: Path) -> Path:
-    from neti_fast.concept_model import random_concept
+    from neti_fast.concepts.concept import random_concept
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(NETI):
         random_concept("neti", 32, i, f"<{name}>", True).save(folder / f"{name}.safetensors")

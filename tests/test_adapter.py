@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import neti_fast
-from neti_fast.adapter import Attachment
-from neti_fast.pipeline import Engine, GenerateConfig, Request
-from neti_fast.table import precompute
+from neti_fast.engine.adapter import Attachment
+from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.concepts.table import precompute
 
 STEPS = 3
 
@@ -16,7 +16,7 @@ STEPS = 3
 def pipe(tiny_model):
     from diffusers import StableDiffusionPipeline
 
-    from neti_fast.models import tiny_model_dir
+    from neti_fast.sd.models import tiny_model_dir
     p = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir()), safety_checker=None, requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
     return p
@@ -24,7 +24,7 @@ def pipe(tiny_model):
 
 @pytest.mark.parametrize("scheduler", ["dpm++", "euler", "ddim"])
 def test_adapter_equals_engine(pipe, tiny_model, make_concept, scheduler, monkeypatch):
-    from neti_fast.pipeline import make_scheduler
+    from neti_fast.engine.engine import make_scheduler
     pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
     table = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=31), truncations=[8], progress=False)
     matched = []

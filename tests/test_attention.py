@@ -5,10 +5,10 @@ import torch
 
 import logging
 
-from neti_fast.attention import DISPATCH, AttentionDispatcher, attend_rows
+from neti_fast.sd.attention import DISPATCH, AttentionDispatcher, attend_rows
 from neti_fast.kernels.cross_attention import cross_attention_ref, triton_supported
-from neti_fast.pipeline import Engine, GenerateConfig, Request
-from neti_fast.table import precompute
+from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.concepts.table import precompute
 
 
 @pytest.fixture(autouse=True)
@@ -76,15 +76,15 @@ def test_decided_once_and_logged_once(monkeypatch, caplog):
     real = ca.triton_supported
     monkeypatch.setattr(ca, "triton_supported", lambda *a: calls.append(1) or real(*a))
     q, k, v, idx = tables()
-    with caplog.at_level(logging.INFO, logger="neti_fast.attention"):
+    with caplog.at_level(logging.INFO, logger="neti_fast.sd.attention"):
         for _ in range(5):
             attend_rows(q, k, v, idx, 4, "sdpa")
             attend_rows(q, k, v, idx, 4, "auto")
         attend_rows(tables(N=8)[0], k, v, idx, 4, "auto")       # another N: a new shape class
-    lines = [r.getMessage() for r in caplog.records if r.name == "neti_fast.attention"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "neti_fast.sd.attention"]
     assert len(lines) == 3, lines
     assert "sdpa (requested)" in lines[0] and "N=16" in lines[0]
-    from neti_fast.native import native_preferred
+    from neti_fast.sd.native import native_preferred
     auto = "native (" if native_preferred(q, k, 4) else "sdpa (triton needs CUDA"
     assert auto in lines[1] and "N=8" in lines[2]
     assert calls == []  # `auto` on CPU never even asks the Triton kernel's guards

@@ -1,11 +1,11 @@
-"""neti_fast.backends: the one place that chooses the U-Net runtime, for the CLI and the Python API."""
+"""neti_fast.engine.backends: the one place that chooses the U-Net runtime, for the CLI and the Python API."""
 import logging
 
 import numpy as np
 import pytest
 
 import neti_fast as nf
-from neti_fast import backends
+from neti_fast.engine import backends
 from neti_fast.errors import NetiError
 
 

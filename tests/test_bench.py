@@ -24,7 +24,7 @@ def _onnx_importable() -> bool:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from neti_fast.models import load_model
+    from neti_fast.sd.models import load_model
     return load_model("tiny", "cpu", torch.float32)
 
 
@@ -134,7 +134,7 @@ def test_table_text(ladder_run):
 
 
 def test_diffusers_rung_restores_neti_processors(tiny):
-    from neti_fast.attention import NetiCrossAttnProcessor, install_processors
+    from neti_fast.sd.attention import NetiCrossAttnProcessor, install_processors
     install_processors(tiny)
     before = dict(tiny.unet.attn_processors)
     ctx = ladder.Context(ladder._resolve(ladder.add_arguments(__import__("argparse").ArgumentParser()).parse_args(

@@ -46,7 +46,7 @@ def test_tiny_model_folder_loads_in_diffusers(tmp_path, capsys):
     code, out, _ = run(capsys, "tiny-model", tmp_path / "tiny")
     assert code == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "tiny"))
-    from neti_fast.models import UNET_LAYERS, cross_attention_modules
+    from neti_fast.sd.models import UNET_LAYERS, cross_attention_modules
     assert len(cross_attention_modules(pipe.unet)) == len(UNET_LAYERS) == 16
     code, _, err = run(capsys, "tiny-model", tmp_path / "tiny")
     one_line_error(code, err, "not empty")
@@ -55,7 +55,7 @@ def test_tiny_model_folder_loads_in_diffusers(tmp_path, capsys):
 def test_tiny_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 
-    from neti_fast.models import build_tiny, tiny_model_dir
+    from neti_fast.sd.models import build_tiny, tiny_model_dir
     build_tiny(tmp_path / "again")
     for part in ("unet", "text_encoder"):
         a = load_file(next((tmp_path / "again" / part).glob("*.safetensors")))
@@ -100,7 +100,7 @@ def test_generate_accepts_every_concept_format(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run(capsys, "import", ti, "--out", tmp_path / "ti.safetensors")
     assert code == 0, err
-    from neti_fast.concept import load_concept
+    from neti_fast.concepts.importers import load_concept
     assert load_concept(tmp_path / "ti.safetensors").placeholder == "<ti>"
 
 

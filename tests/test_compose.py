@@ -6,13 +6,13 @@ import torch
 from PIL import Image
 
 from neti_fast.cli import main
-from neti_fast.conditioning import tokenize
+from neti_fast.sd.conditioning import tokenize
 from neti_fast.errors import NetiError
-from neti_fast.mixing import add_mixes, parse_layer_mix, parse_time_mix
-from neti_fast.models import UNET_LAYERS
-from neti_fast.pipeline import Engine, GenerateConfig, Request
-from neti_fast.reference import generate_reference
-from neti_fast.table import Table, load_tables, precompute
+from neti_fast.concepts.mixing import add_mixes, parse_layer_mix, parse_time_mix
+from neti_fast.sd.models import UNET_LAYERS
+from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.reference import generate_reference
+from neti_fast.concepts.table import Table, load_tables, precompute
 
 STEPS = 3
 CFG = GenerateConfig(steps=STEPS, batch_size=4)
@@ -199,7 +199,7 @@ def test_diffusers_adapter(tiny_model, concepts):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     import neti_fast
-    from neti_fast.models import tiny_model_dir
+    from neti_fast.sd.models import tiny_model_dir
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir()), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

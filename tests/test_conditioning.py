@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from neti_fast.conditioning import encode, encode_shared, encode_rows, tokenize
+from neti_fast.sd.conditioning import encode, encode_shared, encode_rows, tokenize
 
 
 @pytest.mark.parametrize("prompt,names", [
@@ -71,7 +71,7 @@ def test_low_precision_error_like_clips_own(tiny_model, dtype):
 def test_slot_ids_are_cached_per_tokenizer(tiny_model, monkeypatch):
     """The slot token's id is looked up once per tokenizer, not per request (get_vocab copies the
     whole vocabulary)."""
-    from neti_fast.conditioning import tokenize
+    from neti_fast.sd.conditioning import tokenize
     tok = tiny_model.tokenizer
     first = tokenize(tok, "a photo of {}", ["c"])
     calls = []

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from neti_fast.cudagraph import CudaGraphDenoiser, graphs_enabled, tables_key
-from neti_fast.pipeline import Engine, GenerateConfig, Request, TorchDenoiser
-from neti_fast.table import precompute
+from neti_fast.engine.cudagraph import CudaGraphDenoiser, graphs_enabled, tables_key
+from neti_fast.engine.engine import Engine, GenerateConfig, Request, TorchDenoiser
+from neti_fast.concepts.table import precompute
 
 CFG = GenerateConfig(steps=4, batch_size=4)
 

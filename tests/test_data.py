@@ -1,12 +1,12 @@
-"""Tests for neti_fast.data: image loading edge cases and the training dataset."""
+"""Tests for neti_fast.training.data: image loading edge cases and the training dataset."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from neti_fast.data import TextualInversionDataset, load_images, to_rgb
+from neti_fast.training.data import TextualInversionDataset, load_images, to_rgb
 from neti_fast.errors import NetiError
-from neti_fast.templates import IMAGENET_STYLE_TEMPLATES, IMAGENET_TEMPLATES
+from neti_fast.sd.templates import IMAGENET_STYLE_TEMPLATES, IMAGENET_TEMPLATES
 
 
 def _rgb(path, color=(10, 200, 30), size=(8, 6)):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neti_fast import evaluate as ev
+from neti_fast.evaluation import evaluate as ev
 from neti_fast.errors import NetiError
 
 SIZE = 32
@@ -33,7 +33,7 @@ def model_dirs(tmp_path_factory):
         ViTModel,
     )
 
-    from neti_fast.tokenizer_gen import write_clip_bpe_files
+    from neti_fast.sd.tiny_tokenizer import write_clip_bpe_files
     root = tmp_path_factory.mktemp("eval-models")
     write_clip_bpe_files(root / "bpe")
     tok = CLIPTokenizer.from_pretrained(str(root / "bpe"), model_max_length=77)
@@ -103,7 +103,7 @@ def _cos(a, b):
 
 
 class Reference:
-    """The metrics computed without neti_fast.evaluate: towers + projections called directly."""
+    """The metrics computed without neti_fast.evaluation.evaluate: towers + projections called directly."""
 
     def __init__(self, model_dirs):
         from transformers import (

@@ -12,8 +12,8 @@ import torch
 
 from neti_fast.export.onnx import (INPUT_NAMES, default_export_dir, OnnxDenoiser, TablesUNet, example_inputs, export_cached,
                                    export_onnx)
-from neti_fast.models import NUM_LAYERS, load_model
-from neti_fast.pipeline import Engine, GenerateConfig, Request, TorchDenoiser
+from neti_fast.sd.models import NUM_LAYERS, load_model
+from neti_fast.engine.engine import Engine, GenerateConfig, Request, TorchDenoiser
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -122,7 +122,7 @@ def test_wrong_spatial_size(model, ort_denoiser):
 
 
 def test_tables_unet_restores_state(model):
-    st = model.attn_state or __import__("neti_fast.attention", fromlist=["x"]).install_processors(model)
+    st = model.attn_state or __import__("neti_fast.sd.attention", fromlist=["x"]).install_processors(model)
     with torch.no_grad():
         TablesUNet(model)(*example_inputs(model, 2, 3))
     assert st.mode == "plain" and st.row_idx is None
@@ -136,12 +136,12 @@ def test_engine_end_to_end(model, onnx_path):
     rounding boundary (k + 0.5) / 255, which flips it by exactly one level. So: at most 2 levels
     anywhere (1 for such a flip, 1 of margin), and nearly every pixel identical.
     """
-    import neti_fast.table
-    from neti_fast.concept_model import Concept
-    from neti_fast.mapper import MapperConfig, NeTIMapper
+    import neti_fast.concepts.table
+    from neti_fast.concepts.concept import Concept
+    from neti_fast.concepts.mapper import MapperConfig, NeTIMapper
     torch.manual_seed(0)
     concept = Concept("neti", "<c>", 32, mapper=NeTIMapper(MapperConfig(output_dim=32, target_norm=0.4)).eval())
-    table = neti_fast.table.precompute(concept, progress=False)
+    table = neti_fast.concepts.table.precompute(concept, progress=False)
     reqs = [Request("a photo of {}", 0, table), Request("a painting of {}", 1, table)]
     ref = Engine(model, GenerateConfig(steps=3)).generate(reqs)
     out = Engine(model, GenerateConfig(steps=3), denoiser=OnnxDenoiser(onnx_path, threads=2)).generate(reqs)

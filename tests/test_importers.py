@@ -1,4 +1,4 @@
-"""import_concept: every supported format, faithfulness to official NeTI, and restricted unpickling.
+"""load_concept: every supported format, faithfulness to official NeTI, and restricted unpickling.
 
 All fixtures (including pickles) are written into tmp_path at run time; none are committed.
 """
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from neti_fast.concept_model import Concept
+from neti_fast.concepts.concept import Concept
 from neti_fast.errors import NetiError
-from neti_fast.importers import import_concept
-from neti_fast.mapper import MapperConfig, NeTIMapper
+from neti_fast.concepts.importers import load_concept
+from neti_fast.concepts.mapper import MapperConfig, NeTIMapper
 
 D = 32  # small text width keeps the tests fast; the importer infers it
 
@@ -122,7 +122,7 @@ class OfficialNeTIMapper(nn.Module):
 
 @pytest.fixture
 def official_module():
-    """Register `models.positional_encoding` for torch.save only; removed before import_concept runs."""
+    """Register `models.positional_encoding` for torch.save only; removed before load_concept runs."""
     saved = {k: sys.modules.get(k) for k in ("models", "models.positional_encoding")}
     pkg, mod = types.ModuleType("models"), types.ModuleType("models.positional_encoding")
     pkg.positional_encoding = mod
@@ -180,7 +180,7 @@ def _grid():
     (False, True, 0.38), (False, False, None)])
 def test_official_neti_matches_reference(tmp_path, official_module, use_pe, bypass, target_norm):
     mp, ref = _save_official(tmp_path, official_module, use_pe=use_pe, bypass=bypass, target_norm=target_norm)
-    c = import_concept(mp)
+    c = load_concept(mp)
     assert (c.method, c.placeholder, c.text_dim, c.init_word, c.source) == ("neti", "<cat>", D, "cat", "official-neti")
     assert c.base_model == "CompVis/stable-diffusion-v1-4"
     assert c.placeholder_embed is not None and c.placeholder_embed.shape == (D,)
@@ -198,26 +198,26 @@ def test_official_neti_matches_reference(tmp_path, official_module, use_pe, bypa
             torch.testing.assert_close(token, want, rtol=1e-5, atol=1e-6)
     # the imported concept survives our own safetensors round trip unchanged
     c.save(tmp_path / "c.safetensors")
-    c2 = import_concept(tmp_path / "c.safetensors")
+    c2 = load_concept(tmp_path / "c.safetensors")
     torch.testing.assert_close(c2.embeddings_at(t, l, 5)[0], c.embeddings_at(t, l, 5)[0], rtol=0, atol=0)
     torch.testing.assert_close(c2.placeholder_embed, c.placeholder_embed)
 
 
 def test_official_neti_encoder_w_copied_and_embeds_lookup(tmp_path, official_module):
     mp, ref = _save_official(tmp_path, official_module, steps=7, write_embeds=False)
-    c = import_concept(mp, placeholder="<mine>")
+    c = load_concept(mp, placeholder="<mine>")
     assert c.placeholder == "<mine>" and c.placeholder_embed is None
     torch.testing.assert_close(c.mapper.encoder.w, ref.encoder.w, rtol=0, atol=0)
     assert c.mapper.cfg.num_w == 1024
     # fallback learned_embeds.bin, then an explicit embeds_path
     torch.save({"<cat>": torch.ones(1, D)}, tmp_path / "learned_embeds.bin")
-    assert torch.equal(import_concept(mp).placeholder_embed, torch.ones(D))
+    assert torch.equal(load_concept(mp).placeholder_embed, torch.ones(D))
     torch.save({"<cat>": torch.full((D,), 2.0)}, tmp_path / "other.bin")
-    assert torch.equal(import_concept(mp, embeds_path=str(tmp_path / "other.bin")).placeholder_embed,
+    assert torch.equal(load_concept(mp, embeds_path=str(tmp_path / "other.bin")).placeholder_embed,
                        torch.full((D,), 2.0))
     torch.save({"<cat>": torch.ones(D + 1)}, tmp_path / "bad.bin")
     with pytest.raises(NetiError, match="bad.bin"):
-        import_concept(mp, embeds_path=str(tmp_path / "bad.bin"))
+        load_concept(mp, embeds_path=str(tmp_path / "bad.bin"))
     # no safe global leaks out of the importer
     names = [g[1] if isinstance(g, tuple) else getattr(g, "__qualname__", "") for g in
              torch.serialization.get_safe_globals()]
@@ -226,21 +226,21 @@ def test_official_neti_encoder_w_copied_and_embeds_lookup(tmp_path, official_mod
 
 def test_official_learned_embeds_path_redirects_to_mapper(tmp_path, official_module):
     mp, _ = _save_official(tmp_path, official_module, steps=9)
-    c = import_concept(tmp_path / "learned_embeds-steps-9.bin")
+    c = load_concept(tmp_path / "learned_embeds-steps-9.bin")
     assert c.method == "neti" and c.placeholder_embed is not None
 
 
 def test_official_neti_unknown_encoder_refused(tmp_path, official_module):
     mp, _ = _save_official(tmp_path, official_module, encoder=FourierPositionalEncoding())
     with pytest.raises(NetiError, match=r"refused.*FourierPositionalEncoding") as e:
-        import_concept(mp)
+        load_concept(mp)
     assert str(mp) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_official_neti_encoder_cfg_mismatch(tmp_path, official_module):
     mp, _ = _save_official(tmp_path, official_module, use_pe=True, encoder=BasicEncoder())
     with pytest.raises(NetiError, match="BasicEncoder"):
-        import_concept(mp)
+        load_concept(mp)
 
 
 # ---------------------------------------------------------------------------- A1111 / diffusers / own
@@ -252,36 +252,36 @@ def _a1111(vec, name="mystyle"):
 def test_a1111_pt(tmp_path):
     v = torch.randn(1, D)
     torch.save(_a1111(v), tmp_path / "emb.pt")
-    c = import_concept(tmp_path / "emb.pt")
+    c = load_concept(tmp_path / "emb.pt")
     assert (c.method, c.placeholder, c.text_dim, c.source) == ("ti", "<mystyle>", D, "a1111")
     assert torch.equal(c.embeds, v)
-    assert import_concept(tmp_path / "emb.pt", placeholder="<x>").placeholder == "<x>"
+    assert load_concept(tmp_path / "emb.pt", placeholder="<x>").placeholder == "<x>"
     torch.save(_a1111(torch.randn(1, D), name=None), tmp_path / "noname.pt")
-    assert import_concept(tmp_path / "noname.pt").placeholder == "<noname>"
+    assert load_concept(tmp_path / "noname.pt").placeholder == "<noname>"
     torch.save(_a1111(torch.randn(2, D)), tmp_path / "two.pt")
     with pytest.raises(NetiError, match=r"two\.pt.*multi-vector.*\(2 vectors\).*not supported"):
-        import_concept(tmp_path / "two.pt")
+        load_concept(tmp_path / "two.pt")
 
 
 def test_a1111_safetensors(tmp_path):
     v = torch.randn(1, D)
     save_file({"emb_params": v}, tmp_path / "style.safetensors")
-    c = import_concept(tmp_path / "style.safetensors")
+    c = load_concept(tmp_path / "style.safetensors")
     assert (c.method, c.placeholder, c.source) == ("ti", "<style>", "a1111") and torch.equal(c.embeds, v)
     save_file({"emb_params": torch.randn(2, D)}, tmp_path / "two.safetensors")
     with pytest.raises(NetiError, match=r"two\.safetensors.*\(2 vectors\)"):
-        import_concept(tmp_path / "two.safetensors")
+        load_concept(tmp_path / "two.safetensors")
 
 
 def test_diffusers_learned_embeds(tmp_path):
     v = torch.randn(D)
     torch.save({"<cat-toy>": v}, tmp_path / "learned_embeds.bin")
-    c = import_concept(tmp_path / "learned_embeds.bin")
+    c = load_concept(tmp_path / "learned_embeds.bin")
     assert (c.method, c.placeholder, c.text_dim) == ("ti", "<cat-toy>", D) and torch.equal(c.embeds[0], v)
     torch.save({"<cat-toy>": v[None].half()}, tmp_path / "half.bin")
-    assert import_concept(tmp_path / "half.bin").embeds.dtype == torch.float32
+    assert load_concept(tmp_path / "half.bin").embeds.dtype == torch.float32
     save_file({"<cat-toy>": v[None]}, tmp_path / "learned_embeds.safetensors")
-    assert torch.equal(import_concept(tmp_path / "learned_embeds.safetensors").embeds[0], v)
+    assert torch.equal(load_concept(tmp_path / "learned_embeds.safetensors").embeds[0], v)
 
 
 @pytest.mark.parametrize("method", ["neti", "xti", "ti"])
@@ -293,18 +293,18 @@ def test_neti_fast_round_trip(tmp_path, method):
     else:
         c = Concept(method, "<d>", D, embeds=torch.randn(16 if method == "xti" else 1, D), init_word="dog")
     c.save(tmp_path / "c.safetensors")
-    c2 = import_concept(tmp_path / "c.safetensors")
+    c2 = load_concept(tmp_path / "c.safetensors")
     assert (c2.method, c2.placeholder, c2.text_dim, c2.init_word) == (method, "<d>", D, "dog")
     t, l = _grid()
     torch.testing.assert_close(c2.embeddings_at(t, l)[0], c.embeddings_at(t, l)[0], rtol=0, atol=0)
-    assert import_concept(tmp_path / "c.safetensors", placeholder="<e>").placeholder == "<e>"
+    assert load_concept(tmp_path / "c.safetensors", placeholder="<e>").placeholder == "<e>"
 
 
 def test_neti_fast_table_file(tmp_path):
     c = Concept("xti", "<d>", D, embeds=torch.randn(16, D))
     md = dict(c.metadata(), **{"neti_fast.format": "table"})
     save_file(dict(c.tensors(), **{"table.token": torch.randn(1000, 16, D)}), tmp_path / "t.safetensors", metadata=md)
-    c2 = import_concept(tmp_path / "t.safetensors")
+    c2 = load_concept(tmp_path / "t.safetensors")
     assert c2.method == "xti" and torch.equal(c2.embeds, c.embeds)
 
 
@@ -341,7 +341,7 @@ def test_malicious_pickle_refused(tmp_path, payload, name, wrap):
     torch.save(obj, p)
     assert not marker.exists()
     with pytest.raises(NetiError, match=rf"evil\.pt: refused to load: .*{name}.*nothing was executed"):
-        import_concept(p)
+        load_concept(p)
     assert not marker.exists()
 
 
@@ -349,7 +349,7 @@ def test_malicious_pickle_refused(tmp_path, payload, name, wrap):
 def test_errors_name_the_file(tmp_path):
     def bad(p, match=None, **kw):
         with pytest.raises(NetiError) as e:
-            import_concept(p, **kw)
+            load_concept(p, **kw)
         msg = str(e.value)
         assert str(p) in msg and "\n" not in msg, msg
         if match:
@@ -397,10 +397,10 @@ def test_official_neti_malformed(tmp_path, official_module):
     sd = {"net.1.weight": torch.randn(128, 161)}
     mp, ref = _save_official(tmp_path, official_module, sd_update=sd)
     with pytest.raises(NetiError, match=r"mapper-steps-500\.pt: official NeTI weights do not match"):
-        import_concept(mp)
+        load_concept(mp)
     torch.save({"state_dict": ref.state_dict(), "cfg": "not a dict", "encoder": None}, tmp_path / "m2.pt")
     with pytest.raises(NetiError, match=r"m2\.pt.*cfg"):
-        import_concept(tmp_path / "m2.pt")
+        load_concept(tmp_path / "m2.pt")
     torch.save({"state_dict": ref.state_dict(), "cfg": {"model": {}}, "encoder": None}, tmp_path / "m3.pt")
     with pytest.raises(NetiError, match=r"m3\.pt.*encoder is NoneType"):
-        import_concept(tmp_path / "m3.pt")
+        load_concept(tmp_path / "m3.pt")

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from neti_fast.cli import main
-from neti_fast.pipeline import Engine, GenerateConfig, Request
-from neti_fast.table import load_bundle, load_table, precompute, save_bundle
+from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.concepts.table import load_bundle, load_table, precompute, save_bundle
 
 STEPS = 3
 
@@ -339,7 +339,7 @@ def test_bench_jobs_smoke(tmp_path, tiny_model):
 
 
 def test_merged_progress(tmp_path):
-    from neti_fast.jobs import _merged_progress, _publish_progress
+    from neti_fast.jobs.runner import _merged_progress, _publish_progress
     t0 = time.perf_counter() - 10  # both ranks started 10 s ago
     _publish_progress(tmp_path, 0, 30, 50, t0)
     _publish_progress(tmp_path, 1, 10, 40, t0)

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neti_fast.kv_arena import KVArena
-from neti_fast.pipeline import Engine, GenerateConfig, Request
-from neti_fast.table import precompute
+from neti_fast.engine.kv_arena import KVArena
+from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.concepts.table import precompute
 
 
 @dataclass(eq=False)

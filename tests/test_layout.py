@@ -4,6 +4,12 @@ The graph is read from the source with `ast` (every `import` / `from ... import`
 inside functions alike: a lazy import that closes a cycle is still a cycle a reader has to untangle).
 `neti_fast/__init__.py` (the documented API, which imports from everywhere) and `__main__.py` are
 left out as sources; nothing may import `neti_fast.cli`.
+
+Layers (README "Code map"): a module imports only from its own subpackage or from a lower layer.
+`errors`, `utils` and the Triton `kernels` are under everything; `sd` (the model) and `concepts` import nothing above
+them; `engine` (with `export`, the U-Net runtimes it drives) imports those; `options` (the flags
+shared by commands), then `training` and `jobs`, then `evaluation` and `serve`, then `api`, then `demo` and
+`bench`, and `cli` on top.
 """
 from __future__ import annotations
 
@@ -79,6 +85,47 @@ def _graph():
     for deps in g.values():
         deps.discard("neti_fast")
     return g
+
+
+LAYERS = [("neti_fast.errors",), ("neti_fast.utils",), ("neti_fast.kernels",),
+          ("neti_fast.sd",), ("neti_fast.concepts",), ("neti_fast.export",), ("neti_fast.engine",),
+          ("neti_fast.options",), ("neti_fast.training", "neti_fast.jobs"),
+          ("neti_fast.evaluation", "neti_fast.serve"), ("neti_fast.api",), ("neti_fast.demo", "neti_fast.bench"),
+          ("neti_fast.cli",)]
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer index, the unit it belongs to: a subpackage or a top-level module) of a package module."""
+    for i, units in enumerate(LAYERS):
+        for u in units:
+            if module == u or module.startswith(u + "."):
+                return i, u
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layout.py")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a unit in the same or a higher layer, other than a module's own unit."""
+    bad = []
+    for mod, deps in sorted(graph.items()):
+        (li, lu) = layer_of(mod)
+        for d in sorted(deps):
+            (di, du) = layer_of(d)
+            if du != lu and di >= li:
+                bad.append(f"{mod} -> {d}")
+    return bad
+
+
+def test_layers():
+    bad = upward_imports(_graph())
+    assert bad == [], "imports against the layer order (LAYERS):\n  " + "\n  ".join(bad)
+
+
+def test_layer_check_finds_an_upward_import():
+    assert upward_imports({"neti_fast.sd.models": {"neti_fast.engine.engine"}}) == \
+        ["neti_fast.sd.models -> neti_fast.engine.engine"]
+    assert upward_imports({"neti_fast.jobs.runner": {"neti_fast.training.data"}}) == \
+        ["neti_fast.jobs.runner -> neti_fast.training.data"]   # same layer, other unit
+    assert upward_imports({"neti_fast.engine.engine": {"neti_fast.sd.models", "neti_fast.engine.kv_arena"}}) == []
 
 
 def test_no_import_cycles():

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from neti_fast.models import load_model
-from neti_fast.pipeline import Engine, GenerateConfig, Request, TorchDenoiser
-from neti_fast.reference import generate_reference
-from neti_fast.table import precompute
+from neti_fast.sd.models import load_model
+from neti_fast.engine.engine import Engine, GenerateConfig, Request, TorchDenoiser
+from neti_fast.engine.reference import generate_reference
+from neti_fast.concepts.table import precompute
 
 G = 1.5
 CFG = dict(steps=3, batch_size=2, height=64, width=64, guidance=G)
@@ -108,7 +108,7 @@ def test_engine_in_low_precision(setup, lowp, attention):
             pytest.skip(f"Triton kernel unavailable here: {why}")
         reqs, ref32 = reqs[:1], ref32[:1]  # the interpreter is slow: one image
     if attention == "native":
-        from neti_fast.native import native_supported
+        from neti_fast.sd.native import native_supported
         ok, why = native_supported(torch.zeros(1, 4, 32, dtype=dt), torch.zeros(1, 77, 32, dtype=dt), 4)
         if not ok:
             pytest.skip(f"native kernel not for this case: {why}")

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import torch
 
-from neti_fast.mapper import HIDDEN, MapperConfig, NeTIMapper
+from neti_fast.concepts.mapper import HIDDEN, MapperConfig, NeTIMapper
 
 
 def make(**kw):

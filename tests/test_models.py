@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from neti_fast.errors import NetiError
-from neti_fast.models import UNET_LAYERS, cross_attention_modules, load_model, sd15_configs, tiny_configs
+from neti_fast.sd.models import UNET_LAYERS, cross_attention_modules, load_model, sd15_configs, tiny_configs
 
 # SD 1.5 cross-attention widths in execution order (IN01 .. OUT11); 8 heads everywhere.
 SD15_WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
@@ -36,7 +36,7 @@ def test_tiny_has_the_same_layer_structure(tiny_model):
 
 
 def test_processors_are_bound_once_with_their_layer(tiny_model):
-    from neti_fast.attention import install_processors
+    from neti_fast.sd.attention import install_processors
     state = install_processors(tiny_model)
     assert install_processors(tiny_model) is state
     assert [m.processor.layer for m in tiny_model.cross_attention] == list(range(16))

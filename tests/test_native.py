@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from neti_fast import native
-from neti_fast.attention import attend_rows
+from neti_fast.sd import native
+from neti_fast.sd.attention import attend_rows
 from neti_fast.kernels.cross_attention import accuracy_ok, cross_attention_ref
-from neti_fast.pipeline import Engine, GenerateConfig, Request
-from neti_fast.reference import generate_reference
-from neti_fast.table import precompute
+from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.reference import generate_reference
+from neti_fast.concepts.table import precompute
 
 OK, WHY = native.native_available()
 REQUIRE = os.environ.get("NETI_FAST_REQUIRE_NATIVE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -189,13 +189,13 @@ def test_missing_library_reason_logged_once(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(native, "_HERE", tmp_path)
     monkeypatch.setattr(native, "_state", None)
     monkeypatch.setattr(native, "_warned", False)
-    with caplog.at_level(logging.WARNING, logger="neti_fast.native"):
+    with caplog.at_level(logging.WARNING, logger="neti_fast.sd.native"):
         for _ in range(3):
             ok, why = native.native_available()
             assert not ok and "cmake not found" in why
         q, k, v, ri = make_inputs(8, 32, torch.float32)
         torch.testing.assert_close(attend_rows(q, k, v, ri, 4, "auto"), attend_rows(q, k, v, ri, 4, "sdpa"))
-    lines = [r for r in caplog.records if r.name == "neti_fast.native"]
+    lines = [r for r in caplog.records if r.name == "neti_fast.sd.native"]
     assert len(lines) == 1 and "not built" in lines[0].getMessage()
 
 

@@ -12,16 +12,16 @@ float32 paths agree to rtol 1e-5.
 import pytest
 import torch
 
-import neti_fast.pipeline as P
-import neti_fast.reference as R
-from neti_fast.table import precompute
+import neti_fast.engine.engine as P
+import neti_fast.engine.reference as R
+from neti_fast.concepts.table import precompute
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def tiny64(_cache_dir):
-    from neti_fast.models import load_model
+    from neti_fast.sd.models import load_model
     return load_model("tiny", dtype=torch.float64)
 
 

@@ -43,7 +43,7 @@ def gen_args(out, table, *extra):
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory, make_concept):
-    from neti_fast.table import precompute
+    from neti_fast.concepts.table import precompute
     d = tmp_path_factory.mktemp("outputs")
     return precompute(make_concept("neti", dim=32, seed=21), truncations=[8], progress=False).save(d / "t.safetensors")
 
@@ -134,7 +134,7 @@ def test_folder_with_older_manifest_json_resumes(tmp_path, capsys, table, ref):
 
 
 def test_eval_reads_generate_folders(ref):
-    from neti_fast.evaluate import read_manifest_entries
+    from neti_fast.evaluation.evaluate import read_manifest_entries
     out, files = ref
     entries = read_manifest_entries(out)
     assert [e["file"] for e in entries] == files
@@ -160,7 +160,7 @@ def test_list_flags_accumulate_and_no_truncation():
 def test_grid_column_labels_fit_their_column(tmp_path):
     from PIL import ImageDraw
 
-    from neti_fast.outputs import _wrap, truncation_label, write_grid
+    from neti_fast.jobs.outputs import _wrap, truncation_label, write_grid
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = [truncation_label(t) for t in (None, 8, 128)]
     assert draw.textlength(labels[0]) > 64 - 8  # the label that used to run into its neighbour at 64 px
@@ -190,6 +190,6 @@ def test_corrupt_or_foreign_safetensors_is_one_line(tmp_path, capsys):
         save_file(tensors, tmp_path / name)
         one_line_error(*run(capsys, *gen, "--concept", tmp_path / name)[::2], name, "no known concept tensors")
     save_file({"<cat>": torch.randn(32)}, tmp_path / "learned_embeds.safetensors")  # diffusers TI: read, said so
-    from neti_fast.concept import load_concept
+    from neti_fast.concepts.importers import load_concept
     with pytest.warns(UserWarning, match="learned_embeds.safetensors.*Textual Inversion"):
         assert load_concept(tmp_path / "learned_embeds.safetensors").placeholder == "<cat>"

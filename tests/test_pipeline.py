@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from neti_fast.errors import NetiError
-from neti_fast.pipeline import Engine, GenerateConfig, Request
-from neti_fast.reference import generate_reference
-from neti_fast.table import precompute
+from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.reference import generate_reference
+from neti_fast.concepts.table import precompute
 
 STEPS = 4
 CFG = GenerateConfig(steps=STEPS, batch_size=8)
@@ -45,7 +45,7 @@ def test_plain_prompt_equals_diffusers(tiny_model):
     """With no concept the engine is plain SD: same image as diffusers' pipeline for the same seed."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from neti_fast.models import tiny_model_dir
+    from neti_fast.sd.models import tiny_model_dir
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir()), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

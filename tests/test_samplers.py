@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neti_fast.pipeline import Engine, GenerateConfig, Request, make_scheduler
+from neti_fast.engine.engine import Engine, GenerateConfig, Request, make_scheduler
 from neti_fast.utils import SCHEDULERS
 
 # Batched and alone differ only in float summation order: at most one uint8 level (test_pipeline's TOL).
@@ -28,8 +28,8 @@ def test_scheduler_names(tiny_model):
 def test_image_independent_of_batch_mates(tiny_model, make_concept, one_thread, scheduler):
     """An image is the same alone and beside other seeds / concepts (the ancestral step's noise comes
     from the image's own generator), and matches the reference path."""
-    from neti_fast.reference import generate_reference
-    from neti_fast.table import Table
+    from neti_fast.engine.reference import generate_reference
+    from neti_fast.concepts.table import Table
     a, b = Table(make_concept(seed=1), name="a"), Table(make_concept(seed=2), name="b")
     cfg = GenerateConfig(steps=4, scheduler=scheduler, batch_size=8)
     eng = Engine(tiny_model, cfg)

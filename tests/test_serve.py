@@ -243,7 +243,7 @@ def test_engine_failure_fails_alone(srv, client, tmp_path):
 # ----------------------------------------------------------------------------- uploads
 
 def test_upload_concept(client, srv, tmp_path):
-    from neti_fast.concept_model import random_concept
+    from neti_fast.concepts.concept import random_concept
     p = random_concept("neti", 32, 42, "<vase>", True).save(tmp_path / "vase.safetensors")
     r = client.post("/neti/concepts", files={"file": ("../../../escape/vase.safetensors", p.read_bytes())})
     assert r.status_code == 200, r.text
@@ -339,10 +339,10 @@ def test_embeddings_every_format(srv, tmp_path):
     broken file is listed as skipped with its reason, not a crash."""
     import torch
 
-    from neti_fast.concept_model import random_concept
+    from neti_fast.concepts.concept import random_concept
     from neti_fast.serve.app import Server
-    from neti_fast.table import precompute, save_bundle
-    from neti_fast.table import Table
+    from neti_fast.concepts.table import precompute, save_bundle
+    from neti_fast.concepts.table import Table
     folder = tmp_path / "formats"
     folder.mkdir()
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(torch.randn(1, 32))},
@@ -438,7 +438,7 @@ def test_serve_flags():
 
 def test_refresh_embeddings(client, srv):
     """A file dropped into --concepts joins the list on POST /sdapi/v1/refresh-embeddings (A1111's)."""
-    from neti_fast.concept_model import random_concept
+    from neti_fast.concepts.concept import random_concept
     path = random_concept("neti", 32, 55, "<late>", True).save(srv.store.folder / "late.safetensors")
     try:
         assert "late" not in client.get("/sdapi/v1/embeddings").json()["loaded"]

@@ -126,7 +126,7 @@ def test_page_truncation_sweep_with_progress(page):
 
 
 def test_page_uploads_a_concept(page, served):
-    from neti_fast.concept_model import random_concept
+    from neti_fast.concepts.concept import random_concept
     path = random_concept("neti", 32, 77, "<up>", True).save(served[1] / "uploaded-thing.safetensors")
     page.set_input_files("#concept-file", str(path))
     page.click("#upload")

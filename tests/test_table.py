@@ -4,7 +4,7 @@ import torch
 from safetensors import safe_open
 
 from neti_fast.errors import NetiError
-from neti_fast.table import load_table, precompute
+from neti_fast.concepts.table import load_table, precompute
 
 
 def test_table_equals_mapper_at_every_row(make_concept):

@@ -1,4 +1,4 @@
-"""Tests for neti_fast.train on the built-in tiny model (CPU, a few steps each)."""
+"""Tests for neti_fast.training.trainer on the built-in tiny model (CPU, a few steps each)."""
 import argparse
 import dataclasses
 import math
@@ -10,12 +10,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from neti_fast.concept_model import Concept
+from neti_fast.concepts.concept import Concept
 from neti_fast.errors import NetiError
-from neti_fast.mapper import NeTIMapper
-from neti_fast.models import load_model
-from neti_fast.train import Trainable, main, train
-from neti_fast.train_config import TrainConfig, add_arguments, config_from_args, load_yaml_config
+from neti_fast.concepts.mapper import NeTIMapper
+from neti_fast.sd.models import load_model
+from neti_fast.training.trainer import Trainable, main, train
+from neti_fast.training.config import TrainConfig, add_arguments, config_from_args, load_yaml_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -305,7 +305,7 @@ def test_cli_main(images, tmp_path, capsys):
 def test_lr_schedule_is_diffusers_get_scheduler():
     """The LR schedule is diffusers' get_scheduler (as the official trainer), read at step k + 1:
     constant_with_warmup keeps its meaning (full lr from step warmup - 1 on)."""
-    from neti_fast.train import _lr_factor, lr_schedule
+    from neti_fast.training.trainer import _lr_factor, lr_schedule
     opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1.0)
     warm = lr_schedule(TrainConfig(lr_scheduler="constant_with_warmup", lr_warmup_steps=4, steps=10), opt)
     assert [_lr_factor(warm, k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

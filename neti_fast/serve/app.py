@@ -81,8 +81,8 @@ class Server:
     def __init__(self, cfg: ServeConfig, model=None):
         import torch
 
-        from ..conditioning import ensure_placeholder, slot_token
-        from ..pipeline import Engine, GenerateConfig
+        from ..sd.conditioning import ensure_placeholder, slot_token
+        from ..engine.engine import Engine, GenerateConfig
         from .batcher import Batcher
         from .concepts import ConceptStore
         from .training import Trainer
@@ -90,7 +90,7 @@ class Server:
         self.cfg = cfg
         self.dtype = getattr(torch, cfg.dtype)
         if model is None:
-            from ..models import load_model
+            from ..sd.models import load_model
             model = load_model(cfg.model, device=cfg.device, dtype=self.dtype)
         self.model = model
         self.dtype = model.dtype
@@ -122,7 +122,7 @@ class Server:
     # ------------------------------------------------------------------ txt2img
     def prepare(self, req: a1111.Txt2Img, client: str):
         """Validate everything and build the job (no engine work). Returns (job, info dict)."""
-        from ..pipeline import Request, check_request
+        from ..engine.engine import Request, check_request
         from .batcher import Job, Shape
         m = self.model
         a1111.check_inactive(req, self)

@@ -30,7 +30,7 @@ def clean_name(text: str) -> str:
 def _load(path: Path):
     """`table.load_any`, with any reader's exception on a corrupt file (safetensors raises its own
     type) turned into the one-line NetiError a client / the listing gets."""
-    from ..table import load_any
+    from ..concepts.table import load_any
     try:
         return load_any(path)
     except NetiError:
@@ -158,7 +158,7 @@ class ConceptStore:
     def check_negative(self, negative: str) -> None:
         """The engine encodes negative prompts as plain text: a concept named there (A1111's negative
         embeddings) would be silently ignored, so it is refused."""
-        from ..conditioning import markers
+        from ..sd.conditioning import markers
         found = [m for m in markers(self._mark_words(negative)) if m == "" or m in self.entries]
         if found:
             raise FieldError("negative_prompt", f"concepts in the negative prompt ({', '.join(repr(m) for m in found)}) "
@@ -170,7 +170,7 @@ class ConceptStore:
         `{name}` is the engine's marker; a concept's name written as a word (A1111's embeddings
         convention) becomes `{name}`; a bare `{}` means `concept`.
         """
-        from ..conditioning import markers
+        from ..sd.conditioning import markers
         prompt = self._mark_words(prompt)
         used = []
         for m in markers(prompt):

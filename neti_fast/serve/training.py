@@ -48,7 +48,7 @@ class TrainJob:
 
 
 def train_defaults(model_spec: str) -> dict:
-    from ..train_config import TrainConfig
+    from ..training.config import TrainConfig
     if model_spec == "tiny":
         return {"steps": 30, "batch_size": 2, "grad_accum": 1}
     c = TrainConfig()
@@ -99,11 +99,11 @@ class Trainer:
 
     def _train(self, job: TrainJob, run_dir: Path, method: str, defaults: dict) -> None:
         from ..utils import atomic_write
-        from ..train import train
-        from ..train_config import TrainConfig
+        from ..training.trainer import train
+        from ..training.config import TrainConfig
         try:
             if self._model is None:
-                from ..models import load_model
+                from ..sd.models import load_model
                 self._model = load_model(self.model_spec, device=self.device, dtype=self.dtype)
             cfg = TrainConfig(images=str(run_dir / "images"), placeholder=job.placeholder, init_word=job.init_word,
                               method=method, model=self.model_spec, out=str(run_dir / "out"), steps=job.steps,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import NetiError
-from .utils import first_line
+from ..errors import NetiError
+from ..utils import first_line
 
 # The 16 cross-attention layers in execution order, named as in the official NeTI / P+ code
 # (SD's "input/middle/output block" numbering). Layer identity is this position, bound once.
@@ -190,7 +190,7 @@ def sd15_configs(vocab_size: int = 49408, bos: int = 49406, eos: int = 49407) ->
 def _make_tokenizer(workdir: Path):
     from transformers import CLIPTokenizer
 
-    from .tokenizer_gen import write_clip_bpe_files
+    from .tiny_tokenizer import write_clip_bpe_files
     write_clip_bpe_files(workdir)
     return CLIPTokenizer.from_pretrained(str(workdir), model_max_length=77)
 

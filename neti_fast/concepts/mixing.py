@@ -3,7 +3,7 @@
 A `MixedTable` is a concept made of others: at each (t, l) exactly one part serves the token and
 bypass rows. XTI's style mixing sends one concept to the coarse layers and another to the rest:
 
-    --layer-mix "IN01-IN08:cat,MID-OUT11:painting"      (layer names: neti_fast.models.UNET_LAYERS)
+    --layer-mix "IN01-IN08:cat,MID-OUT11:painting"      (layer names: neti_fast.sd.models.UNET_LAYERS)
     --time-mix  "t>=600:cat,t<600:painting"              (t: the scheduler's timestep, 999 = pure noise)
 
 Every layer (every t in 0..999) must be covered exactly once. The mix is named `mix` (or
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import NetiError
-from .models import NUM_LAYERS, UNET_LAYERS
+from ..errors import NetiError
+from ..sd.models import NUM_LAYERS, UNET_LAYERS
 from .table import NUM_TIMESTEPS, new_uid, stack_rows
 
 

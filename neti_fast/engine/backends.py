@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NetiError
-from .utils import image_size
+from ..errors import NetiError
+from ..utils import image_size
 
 log = logging.getLogger("neti_fast")
 BACKEND_NAMES = ("auto", "eager", "triton", "compile", "onnx", "tensorrt")
@@ -64,16 +64,16 @@ def make_denoiser(model, backend: str = "auto", attention: str = "auto", *, heig
         return None, choice.attention
     if choice.backend == "compile":
         from .cudagraph import CudaGraphDenoiser
-        from .pipeline import TorchDenoiser
+        from .engine import TorchDenoiser
         return CudaGraphDenoiser(TorchDenoiser(model, choice.attention, compile=True)), choice.attention
-    from .export import onnx as onnx_export
+    from ..export import onnx as onnx_export
     h, w = image_size(model, height, width)
     cache = (Path(export_dir) if export_dir else
              onnx_export.default_export_dir(model_name or model.name, h, w, model.dtype))
     path = onnx_export.export_cached(model, cache, height=h, width=w)
     if choice.backend == "onnx":
         return onnx_export.OnnxDenoiser(path, threads=threads, device=model.device), choice.attention
-    from .export import tensorrt as trt_export
+    from ..export import tensorrt as trt_export
     import torch
     engine_path = trt_export.build_engine(path, Path(path).with_suffix(".plan"), fp16=model.dtype != torch.float32,
                                           max_batch=batch_size, opt_batches=[batch_size])
@@ -90,7 +90,7 @@ def engine(model, cfg=None, backend: str = "auto", export_dir=None, model_name=N
     """An Engine for `cfg` (GenerateConfig) running on `backend`."""
     import dataclasses
 
-    from .pipeline import Engine, GenerateConfig
+    from .engine import Engine, GenerateConfig
     cfg = cfg or GenerateConfig()
     den, attention = make_denoiser(model, backend, cfg.attention, height=cfg.height, width=cfg.width,
                                    batch_size=cfg.batch_size, export_dir=export_dir, model_name=model_name)

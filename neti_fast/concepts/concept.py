@@ -1,5 +1,5 @@
 """The Concept class: a NeTI mapper, per-layer XTI embeddings, or one TI embedding, plus metadata
-(`neti_fast.concept` is the public face: Concept and load_concept for every file format).
+(`neti_fast.concepts.importers` is the public face: Concept and load_concept for every file format).
 
 Stored as safetensors (never pickle). Tensors:
     neti: `mapper.<state_dict key>` (including `mapper.encoder.w`), optional `placeholder_embed` [D]
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import NetiError
+from ..errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
-from .models import NUM_LAYERS
-from .utils import METHODS, atomic_write, first_line
+from ..sd.models import NUM_LAYERS
+from ..utils import METHODS, atomic_write, first_line
 FORMAT_VERSION = "1"
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import NetiError
-from .utils import DTYPE_NAMES, METHODS, default_device, torch_dtype
+from ..errors import NetiError
+from ..utils import DTYPE_NAMES, METHODS, default_device, torch_dtype
 
 # diffusers.optimization.get_scheduler names (as the official NeTI trainer); piecewise_constant needs rules
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .utils import env_flag
+from ..utils import env_flag
 
 __all__ = ["native_available", "native_supported", "native_preferred", "cross_attention_native",
            "library_path", "cuda_library_path"]
 
-_log = logging.getLogger("neti_fast.native")
-_HERE = Path(__file__).resolve().parent
+_log = logging.getLogger("neti_fast.sd.native")
+_HERE = Path(__file__).resolve().parent.parent  # neti_fast/: setup.py builds the extension as neti_fast._C
 _MAX_L = 128
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import NetiError
-from .utils import first_line
-from .templates import IMAGENET_STYLE_TEMPLATES, IMAGENET_TEMPLATES
+from ..errors import NetiError
+from ..utils import first_line
+from ..sd.templates import IMAGENET_STYLE_TEMPLATES, IMAGENET_TEMPLATES
 
 PROPERTIES = ("object", "style")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")

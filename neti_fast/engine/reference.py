@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attention import install_processors
-from .conditioning import encode, tokenize
-from .models import NUM_LAYERS, Model
-from .pipeline import (GenerateConfig, Request, _size, check_request, decode, image_generators, initial_latents,
+from ..sd.attention import install_processors
+from ..sd.conditioning import encode, tokenize
+from ..sd.models import NUM_LAYERS, Model
+from .engine import (GenerateConfig, Request, _size, check_request, decode, image_generators, initial_latents,
                        make_scheduler, tokenize_request)
-from .table import stack_rows
+from ..concepts.table import stack_rows
 
 
 @torch.no_grad()

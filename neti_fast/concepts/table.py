@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .concept_model import Concept
-from .errors import NetiError
-from .models import NUM_LAYERS
-from .utils import atomic_write, first_line
+from .concept import Concept
+from ..errors import NetiError
+from ..sd.models import NUM_LAYERS
+from ..utils import atomic_write, first_line
 
 NUM_TIMESTEPS = 1000
 _UIDS = itertools.count()
@@ -199,7 +199,7 @@ def load_table(path: str | Path, placeholder: str | None = None, name: str | Non
     """A table file, or any concept file (then rows are evaluated on demand, exactly as precompute would)."""
     from safetensors import safe_open
 
-    from .concept import load_concept
+    from .importers import load_concept
     path = Path(path)
     fmt = _neti_format(path)
     if fmt == "bundle":

@@ -30,8 +30,8 @@ import re
 import warnings
 from pathlib import Path
 
-from .errors import NetiError
-from .utils import atomic_write, default_device, first_line as _first_line
+from ..errors import NetiError
+from ..utils import atomic_write, default_device, first_line as _first_line
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -106,7 +106,7 @@ def read_manifest_entries(out_dir: str | Path) -> list[dict]:
         raise NetiError(f"{out}: output folder does not exist")
     if not out.is_dir():
         raise NetiError(f"{out}: is not a folder (give the folder written by `neti-fast generate`)")
-    from . import manifest
+    from ..jobs import manifest
     pj = out / MANIFEST_JSON
     if not pj.is_file() and not manifest.manifest_files(out):
         raise NetiError(f"{out}: no {MANIFEST_JSON} or {MANIFEST_JSONL} (give a folder written by `neti-fast generate`)")
@@ -127,7 +127,7 @@ def read_manifest_entries(out_dir: str | Path) -> list[dict]:
 def _open_rgb(path: Path):
     from PIL import Image, UnidentifiedImageError
 
-    from .data import to_rgb
+    from ..training.data import to_rgb
     try:
         with Image.open(path) as im:
             im.load()

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import NetiError
-from .models import Model
-from .pipeline import Engine, GenerateConfig, Request, check_request
+from ..errors import NetiError
+from ..sd.models import Model
+from .engine import Engine, GenerateConfig, Request, check_request
 
 
 class Attachment:
@@ -60,7 +60,7 @@ class Attachment:
         return enc, (enc if do_classifier_free_guidance else None)
 
     def _plain(self, texts: list[str]) -> torch.Tensor:
-        from .conditioning import encode_plain
+        from ..sd.conditioning import encode_plain
         m = self.engine.model
         with torch.no_grad():
             return torch.cat([encode_plain(m.text_encoder, m.tokenizer, t) for t in texts])

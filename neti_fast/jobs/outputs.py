@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .utils import atomic_write
+from ..utils import atomic_write
 
 
 def slug(text: str, n: int = 40) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NetiError
-from .utils import atomic_write
+from ..errors import NetiError
+from ..utils import atomic_write
 
 MANIFEST = "manifest.jsonl"
 LEGACY_MANIFEST = "manifest.json"      # `generate` before the JSON-lines format

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NetiError
+from ..errors import NetiError
 
 BYPASS_SCALE = 0.2  # official NeTI
 MAX_TOKENS = 77

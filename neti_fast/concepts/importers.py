@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .concept_model import Concept
-from .errors import NetiError
+from .concept import Concept
+from ..errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
-from .models import NUM_LAYERS
-from .utils import first_line as _first_line
+from ..sd.models import NUM_LAYERS
+from ..utils import first_line as _first_line
 
 NETI_FAST_FORMATS = ("concept", "table")
 _CONCEPT_TENSOR_KEYS = ("embeds", "placeholder_embed")
@@ -324,7 +324,7 @@ def _import_official_neti(path: Path, obj: dict, placeholder: str | None, embeds
 
 
 # ---------------------------------------------------------------------------- entry point
-def import_concept(path, placeholder: str | None = None, embeds_path: str | None = None) -> Concept:
+def load_concept(path, placeholder: str | None = None, embeds_path: str | None = None) -> Concept:
     """Load any supported concept file (see the module docstring); NetiError for anything else."""
     path = Path(path)
     if placeholder is not None and (not isinstance(placeholder, str) or not placeholder.strip()):

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .utils import env_flag
+from ..utils import env_flag
 
-log = logging.getLogger("neti_fast.cudagraph")
+log = logging.getLogger("neti_fast.engine.cudagraph")
 
 
 @dataclass

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import manifest
-from .distributed import Dist, prepare_builtin, setup_distributed
-from .errors import NetiError
+from ..engine.distributed import Dist, prepare_builtin, setup_distributed
+from ..errors import NetiError
 from .jobfile import Concepts, Img, check_lines, expand, parse_job, plan_batches
 from .manifest import MANIFEST
-from .utils import atomic_write, dtype_name
+from ..utils import atomic_write, dtype_name
 
 SUMMARY = "job.json"
 
@@ -65,7 +65,7 @@ class Plan:
 def make_plan(out: Path, images: list[Img], batch_size: int, model_name: str, dtype: str, overwrite: bool) -> Plan:
     """Plan the batches and classify every image against the folder's manifests; an image recorded
     with other settings is an error (naming it) unless `overwrite`."""
-    from .utils import check_writable
+    from ..utils import check_writable
     check_writable(out)
     recorded, torn = manifest.read_done(out)
     state, conflicts = {}, []
@@ -110,7 +110,7 @@ def execute(plan: Plan, model, cfg, concepts: Concepts, *, overwrite: bool = Fal
     from tqdm.auto import tqdm
 
     from . import outputs
-    from .pipeline import Engine, Request
+    from ..engine.engine import Engine, Request
     d = dist or Dist(device=str(model.device))
     out = plan.out
     d.barrier()  # every rank has read the manifests before rank 0 rewrites them
@@ -205,7 +205,7 @@ def run_job(job: str | Path, out: str | Path, model, cfg=None, *, seeds=(0,), tr
     `dist`: `setup_distributed(device)` to share the work among torchrun ranks (default: this process
     alone does everything).
     """
-    from .pipeline import GenerateConfig
+    from ..engine.engine import GenerateConfig
     t_start = time.perf_counter()
     cfg = cfg or GenerateConfig()
     d = dist or Dist(device=str(model.device))
@@ -286,7 +286,7 @@ def _merged_progress(out: Path) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p) -> None:
-    from . import options
+    from .. import options
     p.add_argument("job", help="JSONL file, one request per line: {\"prompt\": ..., \"concept\": ..., \"seeds\": ...}")
     options.add_model_args(p)
     p.add_argument("--out", required=True, help="output folder (PNGs, manifest.jsonl, job.json); re-run to resume")
@@ -305,7 +305,7 @@ def add_arguments(p) -> None:
 def denoisers_for(model, backend: str, cfg, export_dir=None, model_name=None):
     """`denoiser_for(height, width)` for run_job on `backend`, or None when the engine's own serves
     every size (eager / triton)."""
-    from . import backends
+    from ..engine import backends
     if not backends.needs_size(backend):
         return None
 
@@ -316,9 +316,10 @@ def denoisers_for(model, backend: str, cfg, export_dir=None, model_name=None):
 
 
 def main(args) -> dict:
-    from . import backends, options
-    from .models import load_model
-    from .pipeline import GenerateConfig
+    from .. import options
+    from ..engine import backends
+    from ..sd.models import load_model
+    from ..engine.engine import GenerateConfig
     for name in ("steps", "batch_size", "cache_mb", "concept_cache_mb"):
         if getattr(args, name) < 1:
             raise NetiError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import NetiError
-from .train_config import TrainConfig
-from .utils import atomic_write
+from ..errors import NetiError
+from .config import TrainConfig
+from ..utils import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 

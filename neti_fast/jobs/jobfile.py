@@ -19,9 +19,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NetiError
-from .options import parse_seeds
-from .utils import SCHEDULERS, image_size
+from ..errors import NetiError
+from ..options import parse_seeds
+from ..utils import SCHEDULERS, image_size
 
 KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
         "height", "width")
@@ -211,7 +211,7 @@ class Concepts:
         return {str(Path(p).resolve()) for p in self._paths(L).values()}
 
     def _get(self, path: str):
-        from .table import load_any
+        from ..concepts.table import load_any
         key = str(Path(path).resolve())
         if key in self.errors:
             raise self.errors[key]
@@ -262,8 +262,8 @@ class Concepts:
 def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int, str]]:
     """Model-dependent checks (prompt, placeholder, length, truncation, size); a line whose concept
     file cannot be loaded is marked failed instead (not an error of the job file)."""
-    from .conditioning import markers, tokenize
-    from .pipeline import Request, check_request
+    from ..sd.conditioning import markers, tokenize
+    from ..engine.engine import Request, check_request
     errors = []
     f = model.vae_scale_factor
     for L in lines:

@@ -34,12 +34,12 @@ import torch
 
 from .checkpoints import (_checkpoints, _rank_seed, _rng_state, _seed_globals, load_checkpoint, save_checkpoint,
                           unet_dtype_is_fp16)
-from .concept_model import Concept
-from .errors import NetiError
-from .mapper import MapperConfig, NeTIMapper
-from .models import NUM_LAYERS
-from .train_config import TrainConfig, _check_config, _device, config_from_args, default_out
-from .utils import check_writable, image_size, torch_dtype
+from ..concepts.concept import Concept
+from ..errors import NetiError
+from ..concepts.mapper import MapperConfig, NeTIMapper
+from ..sd.models import NUM_LAYERS
+from .config import TrainConfig, _check_config, _device, config_from_args, default_out
+from ..utils import check_writable, image_size, torch_dtype
 
 def init_token_id(tokenizer, placeholder: str, init_word: str) -> int:
     """Validate the placeholder (new) and the init word (exactly one token); return the init word's id."""
@@ -82,7 +82,7 @@ class Trainable:
             self.embeds = torch.nn.Parameter(self.init_embed[None].repeat(n, 1).clone())
 
     def _load_init_concept(self, path: str) -> None:
-        from .concept import load_concept
+        from ..concepts.importers import load_concept
         c = load_concept(path)
         if c.method != "neti" or c.mapper is None:
             raise NetiError(f"{path}: init concept is a {c.method} concept; a NeTI mapper is needed")
@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
     tokenizer is not modified. `on_step(step, loss, trainable)` is called after every optimizer step.
     Under torchrun / accelerate launch (WORLD_SIZE > 1) it trains data-parallel (module docstring).
     """
-    from .distributed import setup_distributed
+    from ..engine.distributed import setup_distributed
 
     _check_config(cfg)
     device = _device(cfg)
@@ -200,10 +200,10 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    from .attention import install_processors
-    from .conditioning import encode, tokenize
+    from ..sd.attention import install_processors
+    from ..sd.conditioning import encode, tokenize
     from .data import TextualInversionDataset, load_images
-    from .models import load_model
+    from ..sd.models import load_model
 
     device = torch.device(dd.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg.placeholder)
@@ -232,7 +232,7 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if model is None:
-        from .distributed import prepare_builtin
+        from ..engine.distributed import prepare_builtin
         prepare_builtin(cfg.model, dd)
         model = load_model(cfg.model, device=device, dtype=torch_dtype(cfg.dtype))
         model.text_encoder.to(torch.float32)  # as official: only the U-Net and VAE run in the low dtype

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import install_processors
-from .conditioning import encode_plain, encode_rows, tokenize
-from .errors import NetiError
+from ..sd.attention import install_processors
+from ..sd.conditioning import encode_plain, encode_rows, tokenize
+from ..errors import NetiError
 from .kv_arena import KVArena
-from .models import Model
-from .table import stack_rows
-from .utils import SCHEDULERS, image_size
+from ..sd.models import Model
+from ..concepts.table import stack_rows
+from ..utils import SCHEDULERS, image_size
 
 
 def make_scheduler(name: str, config: dict):
@@ -85,7 +85,7 @@ def as_tables(table) -> dict:
 
 def _default_marker(tables: dict) -> str | None:
     """Bare `{}` means the only concept, or else the only mix (XTI style mixing: `a photo of {}`)."""
-    from .mixing import MixedTable
+    from ..concepts.mixing import MixedTable
     mixes = [n for n, t in tables.items() if isinstance(t, MixedTable)]
     return mixes[0] if len(tables) > 1 and len(mixes) == 1 else None
 

@@ -16,7 +16,7 @@ a U-Net call, in one of three modes:
 The dispatcher (`AttentionDispatcher`, used by `attend_rows`) decides once per shape class and
 logs it: the fused Triton kernel on CUDA when its guards pass (supported dtype / head dim / GPU,
 not exporting, `NETI_FAST_DISABLE_TRITON` unset) and its first-use check against SDPA passes; on
-CPU the native C++ kernel (`neti_fast.native`, where `_C` is built, `NETI_FAST_DISABLE_NATIVE`
+CPU the native C++ kernel (`neti_fast.sd.native`, where `_C` is built, `NETI_FAST_DISABLE_NATIVE`
 unset, and measured faster for the shape class); else SDPA on gathered rows; `native`, `xformers`
 and `eager` (the official bmm + softmax) can be forced.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .utils import first_line
+from ..utils import first_line
 
 
 @dataclass
@@ -79,7 +79,7 @@ class AttentionDispatcher:
     """Decides once per (device, dtype, N, C, heads, L, requested backend) which attention runs.
 
     The decision is cached (a dict lookup per layer per step after the first) and logged once at
-    INFO on the `neti_fast.attention` logger. `auto` picks the Triton kernel on CUDA when its
+    INFO on the `neti_fast.sd.attention` logger. `auto` picks the Triton kernel on CUDA when its
     guards pass; the kernel's first use at a shape is then checked against SDPA on the very same
     inputs (flash-attention's rule vs an fp32 reference, `kernels.cross_attention.accuracy_ok`):
     an exception or a mismatch turns the kernel off for the process with one warning, and SDPA
@@ -118,14 +118,14 @@ class AttentionDispatcher:
             choice = AttnChoice("native", "requested")
         elif backend == "auto" and not q.is_cuda:
             # `auto` never picks the CPU interpreter (TRITON_INTERPRET=1): a test device, not a fast path.
-            # The native C++ kernel where it is built and measured faster here (neti_fast.native).
+            # The native C++ kernel where it is built and measured faster here (neti_fast.sd.native).
             from .native import native_preferred
             if native_preferred(q, k_table, heads):
                 choice = AttnChoice("native", "native C++ kernel, measured faster than SDPA for this shape class")
             else:
                 choice = AttnChoice("sdpa", f"triton needs CUDA (q on {q.device}); native not preferred here")
         else:
-            from .kernels.cross_attention import triton_supported
+            from ..kernels.cross_attention import triton_supported
             ok, why = triton_supported(q, k_table, heads)
             if ok and self.triton_broken:
                 ok, why = False, f"disabled for this process after a failed check: {self.triton_broken}"
@@ -148,7 +148,7 @@ class AttentionDispatcher:
         return choice, out
 
     def _first_use_check(self, q, k_table, v_table, row_idx, heads, backend):
-        from .kernels.cross_attention import accuracy_ok, cross_attention_op, cross_attention_ref
+        from ..kernels.cross_attention import accuracy_ok, cross_attention_op, cross_attention_ref
         if _tracing():
             return AttnChoice("triton", "not checked: first use inside torch.compile tracing / graph capture"), None
         scale = (q.shape[-1] // heads) ** -0.5
@@ -181,12 +181,12 @@ def _tracing() -> bool:
 
 
 def _exporting() -> bool:
-    from .kernels.cross_attention import _is_exporting
+    from ..kernels.cross_attention import _is_exporting
     return _is_exporting()
 
 
 DISPATCH = AttentionDispatcher()
-log = logging.getLogger("neti_fast.attention")
+log = logging.getLogger("neti_fast.sd.attention")
 
 
 def _gathered(q, k_table, v_table, row_idx, heads, backend, attn):
@@ -204,7 +204,7 @@ def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, r
     if impl in ("triton", "native") and backend == "auto" and _exporting():
         impl = "sdpa"  # torch.export / ONNX: `auto` keeps the portable graph
     if impl == "triton":
-        from .kernels.cross_attention import cross_attention_op, cross_attention_triton
+        from ..kernels.cross_attention import cross_attention_op, cross_attention_triton
         scale = (q.shape[-1] // heads) ** -0.5
         if not q.is_cuda:  # CPU interpreter (tests): no compile / export there, skip the op layer
             return cross_attention_triton(q, k_table, v_table, row_idx, heads, scale)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import NetiError
-from .utils import default_device, first_line
+from ..errors import NetiError
+from ..utils import default_device, first_line
 
 
 @dataclass
@@ -87,7 +87,7 @@ def prepare_builtin(spec: str, d: Dist) -> None:
     """Rank 0 builds the cached `tiny` model before the others load it (ranks must not race to build it)."""
     if spec == "tiny" and d.world > 1:
         if d.rank == 0:
-            from .models import tiny_model_dir
+            from ..sd.models import tiny_model_dir
             tiny_model_dir()
         d.barrier()
 
