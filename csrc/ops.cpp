@@ -1,5 +1,5 @@
 // neti_fast._C: registers torch.ops.neti_fast.cross_attention_native (no Python.h; the library is
-// loaded with torch.ops.load_library by neti_fast/native.py, which also registers the op's fake
+// loaded with torch.ops.load_library by neti_fast/sd/native.py, which also registers the op's fake
 // implementation for torch.compile / torch.export).
 //
 // Why a new op name rather than another kernel of `neti_fast::cross_attention`: that op is a Python
@@ -185,8 +185,8 @@ at::Tensor cross_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, 
 }  // namespace neti_fast
 
 TORCH_LIBRARY_FRAGMENT(neti_fast, m) {
-  // The fake (meta) implementation is registered in Python: neti_fast/native.py.
-  m.set_python_module("neti_fast.native");
+  // The fake (meta) implementation is registered in Python: neti_fast/sd/native.py.
+  m.set_python_module("neti_fast.sd.native");
   m.def("cross_attention_native(Tensor q, Tensor k_table, Tensor v_table, Tensor row_idx, int heads, "
         "float scale) -> Tensor");
 }

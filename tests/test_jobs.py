@@ -267,10 +267,10 @@ DDP_SCRIPT = r'''
 import json, os, sys
 from pathlib import Path
 import torch, torch.distributed as dist
-import neti_fast.concept_model as C, neti_fast.checkpoints as K, neti_fast.train as T
-from neti_fast.train_config import TrainConfig
-from neti_fast.data import TextualInversionDataset
-from neti_fast.models import load_model
+import neti_fast.concepts.concept as C, neti_fast.training.checkpoints as K, neti_fast.training.trainer as T
+from neti_fast.training.config import TrainConfig
+from neti_fast.training.data import TextualInversionDataset
+from neti_fast.sd.models import load_model
 
 out, images = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ["RANK"])

@@ -90,7 +90,7 @@ def test_matches_reference(name, N, C, heads, keys, dtype):
 def test_every_isa_variant_agrees():
     """The kernel is compiled per ISA (DEFAULT / AVX2 / AVX512); ATEN_CPU_CAPABILITY caps it, read
     once per process, so each variant runs in its own interpreter."""
-    script = ("import torch, sys; from neti_fast import native; native.native_available();"
+    script = ("import torch, sys; from neti_fast.sd import native; native.native_available();"
               "g = torch.Generator().manual_seed(0); q = torch.randn(2, 45, 100, generator=g);"
               "k = torch.randn(3, 77, 100, generator=g); v = torch.randn(3, 77, 100, generator=g);"
               "o = native.cross_attention_native(q, k, v, torch.tensor([2, 0]), 5);"
