@@ -95,3 +95,68 @@ def check_writable(out: str | Path, flag: str = "--out") -> None:
         os.unlink(probe)
     except OSError as e:
         raise NetiError(f"{flag} {out}: not writable ({e.strerror or e})") from None
+
+
+class ByteLRU:
+    """A cache bounded by bytes, least recently used out first: the engine's prepared conditionings,
+    a job's concept files and a server's loaded concepts.
+
+    `nbytes(value)` sizes an entry once, when it is put. `put` trims at once, always keeping the new
+    entry (one entry over the budget still serves its request); `put(..., trim=False)` and
+    `trim(keep)` let a caller defer eviction until it knows what it still needs (a job keeps the
+    current batch's concepts). Not thread-safe: callers that share one hold their own lock.
+    """
+
+    def __init__(self, budget_bytes: int, nbytes):
+        self.budget, self._nbytes = budget_bytes, nbytes
+        self._items: dict = {}     # insertion order = recency order (oldest first)
+        self._sizes: dict = {}
+        self.total = 0
+        self.evictions = 0         # trims that evicted something
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def values(self) -> list:
+        return list(self._items.values())
+
+    def get(self, key, default=None):
+        """The value (now the most recently used), or `default`."""
+        if key not in self._items:
+            return default
+        self._items[key] = self._items.pop(key)
+        return self._items[key]
+
+    def put(self, key, value, trim: bool = True):
+        self.pop(key)
+        self._items[key], self._sizes[key] = value, self._nbytes(value)
+        self.total += self._sizes[key]
+        if trim:
+            self.trim(keep={key})
+        return value
+
+    def get_or_build(self, key, build):
+        if key in self._items:
+            return self.get(key)
+        return self.put(key, build())
+
+    def pop(self, key, default=None):
+        if key not in self._items:
+            return default
+        self.total -= self._sizes.pop(key)
+        return self._items.pop(key)
+
+    def trim(self, keep=frozenset()) -> bool:
+        """Evict the least recently used entries not in `keep` until within budget; True if any was."""
+        evicted = False
+        for key in list(self._items):
+            if self.total <= self.budget:
+                break
+            if key not in keep:
+                self.pop(key)
+                evicted = True
+        self.evictions += evicted
+        return evicted
