@@ -88,7 +88,8 @@ def run(args) -> dict:
     from neti_fast.api import generate_to_folder
     from neti_fast.jobs.runner import run_job
     from neti_fast.sd.models import load_model
-    from neti_fast.engine.engine import Engine, GenerateConfig, Request
+    from neti_fast.engine.engine import Engine
+    from neti_fast.engine.request import GenerateConfig, Request
     from neti_fast.concepts.table import load_table
 
     if args.threads:

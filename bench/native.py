@@ -82,7 +82,8 @@ class _AttentionClock:
 
 
 def _engine(model, attention, steps, size, batch):
-    from neti_fast.engine.engine import Engine, GenerateConfig
+    from neti_fast.engine.engine import Engine
+    from neti_fast.engine.request import GenerateConfig
     cfg = GenerateConfig(steps=steps, height=size, width=size, batch_size=batch, attention=attention)
     eng = Engine(model, cfg)
     eng.denoiser = _TimedDenoiser(eng.denoiser)
@@ -92,7 +93,7 @@ def _engine(model, attention, steps, size, batch):
 def measure_model(spec: str, size: int | None, steps: int, batch: int, pairs: int, log=print) -> dict:
     from neti_fast.concepts.concept import random_concept
     from neti_fast.sd.models import load_model
-    from neti_fast.engine.engine import Request
+    from neti_fast.engine.request import Request
     from neti_fast.concepts.table import precompute
 
     model = load_model(spec)
@@ -106,7 +107,7 @@ def measure_model(spec: str, size: int | None, steps: int, batch: int, pairs: in
     def cond(e):
         e._cache.clear()
         t0 = time.perf_counter()
-        e.conditioning(PROMPT, table, None, e.schedule().timesteps)
+        e.conditioning(PROMPT, table, None, e.make_scheduler().timesteps)
         e.negative(e.cfg.negative_prompt)
         return (time.perf_counter() - t0) * 1e3
 

@@ -54,20 +54,21 @@ class ReferenceRung(Rung):
     name, label = "reference", "official NeTI algorithm (generate_reference)"
 
     def setup(self):
-        from neti_fast.engine.engine import GenerateConfig
+        from neti_fast.engine.request import GenerateConfig
         self.cfg = GenerateConfig(steps=self.a.steps, guidance=GUIDANCE, scheduler="dpm++",
                                   height=self.ctx.height, width=self.ctx.width, batch_size=1)
         self.notes = "B seeds one after the other; 2 batch-1 U-Net calls per step; eager bmm attention"
 
     def cond(self):
-        from neti_fast.engine.engine import Request, make_scheduler
+        from neti_fast.engine.request import Request
+        from neti_fast.engine.sampling import make_scheduler
         from neti_fast.engine.reference import reference_conditioning
         sched = make_scheduler(self.cfg.scheduler, self.m.scheduler_config)
         sched.set_timesteps(self.cfg.steps)
         reference_conditioning(self.m, Request(PROMPT, 0, self.ctx.table), self.cfg, sched.timesteps)
 
     def run(self, seeds):
-        from neti_fast.engine.engine import Request
+        from neti_fast.engine.request import Request
         from neti_fast.engine.reference import generate_reference
         for s in seeds:
             generate_reference(self.m, Request(PROMPT, s, self.ctx.table), self.cfg)
@@ -112,7 +113,8 @@ class EngineRung(Rung):
         return None  # the Engine's default TorchDenoiser
 
     def setup(self):
-        from neti_fast.engine.engine import Engine, GenerateConfig
+        from neti_fast.engine.engine import Engine
+        from neti_fast.engine.request import GenerateConfig
         self.cfg = GenerateConfig(steps=self.a.steps, guidance=GUIDANCE, scheduler="dpm++", height=self.ctx.height,
                                   width=self.ctx.width, batch_size=1 if self.per_seed else max(self.a.batch_sizes),
                                   attention=self.attention)
@@ -132,12 +134,12 @@ class EngineRung(Rung):
     def cond(self):
         e = self.engine
         e._cache.clear()
-        e.conditioning(PROMPT, self.ctx.table, None, e.schedule().timesteps)
+        e.conditioning(PROMPT, self.ctx.table, None, e.make_scheduler().timesteps)
         e.negative(self.cfg.negative_prompt)
 
     @torch.no_grad()
     def run(self, seeds):
-        from neti_fast.engine.engine import Request
+        from neti_fast.engine.request import Request
         self.engine._cache.clear()  # cold: conditioning is part of every measured run
         reqs = [Request(PROMPT, s, self.ctx.table) for s in seeds]
         if self.per_seed:
@@ -173,7 +175,7 @@ class ConceptsRung(BatchedRung):
 
     @torch.no_grad()
     def run(self, seeds):
-        from neti_fast.engine.engine import Request
+        from neti_fast.engine.request import Request
         self.engine._cache.clear()
         self.engine.generate_batch([Request(PROMPT, s, self.tables[i]) for i, s in enumerate(seeds)])
 

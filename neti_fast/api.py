@@ -20,7 +20,8 @@ from .concepts.importers import load_concept  # noqa: F401  (the documented API:
 from .errors import NetiError
 from .concepts.mixing import parse_layer_mix, parse_time_mix  # noqa: F401  (documented API)
 from .sd.models import Model, load_model  # noqa: F401  (documented API)
-from .engine.engine import Engine, GenerateConfig, Request
+from .engine.engine import Engine
+from .engine.request import GenerateConfig, Request
 from .concepts.table import load_table, load_tables, precompute  # noqa: F401  (documented API)
 
 
@@ -39,7 +40,7 @@ def generate(model: Model, table, prompts: list[str], seeds=(0,), truncations=(N
              cfg: GenerateConfig | None = None, engine: Engine | None = None, backend: str = "auto") -> np.ndarray:
     """Images for every (prompt, truncation, seed), in that nesting order: uint8 [N, H, W, 3].
 
-    `backend`: the U-Net runtime (auto | eager | triton | compile | onnx | tensorrt, as `--backend`;
+    `backend`: the U-Net runtime (auto | eager | compile | onnx | tensorrt, as `--backend`;
     see neti_fast.engine.backends); ignored when an `engine` is given."""
     cfg = cfg or GenerateConfig()
     engine = _engine(model, cfg, engine, backend)
@@ -49,7 +50,8 @@ def generate(model: Model, table, prompts: list[str], seeds=(0,), truncations=(N
 def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str | Path,
                        truncations=(None,), cfg: GenerateConfig | None = None, overwrite: bool = False,
                        model_name: str | None = None, concept_name: str | None = None,
-                       engine: Engine | None = None, progress: bool = True, backend: str = "auto") -> dict:
+                       engine: Engine | None = None, progress: bool = True, backend: str = "auto",
+                       export_dir: str | Path | None = None) -> dict:
     """Generate into `out`: one PNG per (prompt, truncation, seed), a grid per prompt, manifest.jsonl;
     with several truncations also a sweep grid per seed (rows prompts, columns truncations, labelled):
     the paper's reconstruction-vs-editability figure.
@@ -58,31 +60,45 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
     and resume as `neti-fast run`. Images already in `out` with the same settings are skipped; a PNG
     the manifest does not list (a run killed between writing it and recording it) is kept if it
     equals the regenerated image and is an error otherwise (unless `overwrite`). Folders written
-    with the older manifest.json resume too. Returns the manifest entries {file: entry}.
+    with the older manifest.json resume too. Every request is checked before any work (and before
+    an exported backend is built: `backend`, `export_dir` as for `generate`). Returns the manifest
+    entries {file: entry}.
     """
-    from .jobs import runner as jobs
-    from .jobs.jobfile import Concepts, Line, expand
-    from .utils import dtype_name
+    from .jobs import runner
+    from .jobs.jobfile import Concepts, Line, check_lines
     cfg = cfg or GenerateConfig()
     out = Path(out)
     truncations = list(dict.fromkeys(truncations))
-    engine = _engine(model, cfg, engine, backend, model_name=model_name)
     lines = [Line(line=pi + 1, prompt=prompt, concept=concept_name, paths=None, seeds=list(seeds),
                   truncations=truncations, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
-                  negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
-                  table=table, index=pi, digits=3)
+                  negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width)
              for pi, prompt in enumerate(prompts)]
-    images = expand(lines, model)
-    plan = jobs.make_plan(out, images, cfg.batch_size, model_name or model.name, dtype_name(model.dtype), overwrite)
-    counts = jobs.execute(plan, model, cfg, Concepts(), overwrite=overwrite, engine=engine, progress=progress,
-                          desc="generate")
+    concepts = Concepts(loaded=table)
+    problems = check_lines(model, lines, concepts)  # before an engine is built (an export takes minutes)
+    if problems:
+        raise problems[0][1]
+    if engine is None:
+        engine = _engine(model, cfg, None, backend, export_dir=export_dir, model_name=model_name)
+        cfg = engine.cfg  # with the attention the backend settled on
+    _, failures = runner.run(lines, out, model, cfg, concepts, model_name=model_name, overwrite=overwrite,
+                             engine=engine, progress=progress, desc="generate",
+                             numbering=lambda L: (L.line - 1, 3))  # generate numbers prompts from 0
     entries = {e["file"]: e for e in manifest.merge(out) if manifest.is_done(e) and "file" in e}
-    if counts.failures:
-        f = counts.failures[0]
-        more = f" (and {len(counts.failures) - 1} more)" if len(counts.failures) > 1 else ""
+    if failures:
+        f = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise NetiError(f"{out / f['file']}: {f['reason']}{more}")
     _write_grids(out, prompts, seeds, truncations)
-    return {im.file: entries[im.file] for im in images}
+    return {f: entries[f] for f in (outputs.image_name(pi, p, t, s) for pi, p in enumerate(prompts)
+                                    for t in truncations for s in seeds)}
+
+
+def load_concepts(specs: list[str], placeholder: str | None = None, layer_mix: str | None = None,
+                  time_mix: str | None = None) -> dict:
+    """{name: table} of `[NAME=]PATH` specs (any concept format, tables, bundles), with the layer /
+    time mixes of them added as `mix` (as `generate --concept ... --layer-mix ... --time-mix ...`)."""
+    from .concepts.mixing import add_mixes
+    return add_mixes(load_tables(specs, placeholder), layer_mix, time_mix)
 
 
 def _write_grids(out: Path, prompts, seeds, truncations) -> None:

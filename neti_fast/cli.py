@@ -78,29 +78,21 @@ def _read_prompts(args) -> list[str]:
 
 
 def cmd_generate(args):
-    from .api import generate_to_folder
-    from .engine.backends import engine as backend_engine
-    from .concepts.mixing import add_mixes
-    from .sd.models import load_model
-    from .engine.engine import GenerateConfig, Request, check_request
-    from .concepts.table import load_tables
+    from .api import generate_to_folder, load_concepts, load_model
+    from .engine.request import GenerateConfig
     prompts = _read_prompts(args)
     seeds = options.seeds_of(args)
-    tables = add_mixes(load_tables(args.concept or [], args.placeholder), args.layer_mix, args.time_mix)
+    tables = load_concepts(args.concept or [], args.placeholder, args.layer_mix, args.time_mix)
     truncs = options.dedup(args.truncation) if args.truncation else [None]
     device, dtype = options.torch_setup(args)
     model = load_model(args.model, device=device, dtype=dtype)
-    for p in prompts:  # validate everything before any work
-        for t in truncs:
-            check_request(model, Request(p, 0, tables or None, t))
     cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                          attention=args.attention)
-    engine = backend_engine(model, cfg, args.backend, export_dir=args.export_dir, model_name=args.model)
     described = ",".join(args.concept or []) + "".join(f" {f}={v}" for f, v in (("layer-mix", args.layer_mix), ("time-mix", args.time_mix)) if v)
-    entries = generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, engine.cfg,
+    entries = generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, cfg,
                                  overwrite=args.overwrite, model_name=args.model, concept_name=described or None,
-                                 engine=engine)
+                                 backend=args.backend, export_dir=args.export_dir)
     sweep = " and truncation sweep grid(s)" if len(truncs) > 1 else ""
     print(f"{len(entries)} images, {len(prompts)} grid(s){sweep} and manifest.jsonl in {args.out}")
 
@@ -236,8 +228,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except NetiError as e:
-        print(f"neti-fast {args.command}: error: {e}", file=sys.stderr)
+    except NetiError as e:  # a request setting at fault is named as its flag
+        msg = e.render("--" + e.field.replace("_", "-")) if e.field else str(e)
+        print(f"neti-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"neti-fast {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .api import generate_to_folder, load_model, precompute
-from .engine.engine import GenerateConfig
+from .engine.request import GenerateConfig
 
 NOISE_NOTE = ("\nNote: the built-in `tiny` model has random weights, so these images are noise-like patterns, "
               "not pictures of the prompts. The demo shows that every stage runs; for real images train and "

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from .engine.backends import BACKEND_NAMES
 from .errors import NetiError
-from .utils import ATTENTIONS, CLI_DTYPES, SCHEDULERS, default_device, default_dtype_name, torch_dtype
+from .utils import ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, SCHEDULERS, default_device, default_dtype_name, torch_dtype
 
-BACKENDS = BACKEND_NAMES  # --backend names (backends.py)
 NO_TRUNCATION = ("none", "full")  # how the command line writes "no truncation" beside truncations
 
 
@@ -80,9 +78,12 @@ def add_sampling_args(p) -> None:
 
 def add_runtime_args(p) -> None:
     """--attention / --backend / --export-dir, shared by `generate` and `run`."""
-    p.add_argument("--attention", choices=ATTENTIONS, default="auto",
-                   help="cross-attention kernel (auto: the Triton kernel on CUDA when its guards pass, else SDPA)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
+    # older spellings (--attention eager, --backend triton) are still taken, not shown; a notice names today's
+    p.add_argument("--attention", choices=ATTENTIONS + tuple(ATTENTIONS_RENAMED), default="auto",
+                   metavar="{" + ",".join(ATTENTIONS) + "}",
+                   help="cross-attention kernel (auto: the Triton kernel on CUDA when its guards pass, else "
+                        "the native CPU kernel where built and faster, else SDPA; math: the official bmm + softmax)")
+    p.add_argument("--backend", choices=BACKENDS + ("triton",), default="auto", metavar="{" + ",".join(BACKENDS) + "}",
                    help="U-Net runtime. auto = eager today: it has no build step, and the others (compile, "
                         "onnx, tensorrt) have no GPU measurement yet to justify their minutes of export / build")
     p.add_argument("--export-dir", default=None, help="cache for onnx / tensorrt exports")

@@ -13,8 +13,12 @@ from pathlib import Path
 from .errors import NetiError
 
 METHODS = ("neti", "xti", "ti")                  # concept kinds: NeTI mapper, per-layer XTI, one TI embedding
-SCHEDULERS = ("dpm++", "ddim", "euler", "euler-a", "dpm++-karras")  # --scheduler names (pipeline.make_scheduler)
-ATTENTIONS = ("auto", "triton", "native", "sdpa", "xformers", "eager")  # --attention names
+SCHEDULERS = ("dpm++", "ddim", "euler", "euler-a", "dpm++-karras")  # --scheduler names (engine/sampling.py)
+# Two separate vocabularies: --attention picks the cross-attention kernel inside the U-Net,
+# --backend the runtime that runs the U-Net (no name is in both).
+ATTENTIONS = ("auto", "triton", "native", "sdpa", "xformers", "math")  # --attention (sd/attention.py)
+BACKENDS = ("auto", "eager", "compile", "onnx", "tensorrt")            # --backend (engine/backends.py)
+ATTENTIONS_RENAMED = {"eager": "math"}   # older --attention spellings, still taken (with a notice)
 # dtype names accepted on the command line and in configs -> torch attribute name
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
                "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -119,6 +123,9 @@ class ByteLRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __iter__(self):
+        return iter(list(self._items))   # keys, least recently used first
 
     def values(self) -> list:
         return list(self._items.values())

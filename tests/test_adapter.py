@@ -6,7 +6,8 @@ import torch
 
 import neti_fast
 from neti_fast.engine.adapter import Attachment
-from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.concepts.table import precompute
 
 STEPS = 3
@@ -24,7 +25,7 @@ def pipe(tiny_model):
 
 @pytest.mark.parametrize("scheduler", ["dpm++", "euler", "ddim"])
 def test_adapter_equals_engine(pipe, tiny_model, make_concept, scheduler, monkeypatch):
-    from neti_fast.engine.engine import make_scheduler
+    from neti_fast.engine.sampling import make_scheduler
     pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
     table = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=31), truncations=[8], progress=False)
     matched = []

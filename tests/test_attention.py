@@ -7,7 +7,8 @@ import logging
 
 from neti_fast.sd.attention import DISPATCH, AttentionDispatcher, attend_rows
 from neti_fast.kernels.cross_attention import cross_attention_ref, triton_supported
-from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.concepts.table import precompute
 
 

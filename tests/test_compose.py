@@ -10,7 +10,8 @@ from neti_fast.sd.conditioning import tokenize
 from neti_fast.errors import NetiError
 from neti_fast.concepts.mixing import add_mixes, parse_layer_mix, parse_time_mix
 from neti_fast.sd.models import UNET_LAYERS
-from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.engine.reference import generate_reference
 from neti_fast.concepts.table import Table, load_tables, precompute
 
@@ -132,7 +133,7 @@ def test_truncation_applies_to_neti_parts_only(tiny_model, concepts):
     Engine(tiny_model, CFG).generate([Request("{cat} by {painting}", 0, both, 8)])  # accepted
     with pytest.raises(NetiError, match="applies to NeTI concepts; 'painting' has no NeTI mapper"):
         Engine(tiny_model, CFG).generate([Request("{painting}", 0, {"painting": concepts["painting"]}, 8)])
-    with pytest.raises(NetiError, match="no --concept was given"):
+    with pytest.raises(NetiError, match="no concept was given"):
         Engine(tiny_model, CFG).generate([Request("a cat", 0, None, 8)])
 
 

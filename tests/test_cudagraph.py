@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from neti_fast.engine.cudagraph import CudaGraphDenoiser, graphs_enabled, tables_key
-from neti_fast.engine.engine import Engine, GenerateConfig, Request, TorchDenoiser
+from neti_fast.engine.denoiser import TorchDenoiser
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.concepts.table import precompute
 
 CFG = GenerateConfig(steps=4, batch_size=4)

@@ -13,7 +13,9 @@ import torch
 from neti_fast.export.onnx import (INPUT_NAMES, default_export_dir, OnnxDenoiser, TablesUNet, example_inputs, export_cached,
                                    export_onnx)
 from neti_fast.sd.models import NUM_LAYERS, load_model
-from neti_fast.engine.engine import Engine, GenerateConfig, Request, TorchDenoiser
+from neti_fast.engine.denoiser import TorchDenoiser
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

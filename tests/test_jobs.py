@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from neti_fast.cli import main
-from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.concepts.table import load_bundle, load_table, precompute, save_bundle
 
 STEPS = 3
@@ -151,7 +152,7 @@ def test_validation_reports_every_bad_line(tmp_path, capsys, concepts):
     bad = {int(r.split(":")[0].split()[1]): r for r in rows[1:]}
     assert sorted(bad) == [2, 3, 4, 5, 6, 7, 8, 11, 12], err
     for ln, needle in ((2, "bad JSON"), (3, "unknown key 'seed'"), (3, "did you mean 'seeds'"), (4, "string"),
-                       (5, "seeds"), (6, "no \"concept\""), (7, "NeTI"), (8, "77"), (11, "object"),
+                       (5, "seeds"), (6, "no concept was given"), (7, "NeTI"), (8, "77"), (11, "object"),
                        (12, "steps"), (12, "guidance")):
         assert needle in bad[ln], (ln, bad[ln])
     assert not list(out.glob("*.png")) and not (out / "manifest.jsonl").exists()

@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from neti_fast.engine.kv_arena import KVArena
-from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.concepts.table import precompute
 
 

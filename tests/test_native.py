@@ -18,7 +18,8 @@ import torch
 from neti_fast.sd import native
 from neti_fast.sd.attention import attend_rows
 from neti_fast.kernels.cross_attention import accuracy_ok, cross_attention_ref
-from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.engine.reference import generate_reference
 from neti_fast.concepts.table import precompute
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from neti_fast.errors import NetiError
-from neti_fast.engine.engine import Engine, GenerateConfig, Request
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.engine.reference import generate_reference
 from neti_fast.concepts.table import precompute
 
@@ -86,7 +87,7 @@ def test_schedulers_and_negative_prompt(tiny_model, make_concept):
 def test_conditioning_cache_and_dedup(tiny_model, make_concept):
     table = precompute(make_concept("ti", dim=tiny_model.text_dim), progress=False)
     eng = Engine(tiny_model, CFG)
-    ts = eng.schedule().timesteps
+    ts = eng.make_scheduler().timesteps
     c1 = eng.conditioning("a photo of {}", table, None, ts)
     assert c1.k[0].shape[0] == 1 and not c1.time_varying  # TI: one row serves every step
     assert eng.conditioning("a photo of {}", table, None, ts) is c1
@@ -98,7 +99,7 @@ def test_conditioning_cache_and_dedup(tiny_model, make_concept):
 def test_conditioning_cache_evicts_least_recently_used(tiny_model, make_concept):
     import dataclasses
     neti = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=7), progress=False)
-    ts = Engine(tiny_model, CFG).schedule().timesteps
+    ts = Engine(tiny_model, CFG).make_scheduler().timesteps
     one = Engine(tiny_model, CFG).conditioning("a photo of {}", neti, None, ts).nbytes
     mb = int(2.5 * one) // 2**20  # room for two conditionings, not three
     assert 2 * one <= mb * 2**20 < 3 * one, (one, mb)
@@ -106,7 +107,7 @@ def test_conditioning_cache_evicts_least_recently_used(tiny_model, make_concept)
     keys = []
     for prompt in ("a photo of {}", "a painting of {}"):
         eng.conditioning(prompt, neti, None, ts)
-        keys.append(next(reversed(eng._cache)))
+        keys.append(list(eng._cache)[-1])
     first = eng.conditioning("a photo of {}", neti, None, ts)  # a hit: now the most recently used
     eng.conditioning("a sketch of {}", neti, None, ts)          # over budget: the painting goes
     assert list(eng._cache)[:1] == [keys[0]] and keys[1] not in eng._cache and len(eng._cache) == 2

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neti_fast.engine.engine import Engine, GenerateConfig, Request, make_scheduler
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.request import GenerateConfig, Request
+from neti_fast.engine.sampling import make_scheduler
 from neti_fast.utils import SCHEDULERS
 
 # Batched and alone differ only in float summation order: at most one uint8 level (test_pipeline's TOL).

@@ -54,9 +54,10 @@ class Concept:
         if truncation is None:
             return
         if self.method != "neti":
-            raise NetiError(f"--truncation applies to NeTI concepts; {self.placeholder!r} is a {self.method.upper()} concept")
+            raise NetiError(f"applies to NeTI concepts; {self.placeholder!r} is a {self.method.upper()} concept",
+                            field="truncation", value=truncation)
         if not 1 <= truncation <= 128:
-            raise NetiError(f"--truncation {truncation}: must be between 1 and 128")
+            raise NetiError("must be between 1 and 128", field="truncation", value=truncation)
 
     def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
         """Token and bypass rows for each (t[i], l[i]) (any t, even fractional): ([N, D], [N, D] or None), float32."""

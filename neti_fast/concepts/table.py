@@ -13,6 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +42,50 @@ def stack_rows(rows: list, dim: int):
     if all(r[1] is None for r in rows):
         return token, None
     return token, torch.stack([r[1] if r[1] is not None else torch.zeros_like(r[0]) for r in rows], dim=dim)
+
+
+@runtime_checkable
+class TableLike(Protocol):
+    """What the engine reads from a concept in a request: a `Table` (one concept, precomputed) or a
+    `mixing.MixedTable` (several, chosen per layer or per timestep). Rows are float32 on the CPU."""
+    name: str             # `{name}` in prompts
+    uid: int              # process-unique: caches key on it
+
+    @property
+    def placeholder(self) -> str: ...
+
+    @property
+    def time_varying(self) -> bool:
+        """Whether rows depend on t (NeTI): one row per step, else one row serves every step."""
+
+    @property
+    def has_bypass(self) -> bool: ...
+
+    @property
+    def truncatable(self) -> bool:
+        """Whether nested-dropout truncation applies (a NeTI concept is among it)."""
+
+    def check(self, model, truncation: int | None, where: str) -> None:
+        """NetiError if it cannot serve `model` at `truncation`."""
+
+    def schedule_rows(self, timesteps: torch.Tensor, truncation: int | None = None):
+        """([S, 16, D] token rows, bypass rows or None) for a step schedule."""
+
+    def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
+        """([N, D], [N, D] or None) at each (t[i], l[i]), any t (fractional too)."""
+
+
+def nbytes(obj) -> int:
+    """Memory a loaded table (or a bundle {name: Table}) holds: its rows and its concept's weights."""
+    if isinstance(obj, dict):
+        return sum(nbytes(t) for t in obj.values())
+    ts = list(obj.token.values()) + list(obj.bypass.values())
+    c = obj.concept
+    if getattr(c, "mapper", None) is not None:
+        ts += list(c.mapper.parameters())
+    if getattr(c, "embeds", None) is not None:
+        ts.append(c.embeds)
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
 def _key(name: str, truncation: int | None) -> str:

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import NetiError
 from ..sd.models import Model
-from .engine import Engine, GenerateConfig, Request, check_request
+from .engine import Engine
+from .request import GenerateConfig, Request, check_request
 
 
 class Attachment:

@@ -12,8 +12,8 @@ import torch
 from ..sd.attention import install_processors
 from ..sd.conditioning import encode, tokenize
 from ..sd.models import NUM_LAYERS, Model
-from .engine import (GenerateConfig, Request, _size, check_request, decode, image_generators, initial_latents,
-                       make_scheduler, tokenize_request)
+from .request import GenerateConfig, Request, check_request, check_size, tokenize_request
+from .sampling import decode, image_generators, initial_latents, make_scheduler
 from ..concepts.table import stack_rows
 
 
@@ -48,7 +48,7 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
     """The official NeTI inference algorithm for one image (uint8 [1, H, W, 3]); slow on purpose."""
     m, st = model, install_processors(model)
     check_request(m, req)
-    h, w = _size(m, cfg)
+    h, w = check_size(m, cfg.height, cfg.width)
     f = m.vae_scale_factor
     sched = make_scheduler(cfg.scheduler, m.scheduler_config)
     sched.set_timesteps(cfg.steps)
@@ -56,7 +56,7 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
     gens = image_generators([req.seed])
     latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, gens[0]).to(m.device)
     latents = latents * sched.init_noise_sigma
-    st.backend = "eager"
+    st.backend = "math"
     try:
         for t, layers in zip(sched.timesteps, per_step):
             x = sched.scale_model_input(latents, t)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NetiError
 from ..options import parse_seeds
-from ..utils import SCHEDULERS, image_size
+from ..utils import SCHEDULERS, ByteLRU, image_size
 
 KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
         "height", "width")
@@ -43,13 +42,6 @@ class Line:
     height: int | None
     width: int | None
     failed: str | None = None       # why the concept could not be loaded
-    table: object = None            # concepts already loaded (`generate`): used instead of `paths`
-    index: int | None = None        # the number in file names (default: the line number)
-    digits: int = 5                 # its width (`generate`: 3, its prompt index from 0)
-
-    @property
-    def file_index(self) -> int:
-        return self.line if self.index is None else self.index
 
 
 @dataclass
@@ -195,13 +187,17 @@ class Concepts:
     """Concept files by path, loaded on first use and kept within `budget_mb` (least recently used
     first out): a precomputed SD 1.x table is ~50 MB per truncation, too many to hold for a big job.
     A file that cannot be loaded is remembered as its error. A bundle (`neti-fast merge`) loads as
-    {name: Table}."""
+    {name: Table}. `generate` gives its concepts already loaded (`loaded`: what every line uses)."""
 
-    def __init__(self, budget_mb: int = 4096):
-        self.budget = budget_mb * 2**20
-        self.tables: OrderedDict = OrderedDict()
+    def __init__(self, budget_mb: int = 4096, loaded=None):
+        from ..concepts.table import nbytes
+        self.tables = ByteLRU(budget_mb * 2**20, nbytes)    # resolved path -> Table or bundle
         self.errors: dict = {}
-        self.evictions = 0
+        self.loaded = loaded
+
+    @property
+    def evictions(self) -> int:
+        return self.tables.evictions
 
     @staticmethod
     def _paths(L: Line) -> dict:
@@ -217,17 +213,16 @@ class Concepts:
             raise self.errors[key]
         if key not in self.tables:
             try:
-                self.tables[key] = load_any(path)
+                self.tables.put(key, load_any(path), trim=False)  # evicted by trim(), which knows what a batch needs
             except NetiError as e:
                 self.errors[key] = e
                 raise
-        self.tables.move_to_end(key)
-        return self.tables[key]
+        return self.tables.get(key)
 
     def for_line(self, L: Line):
         """The line's Table, {name: Table} or None; NetiError naming every file that cannot be loaded."""
-        if L.paths is None and L.table is not None:
-            return L.table
+        if self.loaded is not None:
+            return self.loaded
         got, bad = {}, []
         for name, p in self._paths(L).items():
             try:
@@ -243,63 +238,57 @@ class Concepts:
 
     def trim(self, keep: set = frozenset()) -> bool:
         """Evict least recently used tables not in `keep` until within budget; True if any was."""
-        def size(t):
-            if isinstance(t, dict):
-                return sum(size(x) for x in t.values())
-            return sum(v.numel() * v.element_size() for d in (t.token, t.bypass) for v in d.values())
-        total = sum(size(t) for t in self.tables.values())
-        evicted = False
-        for key in list(self.tables):
-            if total <= self.budget:
-                break
-            if key not in keep:
-                total -= size(self.tables.pop(key))
-                evicted = True
-        self.evictions += evicted
-        return evicted
+        return self.tables.trim(keep)
 
 
-def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int, str]]:
-    """Model-dependent checks (prompt, placeholder, length, truncation, size); a line whose concept
+def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int, NetiError]]:
+    """Model-dependent checks of every line (the engine's one request check: prompt, concepts,
+    truncation, negative prompt, size), each problem named by the line's key; a line whose concept
     file cannot be loaded is marked failed instead (not an error of the job file)."""
-    from ..sd.conditioning import markers, tokenize
-    from ..engine.engine import Request, check_request
+    from ..engine.request import Request, check_request, check_size
     errors = []
-    f = model.vae_scale_factor
     for L in lines:
         problems = []
-        h, w = image_size(model, L.height, L.width)
-        if h % f or w % f:
-            problems.append(f"height/width {h}x{w}: must be multiples of {f}")
-        if markers(L.negative_prompt):
-            problems.append("negative_prompt must not contain {} markers")
-        else:
-            try:
-                tokenize(model.tokenizer, L.negative_prompt, None)
-            except NetiError as e:
-                problems.append(f"negative_prompt: {e}")
+
+        def note(e: NetiError):
+            if e.render() not in (p.render() for p in problems):
+                problems.append(e)
+        try:
+            check_size(model, L.height, L.width)
+        except NetiError as e:
+            note(e)
         try:
             tables = concepts.for_line(L)
             concepts.trim()
         except NetiError as e:
             L.failed = str(e)
         for t in L.truncations if L.failed is None else ():
-            try:  # the engine's own checks; its messages name CLI flags, a job line has keys
-                check_request(model, Request(L.prompt, 0, tables, t))
+            try:
+                check_request(model, Request(L.prompt, 0, tables, t, L.negative_prompt))
             except NetiError as e:
-                msg = str(e).replace("--truncation", "truncation").replace("no --concept was given", 'the line has no "concept"')
-                if msg not in problems:
-                    problems.append(msg)
-        if problems:
-            errors.append((L.line, "; ".join(problems)))
+                note(e)
+        if L.failed is not None:
+            try:  # the negative prompt can still be checked
+                check_request(model, Request("", 0, None, None, L.negative_prompt))
+            except NetiError as e:
+                note(e)
+        errors += [(L.line, e) for e in problems]
     return errors
 
 
-def expand(lines: list[Line], model) -> list[Img]:
-    """The images of the lines (those whose concepts loaded): line, then truncation, then seed."""
+def expand(lines: list[Line], model, numbering=None) -> list[Img]:
+    """The images of the lines (those whose concepts loaded): line, then truncation, then seed.
+    `numbering(line) -> (number, digits)` of the file names (default: the job-file line, 5 digits)."""
     from .outputs import image_name
-    return [Img(L, t, s, image_name(L.file_index, L.prompt, t, s, digits=L.digits), *image_size(model, L.height, L.width))
-            for L in lines if L.failed is None for t in L.truncations for s in L.seeds]
+    numbering = numbering or (lambda L: (L.line, 5))
+    out = []
+    for L in lines:
+        if L.failed is not None:
+            continue
+        number, digits = numbering(L)
+        out += [Img(L, t, s, image_name(number, L.prompt, t, s, digits=digits), *image_size(model, L.height, L.width))
+                for t in L.truncations for s in L.seeds]
+    return out
 
 
 def plan_batches(images: list[Img], batch_size: int) -> list[list[Img]]:

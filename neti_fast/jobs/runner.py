@@ -37,11 +37,24 @@ from ..utils import atomic_write, dtype_name
 SUMMARY = "job.json"
 
 
-def _format_errors(job: Path, errors: list[tuple[int, str]]) -> str:
-    errors = sorted(errors)
-    n = len({ln for ln, _ in errors})
+def _format_errors(job: Path, errors: list[tuple[int, object]]) -> str:
+    """Every bad line at once; a problem is a parse message or a NetiError named by its job key."""
+    by_line: dict = {}
+    for ln, problem in errors:
+        msg = problem.render() if isinstance(problem, NetiError) else str(problem)
+        if msg not in by_line.setdefault(ln, []):
+            by_line[ln].append(msg)
+    n = len(by_line)
     head = f"{job}: {n} bad line{'s' if n != 1 else ''}, nothing was run:"
-    return "\n".join([head] + [f"  line {ln}: {msg}" for ln, msg in errors])
+    return "\n".join([head] + [f"  line {ln}: {'; '.join(msgs)}" for ln, msgs in sorted(by_line.items())])
+
+
+def _agree(d: Dist, err: NetiError | None) -> None:
+    """Every rank goes on, or every rank stops: the one that failed with its error, the others saying so."""
+    if not d.all_ok(err is None):
+        if err is not None:
+            raise err
+        raise NetiError(f"rank {d.rank}: another rank stopped with an error (see its message)")
 
 
 # ----------------------------------------------------------------------------- planning
@@ -110,7 +123,8 @@ def execute(plan: Plan, model, cfg, concepts: Concepts, *, overwrite: bool = Fal
     from tqdm.auto import tqdm
 
     from . import outputs
-    from ..engine.engine import Engine, Request
+    from ..engine.engine import Engine
+    from ..engine.request import Request
     d = dist or Dist(device=str(model.device))
     out = plan.out
     d.barrier()  # every rank has read the manifests before rank 0 rewrites them
@@ -194,48 +208,40 @@ def execute(plan: Plan, model, cfg, concepts: Concepts, *, overwrite: bool = Fal
     return c
 
 
-def run_job(job: str | Path, out: str | Path, model, cfg=None, *, seeds=(0,), truncation=None,
-            model_name: str | None = None, overwrite: bool = False, denoiser_for=None, dist: Dist | None = None,
-            concept_cache_mb: int = 4096, progress: bool = True) -> dict:
-    """Run a job file into `out`; returns the summary written to job.json.
+def run(lines: list, out: str | Path, model, cfg, concepts: Concepts, *, model_name: str | None = None,
+        overwrite: bool = False, engine=None, denoiser_for=None, dist: Dist | None = None, progress: bool = True,
+        desc: str = "run", numbering=None, errors: list = ()) -> tuple[dict, list]:
+    """The one runner of `neti-fast generate` and `neti-fast run`: validated request lines -> images
+    in `out`, resumable and shared among torchrun ranks. Returns (the run's summary: job.json's body,
+    this process's failed images' manifest entries).
 
-    `cfg` (GenerateConfig) holds the defaults for keys a line leaves out, and batch_size, attention,
-    cache_mb; concept files are held within `concept_cache_mb`. `denoiser_for(height, width)` gives
-    the U-Net backend for a size (None: the engine's own; see backends.make_denoiser).
-    `dist`: `setup_distributed(device)` to share the work among torchrun ranks (default: this process
-    alone does everything).
+    Lines are checked against the model first (`check_lines`: every problem of every line, before
+    any work; a line whose concept file cannot be loaded is recorded as failed instead), flattened
+    into images (`numbering`: the number and width in their file names, see jobfile.expand), packed
+    into the fixed batch plan, classified against the folder's manifests, and this process's share
+    of the batches is run; `errors`: problems found before ([(line, message)]: a job file's parse
+    errors), reported with the lines' own in one LineErrors. `cfg` (GenerateConfig): batch_size, attention, cache_mb and the defaults;
+    `engine`: a caller's Engine to reuse; `denoiser_for(height, width)`: the U-Net backend per size.
     """
-    from ..engine.engine import GenerateConfig
     t_start = time.perf_counter()
-    cfg = cfg or GenerateConfig()
     d = dist or Dist(device=str(model.device))
-    job, out = Path(job), Path(out)
+    out = Path(out)
     model_name = model_name or model.name
     dtype = dtype_name(model.dtype)
-    err = None
-    lines, plan = [], None
+    err, plan = None, None
     try:
-        defaults = {"prompt": None, "concept": None, "seeds": list(seeds), "truncation": list(truncation)
-                    if isinstance(truncation, (list, tuple)) else [truncation],
-                    "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
-                    "negative_prompt": cfg.negative_prompt, "height": cfg.height, "width": cfg.width}
-        lines, errors = parse_job(job, defaults)
-        concepts = Concepts(concept_cache_mb)
-        errors += check_lines(model, lines, concepts)
-        if errors:
-            raise NetiError(_format_errors(job, errors))
-        plan = make_plan(out, expand(lines, model), cfg.batch_size, model_name, dtype, overwrite)
+        problems = list(errors) + check_lines(model, lines, concepts)
+        if problems:
+            raise LineErrors(problems)
+        plan = make_plan(out, expand(lines, model, numbering), cfg.batch_size, model_name, dtype, overwrite)
     except NetiError as e:
         err = e
-    if not d.all_ok(err is None):
-        if err is not None:
-            raise err
-        raise NetiError(f"rank {d.rank}: another rank stopped with an error (see its message)")
+    _agree(d, err)
 
     failed = [{"line": L.line, "prompt": L.prompt, "concept": L.concept, "status": "failed", "reason": L.failed,
                "images": len(L.seeds) * len(L.truncations)} for L in lines if L.failed]
-    c = execute(plan, model, cfg, concepts, overwrite=overwrite, denoiser_for=denoiser_for, dist=d,
-                progress=progress, failed_requests=failed)
+    c = execute(plan, model, cfg, concepts, overwrite=overwrite, denoiser_for=denoiser_for, engine=engine, dist=d,
+                progress=progress, desc=desc, failed_requests=failed)
     t_end = time.perf_counter()
 
     n_done = sum(plan.state[im.file] == "done" for im in plan.images)
@@ -243,7 +249,7 @@ def run_job(job: str | Path, out: str | Path, model, cfg=None, *, seeds=(0,), tr
     secs, wall = d.reduce([c.seconds, t_end - t_start], op="max")
     d.barrier()  # every rank has written and recorded its batches
     summary = {
-        "job": str(job), "out": str(out), "model": model_name, "dtype": dtype, "device": str(model.device),
+        "out": str(out), "model": model_name, "dtype": dtype, "device": str(model.device),
         "world_size": d.world, "requests": len(lines), "images": len(plan.images) + sum(f["images"] for f in failed),
         "batches": len(plan.batches), "batch_size": cfg.batch_size, "batches_run": len(plan.todo),
         "done": int(gen + ver), "written": int(gen), "verified_unrecorded": int(ver), "skipped": n_done,
@@ -251,8 +257,51 @@ def run_job(job: str | Path, out: str | Path, model, cfg=None, *, seeds=(0,), tr
         "concept_evictions": int(evicted), "seconds": round(secs, 3), "wall_seconds": round(wall, 3),
         "images_per_s": round((gen + ver) / secs, 4) if secs > 0 else None,
         "failures": [{"line": f["line"], "reason": f["reason"]} for f in failed],
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    return summary, c.failures
+
+
+class LineErrors(NetiError):
+    """Every line's problems: [(line number, NetiError or message)], rendered by each caller."""
+
+    def __init__(self, problems: list):
+        super().__init__("; ".join(e.render() if isinstance(e, NetiError) else str(e) for _, e in problems))
+        self.problems = problems
+
+
+def run_job(job: str | Path, out: str | Path, model, cfg=None, *, seeds=(0,), truncation=None,
+            model_name: str | None = None, overwrite: bool = False, denoiser_for=None, dist: Dist | None = None,
+            concept_cache_mb: int = 4096, progress: bool = True) -> dict:
+    """Run a job file into `out` (see `run`); returns the summary written to job.json.
+
+    `cfg` (GenerateConfig) holds the defaults for keys a line leaves out, and batch_size, attention,
+    cache_mb; concept files are held within `concept_cache_mb`. `denoiser_for(height, width)` gives
+    the U-Net backend for a size (None: the engine's own; see backends.make_denoiser).
+    `dist`: `setup_distributed(device)` to share the work among torchrun ranks (default: this process
+    alone does everything).
+    """
+    from ..engine.request import GenerateConfig
+    cfg = cfg or GenerateConfig()
+    d = dist or Dist(device=str(model.device))
+    job, out = Path(job), Path(out)
+    err, lines = None, []
+    try:
+        defaults = {"prompt": None, "concept": None, "seeds": list(seeds), "truncation": list(truncation)
+                    if isinstance(truncation, (list, tuple)) else [truncation],
+                    "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
+                    "negative_prompt": cfg.negative_prompt, "height": cfg.height, "width": cfg.width}
+        lines, errors = parse_job(job, defaults)
+        if errors:
+            raise NetiError(_format_errors(job, errors))
+    except NetiError as e:
+        err = e
+    _agree(d, err)
+    try:
+        summary, _ = run(lines, out, model, cfg, Concepts(concept_cache_mb), model_name=model_name, overwrite=overwrite,
+                      denoiser_for=denoiser_for, dist=d, progress=progress)
+    except LineErrors as e:
+        raise NetiError(_format_errors(job, e.problems)) from None
+    summary = {"job": str(job), **summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if d.rank == 0:
         for f in out.glob("progress.rank*.json"):
             f.unlink(missing_ok=True)
@@ -319,7 +368,7 @@ def main(args) -> dict:
     from .. import options
     from ..engine import backends
     from ..sd.models import load_model
-    from ..engine.engine import GenerateConfig
+    from ..engine.request import GenerateConfig
     for name in ("steps", "batch_size", "cache_mb", "concept_cache_mb"):
         if getattr(args, name) < 1:
             raise NetiError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")

@@ -18,7 +18,8 @@ logs it: the fused Triton kernel on CUDA when its guards pass (supported dtype /
 not exporting, `NETI_FAST_DISABLE_TRITON` unset) and its first-use check against SDPA passes; on
 CPU the native C++ kernel (`neti_fast.sd.native`, where `_C` is built, `NETI_FAST_DISABLE_NATIVE`
 unset, and measured faster for the shape class); else SDPA on gathered rows; `native`, `xformers`
-and `eager` (the official bmm + softmax) can be forced.
+and `math` (the official bmm + softmax) can be forced. `canonical_attention` checks the name
+(`eager`, the older spelling of `math`, still works, with one notice: it also names a --backend).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..utils import first_line
+from ..errors import NetiError
+from ..utils import ATTENTIONS, ATTENTIONS_RENAMED, first_line
 
 
 @dataclass
@@ -55,7 +57,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, backend: str = "sdpa", attn=None) -> torch.Tensor:
     """Multi-head attention on [B, N, C] / [B, L, C] tensors -> [B, N, C]."""
-    if backend == "eager" and attn is not None:
+    if backend == "math" and attn is not None:
         # The official NeTI processor: diffusers' get_attention_scores (baddbmm + softmax) then bmm.
         qh, kh, vh = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)
         return attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(qh, kh, None), vh))
@@ -71,7 +73,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, backen
 
 @dataclass(frozen=True)
 class AttnChoice:
-    impl: str          # triton | sdpa | xformers | eager
+    impl: str          # triton | native | sdpa | xformers | math
     reason: str        # why (the fallback's cause, or how the kernel was validated)
 
 
@@ -108,7 +110,7 @@ class AttentionDispatcher:
         if choice is not None:
             return choice, None
         out = None
-        if backend in ("sdpa", "xformers", "eager"):
+        if backend in ("sdpa", "xformers", "math"):
             choice = AttnChoice(backend, "requested")
         elif backend == "native":
             from .native import native_supported
@@ -187,6 +189,19 @@ def _exporting() -> bool:
 
 DISPATCH = AttentionDispatcher()
 log = logging.getLogger("neti_fast.sd.attention")
+_renamed_said: set = set()
+
+
+def canonical_attention(name: str) -> str:
+    """An --attention name, checked; an older spelling is mapped to today's, with one notice."""
+    if name in ATTENTIONS_RENAMED:
+        if name not in _renamed_said:
+            _renamed_said.add(name)
+            logging.getLogger("neti_fast").warning(f"neti-fast: --attention {name} is now --attention {ATTENTIONS_RENAMED[name]}")
+        return ATTENTIONS_RENAMED[name]
+    if name not in ATTENTIONS:
+        raise NetiError(f"must be one of {', '.join(ATTENTIONS)}", field="attention", value=name)
+    return name
 
 
 def _gathered(q, k_table, v_table, row_idx, heads, backend, attn):

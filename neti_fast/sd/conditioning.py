@@ -72,18 +72,19 @@ def resolve_markers(prompt: str, names: list[str], default: str | None = None) -
     """Which concept each `{...}` of `prompt` means. Bare `{}` means `default`, else the only concept."""
     found = markers(prompt)
     if names and not found:
-        raise NetiError(f"prompt {prompt!r}: no {{}} marks where the concept goes")
+        raise NetiError("no {} marks where the concept goes", field="prompt", value=prompt)
     if not names and found:
-        raise NetiError(f"prompt {prompt!r}: has {{}} but no --concept was given")
+        raise NetiError("has {} but no concept was given", field="prompt", value=prompt)
     out = []
     for name in found:
         if name == "":
             if default is None and len(names) != 1:
-                raise NetiError(f"prompt {prompt!r}: bare {{}} is ambiguous with {len(names)} concepts; "
-                                f"write {{NAME}} with one of: {', '.join(names)}")
+                raise NetiError(f"bare {{}} is ambiguous with {len(names)} concepts; "
+                                f"write {{NAME}} with one of: {', '.join(names)}", field="prompt", value=prompt)
             name = default if default is not None else names[0]
         if name not in names:
-            raise NetiError(f"prompt {prompt!r}: {{{name}}} is not a concept given here (have: {', '.join(names) or 'none'})")
+            raise NetiError(f"{{{name}}} is not a concept given here (have: {', '.join(names) or 'none'})",
+                            field="prompt", value=prompt)
         out.append(name)
     return out
 
@@ -109,7 +110,8 @@ def tokenize(tokenizer, prompt: str, concepts: list[str] | None, default: str | 
     text = MARKER.sub(lambda _m: slot_token(slot_of[next(it)]), prompt)
     ids = tokenizer(text, padding="max_length", max_length=MAX_TOKENS, truncation=False).input_ids
     if len(ids) > MAX_TOKENS:
-        raise NetiError(f"prompt {prompt!r}: is {len(ids)} tokens long; CLIP takes at most {MAX_TOKENS} (with start and end)")
+        raise NetiError(f"is {len(ids)} tokens long; CLIP takes at most {MAX_TOKENS} (with start and end)",
+                        field="prompt", value=prompt)
     ids = torch.tensor(ids)
     slot = torch.full((MAX_TOKENS,), -1, dtype=torch.long)
     for k, pid in enumerate(pids):

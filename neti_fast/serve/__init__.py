@@ -8,7 +8,10 @@ Modules, one idea each:
                packed into one Engine.generate_batch of up to --max-batch images (the engine's own
                packing: any mix of prompts, concepts, truncations and seeds)
   training.py  one background training job at a time, from images uploaded on the page
-  app.py       the FastAPI app factory (routes, API key, JSON errors)
+  app.py       the server's state (`Server`: model, engine, store, batcher, trainer), the one
+               txt2img validation, and the FastAPI app factory (error handlers, API key)
+  routes_a1111.py  A1111's routes;  routes_neti.py  neti-fast's (info, uploads, training, health);
+  routes_page.py   the page at /;  http.py  JSON errors, request bodies, the API key middleware
   cli.py       the `serve` subcommand (FastAPI / uvicorn are the optional extra `serve`)
   static/      the page served at /
 

@@ -16,7 +16,8 @@ class BackgroundServer:
     def __init__(self, server, host: str = "127.0.0.1"):
         import uvicorn
 
-        from .app import create_app, is_loopback
+        from .app import create_app
+        from .http import is_loopback
         if not is_loopback(host) and not server.cfg.api_key:
             raise ValueError(f"{host}: a non-loopback address needs an API key")
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

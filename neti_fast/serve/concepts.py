@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..concepts.table import nbytes
 from ..errors import NetiError
+from ..utils import ByteLRU
 from .a1111 import FieldError
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -39,16 +40,6 @@ def _load(path: Path):
         raise NetiError(f"{path.name}: cannot read it as a concept ({type(e).__name__}: {e})") from None
 
 
-def _nbytes(table) -> int:
-    ts = list(table.token.values()) + list(table.bypass.values())
-    c = table.concept
-    if getattr(c, "mapper", None) is not None:
-        ts += list(c.mapper.parameters())
-    if getattr(c, "embeds", None) is not None:
-        ts.append(c.embeds)
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
 @dataclass
 class Entry:
     name: str
@@ -66,11 +57,11 @@ class Entry:
 
 class ConceptStore:
     def __init__(self, model, folder: str | Path | None, budget_mb: int = 1024):
-        self.model, self.folder, self.budget = model, Path(folder) if folder else None, budget_mb * 2**20
+        self.model, self.folder = model, Path(folder) if folder else None
         self._lock = threading.RLock()
         self.entries: dict[str, Entry] = {}
         self.skipped: dict[str, str] = {}
-        self._loaded: OrderedDict = OrderedDict()
+        self._loaded = ByteLRU(budget_mb * 2**20, nbytes)   # name -> Table
 
     # ------------------------------------------------------------------ listing
     def scan(self) -> None:
@@ -106,7 +97,7 @@ class ConceptStore:
             for n, t in tables.items():
                 t.name = n
                 self.entries[n] = Entry(n, path, origin, t.concept.method, t.concept.text_dim, list(t.truncations))
-                self._keep(n, t)
+                self._loaded.put(n, t)
         return list(tables)
 
     def moved(self, old: Path, new: Path) -> None:
@@ -131,19 +122,12 @@ class ConceptStore:
         """The Table named `name` (loaded again if the budget evicted it)."""
         with self._lock:
             if name in self._loaded:
-                self._loaded.move_to_end(name)
-                return self._loaded[name]
+                return self._loaded.get(name)
             entry = self.entries[name]
             got = _load(entry.path)
             table = got[name] if isinstance(got, dict) else got
             table.name = name
-            self._keep(name, table)
-            return table
-
-    def _keep(self, name: str, table) -> None:
-        self._loaded[name] = table
-        while len(self._loaded) > 1 and sum(_nbytes(t) for t in self._loaded.values()) > self.budget:
-            self._loaded.popitem(last=False)
+            return self._loaded.put(name, table)
 
     # ------------------------------------------------------------------ prompts
     def _mark_words(self, text: str) -> str:

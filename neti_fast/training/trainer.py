@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from ..sd.models import NUM_LAYERS
 from .config import TrainConfig, _check_config, _device, config_from_args, default_out
 from ..utils import check_writable, image_size, torch_dtype
 
+
 def init_token_id(tokenizer, placeholder: str, init_word: str) -> int:
     """Validate the placeholder (new) and the init word (exactly one token); return the init word's id."""
     vocab = tokenizer.get_vocab()
@@ -52,8 +54,6 @@ def init_token_id(tokenizer, placeholder: str, init_word: str) -> int:
                         "choose a simpler word for the concept's category")
     return ids[0]
 
-
-# ----------------------------------------------------------------------------- the trainable concept
 
 # ----------------------------------------------------------------------------- the trainable concept
 
@@ -196,51 +196,59 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
         dd.close()
 
 
-def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
-    from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
-
-    from ..sd.attention import install_processors
-    from ..sd.conditioning import encode, tokenize
-    from .data import TextualInversionDataset, load_images
-    from ..sd.models import load_model
-
-    device = torch.device(dd.device)
-    out = Path(cfg.out) if cfg.out else default_out(cfg.placeholder)
-    folder = Path(cfg.images)  # the folder's basic checks before the (slow) model load
-    if not folder.is_dir():
-        load_images(folder)  # raises the NetiError naming the problem
-    check_writable(out)
-
-    # resume target, checked before the (slow) model load
-    resume_path = None
+def _resume_target(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint `--resume` names (checked before the slow model load), or None for a fresh run."""
     if cfg.resume:
         if cfg.resume == "latest":
             ckpts = _checkpoints(out)
             if not ckpts:
                 raise NetiError(f"--resume latest: no checkpoint-*.safetensors in {out}")
-            resume_path = ckpts[-1][1]
-        else:
-            resume_path = Path(cfg.resume)
-            if not resume_path.is_file():
-                raise NetiError(f"--resume {cfg.resume}: no such checkpoint file")
-    elif _checkpoints(out):
+            return ckpts[-1][1]
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise NetiError(f"--resume {cfg.resume}: no such checkpoint file")
+        return path
+    if _checkpoints(out):
         raise NetiError(f"--out {out}: holds checkpoints of an earlier run; pass --resume latest to continue it "
                         "or choose another folder")
+    return None
 
-    if cfg.allow_tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if model is None:
-        from ..engine.distributed import prepare_builtin
-        prepare_builtin(cfg.model, dd)
-        model = load_model(cfg.model, device=device, dtype=torch_dtype(cfg.dtype))
-        model.text_encoder.to(torch.float32)  # as official: only the U-Net and VAE run in the low dtype
+
+def _load_model(cfg: TrainConfig, dd):
+    from ..engine.distributed import prepare_builtin
+    from ..sd.models import load_model
+    prepare_builtin(cfg.model, dd)
+    model = load_model(cfg.model, device=torch.device(dd.device), dtype=torch_dtype(cfg.dtype))
+    model.text_encoder.to(torch.float32)  # as official: only the U-Net and VAE run in the low dtype
+    return model
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds, set up once (`_setup`) before the loop."""
+    cfg: TrainConfig
+    model: object
+    tokenizer: object              # the model's, copied, with the placeholder added
+    dataset: object                # TextualInversionDataset
+    train_gen: torch.Generator     # latents' sampling, noise and timesteps (the data order is the dataset's)
+    trainable: Trainable
+    optimizer: torch.optim.Optimizer
+    lr: float                      # the base rate (scaled by the effective batch when scale_lr)
+    schedule: object               # the learning-rate schedule (lr_schedule)
+    scaler: torch.amp.GradScaler
+    noise_sched: object            # DDPMScheduler: add_noise, the v-prediction target
+    start: int                     # the step training starts at (a resumed run's)
+
+
+def _setup(cfg: TrainConfig, model, dd, folder: Path, resume_path: Path | None) -> _Run:
+    """Placeholder, images, seeds, the concept, optimizer and schedule, and a resumed run's state."""
+    from diffusers import DDPMScheduler
+
+    from .data import TextualInversionDataset, load_images
     device = model.device
     tokenizer = copy.deepcopy(model.tokenizer)  # the placeholder is added to a copy only
     init_id = init_token_id(tokenizer, cfg.placeholder, cfg.init_word)
-    text_encoder, unet, vae = model.text_encoder, model.unet, model.vae
-    init_embed = text_encoder.get_input_embeddings().weight[init_id].detach().float().cpu()
+    init_embed = model.text_encoder.get_input_embeddings().weight[init_id].detach().float().cpu()
     size = image_size(model, cfg.resolution)[0]
     images = load_images(folder, size, cfg.center_crop)
 
@@ -267,76 +275,114 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     if resume_path is not None:
         start = load_checkpoint(resume_path, cfg, trainable, optimizer, train_gen, dataset, device, scaler, dd.rank)
 
-    sched = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
-    pred_type = sched.config.prediction_type
-    if pred_type not in ("epsilon", "v_prediction"):
-        raise NetiError(f"--model {cfg.model}: scheduler prediction_type {pred_type!r} is not supported for training")
-    num_t = sched.config.num_train_timesteps
-    scaling = vae.config.scaling_factor
-    dtype = unet.dtype
+    noise_sched = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+    if noise_sched.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise NetiError(f"--model {cfg.model}: scheduler prediction_type {noise_sched.config.prediction_type!r} "
+                        "is not supported for training")
+    return _Run(cfg, model, tokenizer, dataset, train_gen, trainable, optimizer, lr, schedule, scaler, noise_sched, start)
 
+
+def _text_rows(run: _Run, ids, mask, t: torch.Tensor, B: int):
+    """Per-layer text encodings for the captions at timesteps t: (16 x [B, 77, D] keys' source,
+    16 x values' source). NeTI / XTI: the 16 layers' rows in one CLIP batch of 16 B; TI: one pass."""
+    from ..sd.conditioning import encode
+    te = run.model.text_encoder
+    if run.cfg.method == "ti":  # one row for all 16 layers: encode once
+        token, bypass = run.trainable.layer_rows(t, 0)
+        e, eb = encode(te, ids, mask, token, bypass)
+        return [e] * NUM_LAYERS, [eb] * NUM_LAYERS
+    rows = [run.trainable.layer_rows(t, l) for l in range(NUM_LAYERS)]
+    token = torch.cat([r[0] for r in rows])
+    bypass = None if rows[0][1] is None else torch.cat([r[1] for r in rows])
+    e, eb = encode(te, ids.repeat(NUM_LAYERS, 1), mask.repeat(NUM_LAYERS, 1), token, bypass)
+    return list(e.split(B)), list(eb.split(B))
+
+
+def _micro_step(run: _Run, state) -> float:
+    """One micro-batch: VAE latents, noise at a random t per image, the concept's text rows, the
+    U-Net's prediction and the MSE loss; its gradient (scaled by 1 / grad_accum) is accumulated."""
+    from ..sd.conditioning import tokenize
+    cfg, m, gen, sched = run.cfg, run.model, run.train_gen, run.noise_sched
+    device, dtype = m.device, m.unet.dtype
+    pixels, captions = run.dataset.next_batch(cfg.batch_size)
+    B = len(captions)
+    with torch.no_grad():
+        lat = m.vae.encode(pixels.to(device, m.vae.dtype)).latent_dist
+        latents = lat.sample(generator=gen) * m.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+    t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=gen)
+    noisy = sched.add_noise(latents, noise, t.to(device))
+    toks = [tokenize(run.tokenizer, c, [cfg.placeholder]) for c in captions]
+    ids = torch.stack([x.input_ids for x in toks])
+    mask = torch.stack([x.mask for x in toks])
+    t_dev = t.to(device)
+    enc, enc_b = _text_rows(run, ids, mask, t_dev, B)
+    state.mode = "layers"
+    state.enc = [x.to(dtype) for x in enc]
+    state.enc_bypass = [x.to(dtype) for x in enc_b]
+    pred = m.unet(noisy.to(dtype), t_dev, encoder_hidden_states=state.enc[0]).sample
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t_dev)
+    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+    run.scaler.scale(loss / cfg.grad_accum).backward()
+    return float(loss.detach()) / cfg.grad_accum
+
+
+def _optimizer_step(run: _Run, state, step: int, dd) -> float:
+    """Optimizer step `step` (0-based): its learning rate, grad_accum micro-batches, gradients
+    averaged over ranks, the update. Returns the step's loss."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = run.lr * _lr_factor(run.schedule, step)
+    total = sum(_micro_step(run, state) for _ in range(run.cfg.grad_accum))
+    if dd.world > 1:
+        total = _average_grads(run.trainable.parameters(), total, dd.world)
+    if not math.isfinite(total):
+        raise NetiError(f"training diverged at step {step + 1} (loss {total}); lower --lr or use --dtype float32")
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
+    """Check the inputs, set up, run the optimizer steps (checkpointing), write the concept."""
+    from tqdm.auto import tqdm
+
+    from ..sd.attention import install_processors
+    from .data import load_images
+
+    out = Path(cfg.out) if cfg.out else default_out(cfg.placeholder)
+    folder = Path(cfg.images)  # the folder's basic checks before the (slow) model load
+    if not folder.is_dir():
+        load_images(folder)  # raises the NetiError naming the problem
+    check_writable(out)
+    resume_path = _resume_target(cfg, out)
+    if cfg.allow_tf32 and torch.device(dd.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = model if model is not None else _load_model(cfg, dd)
+    run = _setup(cfg, model, dd, folder, resume_path)
     state = install_processors(model)
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or dd.rank > 0, desc=f"train {cfg.method}", unit="step")
-    step = start
+    bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress or dd.rank > 0, desc=f"train {cfg.method}",
+               unit="step")
     try:
-        while step < cfg.steps:
-            for g in optimizer.param_groups:
-                g["lr"] = lr * _lr_factor(schedule, step)
-            total = 0.0
-            for _ in range(cfg.grad_accum):
-                pixels, captions = dataset.next_batch(cfg.batch_size)
-                B = len(captions)
-                with torch.no_grad():
-                    lat = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-                    latents = lat.sample(generator=train_gen) * scaling
-                noise = torch.randn(latents.shape, generator=train_gen).to(device, latents.dtype)
-                t = torch.randint(0, num_t, (B,), generator=train_gen)
-                noisy = sched.add_noise(latents, noise, t.to(device))
-                toks = [tokenize(tokenizer, c, [cfg.placeholder]) for c in captions]
-                ids = torch.stack([x.input_ids for x in toks])
-                mask = torch.stack([x.mask for x in toks])
-                t_dev = t.to(device)
-                if cfg.method == "ti":  # one row for all 16 layers: encode once
-                    token, bypass = trainable.layer_rows(t_dev, 0)
-                    e, eb = encode(text_encoder, ids, mask, token, bypass)
-                    enc, enc_b = [e] * NUM_LAYERS, [eb] * NUM_LAYERS
-                else:
-                    rows = [trainable.layer_rows(t_dev, l) for l in range(NUM_LAYERS)]
-                    token = torch.cat([r[0] for r in rows])
-                    bypass = None if rows[0][1] is None else torch.cat([r[1] for r in rows])
-                    e, eb = encode(text_encoder, ids.repeat(NUM_LAYERS, 1), mask.repeat(NUM_LAYERS, 1), token, bypass)
-                    enc, enc_b = list(e.split(B)), list(eb.split(B))
-                state.mode = "layers"
-                state.enc = [x.to(dtype) for x in enc]
-                state.enc_bypass = [x.to(dtype) for x in enc_b]
-                pred = unet(noisy.to(dtype), t_dev, encoder_hidden_states=state.enc[0]).sample
-                target = noise if pred_type == "epsilon" else sched.get_velocity(latents, noise, t_dev)
-                loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
-                scaler.scale(loss / cfg.grad_accum).backward()
-                total += float(loss.detach()) / cfg.grad_accum
-            if dd.world > 1:
-                total = _average_grads(trainable.parameters(), total, dd.world)
-            if not math.isfinite(total):
-                raise NetiError(f"training diverged at step {step + 1} (loss {total}); lower --lr or use --dtype float32")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        for step in range(run.start, cfg.steps):
+            loss = _optimizer_step(run, state, step, dd)
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
             if on_step is not None:
-                on_step(step, total, trainable)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                ranks = _gather_rng(dd, train_gen, dataset, device)
+                on_step(step + 1, loss, run.trainable)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                ranks = _gather_rng(dd, run.train_gen, run.dataset, model.device)
                 if dd.rank == 0:
-                    save_checkpoint(out / f"checkpoint-{step}.safetensors", step, cfg, trainable, optimizer,
-                                    train_gen, dataset, device, model.text_dim, scaler, ranks)
+                    save_checkpoint(out / f"checkpoint-{step + 1}.safetensors", step + 1, cfg, run.trainable,
+                                    run.optimizer, run.train_gen, run.dataset, model.device, model.text_dim,
+                                    run.scaler, ranks)
     finally:
         bar.close()
         state.mode, state.enc, state.enc_bypass = "plain", None, None
 
-    concept = trainable.concept(model.text_dim)
+    concept = run.trainable.concept(model.text_dim)
     path = out / "concept.safetensors"
     concept.check_finite(str(path))
     if dd.rank == 0:

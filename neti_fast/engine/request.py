@@ -1,0 +1,100 @@
+"""What a generation is asked for: the run's settings (`GenerateConfig`), one image's `Request`,
+and `check_request`, the one check of a request before any work.
+
+Every front end (the CLI's `generate`, job files, the server, the Python API, the diffusers
+adapter) validates through `check_request` / `check_size`; the NetiError it raises carries the
+setting at fault as `field` (errors.py), which each front end names its own way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from ..concepts.table import TableLike
+from ..errors import NetiError
+from ..sd.conditioning import markers, tokenize
+from ..sd.models import Model
+from ..utils import image_size
+
+
+@dataclass
+class GenerateConfig:
+    """Settings shared by a generation run (official NeTI inference defaults)."""
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "dpm++"          # one of SCHEDULERS (sampling.make_scheduler)
+    height: int | None = None         # None: the model's native size (512 for SD 1.x)
+    width: int | None = None
+    negative_prompt: str = ""
+    batch_size: int = 8               # images per U-Net batch (each is two rows with guidance)
+    attention: str = "auto"           # one of ATTENTIONS (sd/attention.py)
+    cache_mb: int = 2048              # bound on cached prepared conditionings
+
+
+Tables = Union[TableLike, dict, None]   # one concept, {name: concept} for several `{name}`s, or none
+
+
+@dataclass
+class Request:
+    prompt: str
+    seed: int
+    table: Tables = None              # None (plain SD), a Table / MixedTable, or {name: table} for several
+    truncation: int | None = None     # NeTI nested-dropout truncation (applies to every NeTI concept)
+    negative_prompt: str | None = None  # None: GenerateConfig.negative_prompt
+
+    @property
+    def tables(self) -> dict:
+        """{name: table}: what the prompt's `{name}` markers may refer to."""
+        return as_tables(self.table)
+
+
+def as_tables(table: Tables) -> dict:
+    """None, a Table / MixedTable, or {name: table} -> {name: table}."""
+    if table is None:
+        return {}
+    return dict(table) if isinstance(table, dict) else {table.name: table}
+
+
+def _default_marker(tables: dict) -> str | None:
+    """Bare `{}` means the only concept, or else the only mix (XTI style mixing: `a photo of {}`)."""
+    from ..concepts.mixing import MixedTable
+    mixes = [n for n, t in tables.items() if isinstance(t, MixedTable)]
+    return mixes[0] if len(tables) > 1 and len(mixes) == 1 else None
+
+
+def tokenize_request(model: Model, prompt: str, tables: dict):
+    return tokenize(model.tokenizer, prompt, list(tables) if tables else None, _default_marker(tables))
+
+
+def check_size(model: Model, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) of the images (None: the model's native size), each a multiple of the VAE's factor."""
+    h, w = image_size(model, height, width)
+    f = model.vae_scale_factor
+    for name, v in (("height", h), ("width", w)):
+        if v % f:
+            raise NetiError(f"must be a multiple of {f}", field=name, value=v)
+    return h, w
+
+
+def check_request(model: Model, req: Request) -> None:
+    """Validate a request before any work: concept widths, truncation, prompt (markers, length) and
+    negative prompt (plain text: no markers)."""
+    tables = req.tables
+    for name, t in tables.items():
+        t.check(model, req.truncation, f"concept {name!r}")
+    if req.truncation is not None and not any(t.truncatable for t in tables.values()):
+        if not tables:
+            raise NetiError("applies to NeTI concepts, and no concept was given", field="truncation",
+                            value=req.truncation)
+        names = ", ".join(f"{n!r}" for n in tables)
+        raise NetiError(f"applies to NeTI concepts; {names} {'has' if len(tables) == 1 else 'have'} "
+                        "no NeTI mapper (TI / XTI)", field="truncation", value=req.truncation)
+    tokenize_request(model, req.prompt, tables)
+    if req.negative_prompt:
+        if markers(req.negative_prompt):
+            raise NetiError("must not contain {} markers (a negative prompt is plain text)",
+                            field="negative_prompt", value=req.negative_prompt)
+        try:
+            tokenize(model.tokenizer, req.negative_prompt, None)
+        except NetiError as e:
+            raise NetiError(e.message, field="negative_prompt", value=req.negative_prompt) from None
