@@ -214,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="CLIP image / text and DINO similarity of generated images (per truncation)")
-    from .evaluation import evaluate
-    evaluate.add_arguments(p)
-    p.set_defaults(func=evaluate.main)
+    from .evaluation import cli as evaluation_cli
+    evaluation_cli.add_arguments(p)
+    p.set_defaults(func=evaluation_cli.main)
 
     from .serve.cli import add_parser as add_serve_parser
     add_serve_parser(sub)

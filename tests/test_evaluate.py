@@ -12,7 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from neti_fast.evaluation import evaluate as ev
+from neti_fast.evaluation.inputs import read_manifest_entries, strip_placeholder
+from neti_fast.evaluation.metrics import evaluate_folder, evaluate_images
+from neti_fast.evaluation.models import Similarity
+from neti_fast.evaluation.report import format_table, save_report
 from neti_fast.errors import NetiError
 
 SIZE = 32
@@ -59,7 +62,7 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sim(model_dirs):
     clip_dir, dino_dir = model_dirs
-    return ev.Similarity(clip=str(clip_dir), dino=str(dino_dir), device="cpu", batch_size=3)
+    return Similarity(clip=str(clip_dir), dino=str(dino_dir), device="cpu", batch_size=3)
 
 
 def _image(seed: int, size: int = 40) -> np.ndarray:
@@ -103,7 +106,7 @@ def _cos(a, b):
 
 
 class Reference:
-    """The metrics computed without neti_fast.evaluation.evaluate: towers + projections called directly."""
+    """The metrics computed without neti_fast.evaluation's code: towers + projections called directly."""
 
     def __init__(self, model_dirs):
         from transformers import (
@@ -155,11 +158,11 @@ def ref(model_dirs):
     ("no concept here", "no concept here"),
 ])
 def test_strip_placeholder(prompt, expected):
-    assert ev.strip_placeholder(prompt) == expected
+    assert strip_placeholder(prompt) == expected
 
 
 def test_strip_literal_placeholder():
-    assert ev.strip_placeholder("a photo of <my-cat> and {}", ["<my-cat>"]) == "a photo of and"
+    assert strip_placeholder("a photo of <my-cat> and {}", ["<my-cat>"]) == "a photo of and"
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -180,12 +183,12 @@ def test_embeds_are_normalised_and_batch_independent(sim, ref):
 def test_identical_images_have_similarity_one(tmp_path, sim):
     train = _train_dir(tmp_path, seeds=(7,))
     same = _gen_dir(tmp_path, [("a.png", "a photo of {}", None, _image(7))])
-    rep = ev.evaluate_folder(same, train, similarity=sim)
+    rep = evaluate_folder(same, train, similarity=sim)
     assert rep["overall"]["image_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert rep["overall"]["dino_similarity"] == pytest.approx(1.0, abs=1e-5)
     other = tmp_path / "other"
     _gen_dir(other, [("a.png", "a photo of {}", None, _image(8))])
-    rep2 = ev.evaluate_folder(other / "gen", train, similarity=sim)
+    rep2 = evaluate_folder(other / "gen", train, similarity=sim)
     assert rep2["overall"]["image_similarity"] < 1.0 - 1e-4
     assert rep2["overall"]["dino_similarity"] < 1.0 - 1e-4
 
@@ -200,12 +203,12 @@ def test_metrics_match_direct_computation(tmp_path, sim, ref):
             for s in range(2):
                 items.append((f"{pi}_{t}_{s}.png", p, t, _image(100 + 10 * pi + (0 if t is None else 5) + s)))
     out = _gen_dir(tmp_path, items)
-    rep = ev.evaluate_folder(out, train, similarity=sim)
+    rep = evaluate_folder(out, train, similarity=sim)
 
     items = sorted(items)  # the report lists images by file name
     gen = [a for *_, a in items]
     real = [_image(s) for s in train_seeds]
-    texts = [ev.strip_placeholder(p) for _, p, _, _ in items]
+    texts = [strip_placeholder(p) for _, p, _, _ in items]
     img = _cos(ref.image(gen), ref.image(real)).mean(axis=1)
     txt = np.diag(_cos(ref.image(gen), ref.text(texts)))
     dino = _cos(ref.dino(gen), ref.dino(real)).mean(axis=1)
@@ -231,7 +234,7 @@ def test_metrics_match_direct_computation(tmp_path, sim, ref):
     for p in prompts:
         mask = np.array([q == p for _, q, _, _ in items])
         g = rep["per_prompt"][p]
-        assert g["n_images"] == 4 and g["text"] == ev.strip_placeholder(p)
+        assert g["n_images"] == 4 and g["text"] == strip_placeholder(p)
         assert g["text_similarity"] == pytest.approx(txt[mask].mean(), abs=1e-5)
         assert g["image_similarity"] == pytest.approx(img[mask].mean(), abs=1e-5)
         assert set(g["per_truncation"]) == {"8", "full"}
@@ -244,14 +247,14 @@ def test_text_similarity_uses_prompt_without_placeholder(tmp_path, sim, ref, mon
     prompt = "A photo of {} on a beach"
     out = _gen_dir(tmp_path, [("a.png", prompt, None, _image(50)), ("b.png", "{cat} in the snow", None, _image(51))])
     encoded = []
-    real_text_embeds = ev.Similarity.text_embeds
+    real_text_embeds = Similarity.text_embeds
 
     def spy(self, texts):
         encoded.extend(texts)
         return real_text_embeds(self, texts)
 
-    monkeypatch.setattr(ev.Similarity, "text_embeds", spy)
-    rep = ev.evaluate_folder(out, train, similarity=sim)
+    monkeypatch.setattr(Similarity, "text_embeds", spy)
+    rep = evaluate_folder(out, train, similarity=sim)
     assert sorted(encoded) == ["A photo of on a beach", "in the snow"]
     assert rep["per_prompt"][prompt]["text"] == "A photo of on a beach"
     g = ref.image([_image(50)])
@@ -266,7 +269,7 @@ def test_per_truncation_grouping(tmp_path, sim):
     items = [("t8_s0.png", "a photo of {}", 8, _image(3)), ("t8_s1.png", "a photo of {}", 8, _image(3)),
              ("full_s0.png", "a photo of {}", None, _image(60)), ("t16_s0.png", "a photo of {}", 16, _image(61)),
              ("full_s1.png", "a photo of {}", None, _image(62))]
-    rep = ev.evaluate_folder(_gen_dir(tmp_path, items), train, similarity=sim)
+    rep = evaluate_folder(_gen_dir(tmp_path, items), train, similarity=sim)
     pt = rep["per_truncation"]
     assert list(pt) == ["8", "16", "full"]
     assert [pt[k]["n_images"] for k in pt] == [2, 1, 2]
@@ -293,29 +296,29 @@ def test_manifest_jsonl_union_and_status(tmp_path, sim):
     for f, s in (("b.png", 71), ("c.png", 72), ("e.png", 73)):
         _save(out / f, _image(s))
     with pytest.warns(UserWarning, match="incomplete last line"):
-        entries = ev.read_manifest_entries(out)
+        entries = read_manifest_entries(out)
     assert [(e["file"], e["truncation"]) for e in entries] == [("a.png", None), ("b.png", 8), ("c.png", 16),
                                                                ("e.png", 16)]
     (out / "manifest.json").unlink()                   # jsonl alone also works
     (out / "manifest.rank1.jsonl").unlink()
-    assert [e["file"] for e in ev.read_manifest_entries(out)] == ["b.png", "c.png"]
-    rep = ev.evaluate_folder(out, train, similarity=sim)
+    assert [e["file"] for e in read_manifest_entries(out)] == ["b.png", "c.png"]
+    rep = evaluate_folder(out, train, similarity=sim)
     assert list(rep["per_truncation"]) == ["8", "16"]
     with (out / "manifest.jsonl").open("a") as f:      # a bad line that is not the last one is an error
         f.write("{oops\n" + json.dumps({"file": "c.png", "prompt": "x", "truncation": None}) + "\n")
     with pytest.raises(NetiError, match="manifest.jsonl:6: not a JSON object"):
-        ev.read_manifest_entries(out)
+        read_manifest_entries(out)
 
 
 def test_report_files(tmp_path, sim):
     train = _train_dir(tmp_path)
     out = _gen_dir(tmp_path, [("a.png", "a photo of {}", 8, _image(80)), ("b.png", "a photo of {}", None, _image(81))])
-    rep = ev.evaluate_folder(out, train, similarity=sim)
-    ev.save_report(rep, tmp_path / "r.json", tmp_path / "r.png")
+    rep = evaluate_folder(out, train, similarity=sim)
+    save_report(rep, tmp_path / "r.json", tmp_path / "r.png")
     assert json.loads((tmp_path / "r.json").read_text())["per_truncation"].keys() == {"8", "full"}
     with Image.open(tmp_path / "r.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
-    table = ev.format_table(rep)
+    table = format_table(rep)
     assert table.splitlines()[0].split() == ["truncation", "images", "image-sim", "text-sim", "dino-sim"]
     assert [line.split()[0] for line in table.splitlines()[1:]] == ["8", "full", "all"]
 
@@ -404,6 +407,6 @@ def test_cli_bad_inputs(tmp_path, model_dirs, capsys, case):
 
 def test_api_errors():
     with pytest.raises(NetiError, match="same length"):
-        ev.evaluate_images(None, [1], ["a"], [], [1])
+        evaluate_images(None, [1], ["a"], [], [1])
     with pytest.raises(NetiError, match="--batch-size"):
-        ev.Similarity(clip="x", dino=None, batch_size=0)
+        Similarity(clip="x", dino=None, batch_size=0)

@@ -134,7 +134,7 @@ def test_folder_with_older_manifest_json_resumes(tmp_path, capsys, table, ref):
 
 
 def test_eval_reads_generate_folders(ref):
-    from neti_fast.evaluation.evaluate import read_manifest_entries
+    from neti_fast.evaluation.inputs import read_manifest_entries
     out, files = ref
     entries = read_manifest_entries(out)
     assert [e["file"] for e in entries] == files

@@ -220,7 +220,8 @@ def run(lines: list, out: str | Path, model, cfg, concepts: Concepts, *, model_n
     into images (`numbering`: the number and width in their file names, see jobfile.expand), packed
     into the fixed batch plan, classified against the folder's manifests, and this process's share
     of the batches is run; `errors`: problems found before ([(line, message)]: a job file's parse
-    errors), reported with the lines' own in one LineErrors. `cfg` (GenerateConfig): batch_size, attention, cache_mb and the defaults;
+    errors), reported with the lines' own in one LineErrors. `cfg` (GenerateConfig): batch_size,
+    attention, cache_mb and the defaults;
     `engine`: a caller's Engine to reuse; `denoiser_for(height, width)`: the U-Net backend per size.
     """
     t_start = time.perf_counter()
@@ -284,21 +285,19 @@ def run_job(job: str | Path, out: str | Path, model, cfg=None, *, seeds=(0,), tr
     cfg = cfg or GenerateConfig()
     d = dist or Dist(device=str(model.device))
     job, out = Path(job), Path(out)
-    err, lines = None, []
+    err, lines, errors = None, [], []
     try:
         defaults = {"prompt": None, "concept": None, "seeds": list(seeds), "truncation": list(truncation)
                     if isinstance(truncation, (list, tuple)) else [truncation],
                     "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
                     "negative_prompt": cfg.negative_prompt, "height": cfg.height, "width": cfg.width}
-        lines, errors = parse_job(job, defaults)
-        if errors:
-            raise NetiError(_format_errors(job, errors))
+        lines, errors = parse_job(job, defaults)  # reported with the model-dependent checks' problems
     except NetiError as e:
         err = e
     _agree(d, err)
     try:
         summary, _ = run(lines, out, model, cfg, Concepts(concept_cache_mb), model_name=model_name, overwrite=overwrite,
-                      denoiser_for=denoiser_for, dist=d, progress=progress)
+                         denoiser_for=denoiser_for, dist=d, progress=progress, errors=errors)
     except LineErrors as e:
         raise NetiError(_format_errors(job, e.problems)) from None
     summary = {"job": str(job), **summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
