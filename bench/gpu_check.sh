@@ -67,8 +67,8 @@ PYEOF
 cat "$OUT/env.json"
 
 # 3. GPU tests (the CPU-only parts of these files run too; they are quick)
-stage tests 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_attention.py \
-  tests/test_cudagraph.py tests/test_lowp.py tests/test_export.py -k "cuda or tensorrt or triton or graph or fp16 or bf16"
+stage tests 240 $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/sd/test_attention.py tests/sd/test_native.py \
+  tests/engine/test_cudagraph.py tests/engine/test_lowp.py tests/export/test_export.py -k "cuda or tensorrt or triton or graph or fp16 or bf16"
 # 4. compile check for this GPU's arch
 arch=$($PY -c "import torch; a, b = torch.cuda.get_device_capability(); print(a * 10 + b)")
 stage kernel-check 60 $PY -m neti_fast.kernels.check --archs "$arch"

@@ -69,3 +69,44 @@ def _kill_after_first_image(argv, out, pattern="*.png", timeout=300):
 def kill_after_first_image():
     """kill_after_first_image(argv, out, pattern): a run killed right after its first image."""
     return _kill_after_first_image
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# Fixtures rather than importable functions: test modules live in folders mirroring the package,
+# and pytest hands every one of them these without a sys.path arrangement.
+
+def _max_diff(a, b) -> int:
+    """Largest per-pixel difference of two uint8 image arrays (0 = identical, 1 = the 1/255 rule)."""
+    import numpy as np
+    return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
+
+
+@pytest.fixture(scope="session")
+def max_diff():
+    return _max_diff
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*argv) -> (exit code, stdout, stderr) of `neti-fast argv` run in this process."""
+    from neti_fast.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def _one_line_error(code, err, *needles):
+    """A user error: exit status 2, one line on stderr (progress bars aside), no traceback, naming `needles`."""
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "img/s]" not in ln and not ln.startswith("\r")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    return _one_line_error

@@ -1,5 +1,4 @@
 """Every fast path is held to the reference path (the official per-(t, l) algorithm)."""
-import numpy as np
 import pytest
 import torch
 
@@ -13,17 +12,13 @@ STEPS = 4
 CFG = GenerateConfig(steps=STEPS, batch_size=8)
 
 
-def max_diff(a, b):
-    return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
-
-
 # Fast and reference paths differ only in float summation order (batched CLIP, SDPA vs bmm,
 # batched U-Net), ~1e-6 relative in fp32; after uint8 rounding that is at most one level.
 TOL = 1
 
 
 @pytest.mark.parametrize("method", ["neti", "xti", "ti"])
-def test_fast_equals_reference(tiny_model, make_concept, method):
+def test_fast_equals_reference(max_diff, tiny_model, make_concept, method):
     c = make_concept(method, dim=tiny_model.text_dim, seed=4)
     table = precompute(c, truncations=[16] if method == "neti" else [], progress=False)
     truncs = [None, 16] if method == "neti" else [None]
@@ -35,14 +30,14 @@ def test_fast_equals_reference(tiny_model, make_concept, method):
     assert max_diff(fast[0], fast[1]) > 10  # different seeds really differ
 
 
-def test_concept_changes_the_image(tiny_model, make_concept):
+def test_concept_changes_the_image(max_diff, tiny_model, make_concept):
     t1 = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=5), progress=False)
     t2 = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=6), progress=False)
     a, b = Engine(tiny_model, CFG).generate([Request("a photo of {}", 0, t1), Request("a photo of {}", 0, t2)])
     assert max_diff(a, b) > 0
 
 
-def test_plain_prompt_equals_diffusers(tiny_model):
+def test_plain_prompt_equals_diffusers(max_diff, tiny_model):
     """With no concept the engine is plain SD: same image as diffusers' pipeline for the same seed."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -57,7 +52,7 @@ def test_plain_prompt_equals_diffusers(tiny_model):
     assert max_diff(d[0], ours[0]) <= TOL
 
 
-def test_seed_independent_of_batch_composition(tiny_model, make_concept):
+def test_seed_independent_of_batch_composition(max_diff, tiny_model, make_concept):
     """Seed s gives the same image alone, in a batch, and beside other prompts / concepts / truncations."""
     ta = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=7), truncations=[8], progress=False)
     tb = precompute(make_concept("xti", dim=tiny_model.text_dim, seed=8, placeholder="<d>"), progress=False)
@@ -73,7 +68,7 @@ def test_seed_independent_of_batch_composition(tiny_model, make_concept):
         assert max_diff(a, b) <= TOL
 
 
-def test_schedulers_and_negative_prompt(tiny_model, make_concept):
+def test_schedulers_and_negative_prompt(max_diff, tiny_model, make_concept):
     table = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=9), progress=False)
     for sched in ("ddim", "euler"):  # euler's timesteps are fractional: rows come from the mapper
         cfg = GenerateConfig(steps=STEPS, scheduler=sched, negative_prompt="blurry")

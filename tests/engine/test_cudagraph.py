@@ -1,5 +1,4 @@
 """The `compile` backend: torch.compile of the U-Net, replayed as a CUDA graph on CUDA."""
-import numpy as np
 import pytest
 import torch
 
@@ -10,10 +9,6 @@ from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.concepts.table import precompute
 
 CFG = GenerateConfig(steps=4, batch_size=4)
-
-
-def max_diff(a, b):
-    return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
 
 
 def test_kill_switch(monkeypatch):
@@ -53,7 +48,7 @@ def test_compile_does_not_recompile_when_table_rows_change(tiny_model):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_compile_backend_equals_eager_on_cpu(tiny_model, make_concept):
+def test_compile_backend_equals_eager_on_cpu(max_diff, tiny_model, make_concept):
     """Inductor-compiled U-Net (no graphs on CPU): same images as eager. Compiling takes ~2.5 min here."""
     table = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=3), progress=False)
     reqs = [Request("a photo of {}", s, table) for s in (0, 1)]
@@ -64,7 +59,7 @@ def test_compile_backend_equals_eager_on_cpu(tiny_model, make_concept):
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU: CUDA graphs exist only there (this path has not been run yet)")
-def test_cuda_graph_replay_equals_eager(tiny_model, make_concept):
+def test_cuda_graph_replay_equals_eager(max_diff, tiny_model, make_concept):
     """Graph replay equals the eager denoiser, across generations with different tables (reloaded) and
     a second batch shape (a second graph)."""
     m = tiny_model.to("cuda")

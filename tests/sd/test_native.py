@@ -17,7 +17,7 @@ import torch
 
 from neti_fast.sd import native
 from neti_fast.sd.attention import attend_rows
-from neti_fast.kernels.cross_attention import accuracy_ok, cross_attention_ref
+from neti_fast.kernels.cross_attention import cross_attention_ref
 from neti_fast.engine.engine import Engine
 from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.engine.reference import generate_reference
@@ -30,25 +30,6 @@ needs_native = pytest.mark.skipif(not OK, reason=f"neti_fast._C unavailable: {WH
 L, R, B = 77, 5, 3
 ROWS = [3, 0, 3]  # repeats and out of order; rows 1, 2, 4 are never read
 
-# (name, N, C, heads, L).  SD 1.5's four cross-attention levels at 512x512 at full size (the native
-# kernel is fast enough): head_dim 40 / 80 / 160; tiny's levels (head_dim 4 and 8, N = 64 .. 1);
-# "odd": N not a multiple of the 8-query group nor of the 32-query work item, head_dim 20 (not a
-# multiple of any vector width); key counts 1 and 128 (the supported extremes).
-SHAPES = [
-    ("sd64x64", 4096, 320, 8, L),
-    ("sd32x32", 1024, 640, 8, L),
-    ("sd16x16", 256, 1280, 8, L),
-    ("sd8x8", 64, 1280, 8, L),
-    ("tiny8x8", 64, 32, 8, L),
-    ("tiny2x2", 4, 64, 8, L),
-    ("tiny1x1", 1, 64, 8, L),
-    ("odd", 50, 100, 5, L),
-    ("L1", 37, 64, 4, 1),
-    ("L128", 37, 64, 4, 128),
-]
-DTYPES = [torch.float32, torch.bfloat16]
-
-
 def make_inputs(N, C, dtype, seed=0, keys=L, idx_dtype=torch.int64):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, N, C, generator=g)
@@ -57,34 +38,12 @@ def make_inputs(N, C, dtype, seed=0, keys=L, idx_dtype=torch.int64):
     return [t.to(dtype) for t in (q, k, v)] + [torch.tensor(ROWS, dtype=idx_dtype)]
 
 
-def check_against_reference(q, k, v, ri, heads, scale=None):
-    """flash-attention's rule: at most 2x PyTorch's own same-dtype error vs an fp64 reference, plus
-    a small atol (fp32: 1e-5, different summation order at |out| ~ 1-3, measured ~1e-6; bf16: one
-    ulp at the output's magnitude, the final rounding both sides pay independently).  The native
-    kernel computes in fp32 and rounds once, so in bf16 it is measured ~5x closer than PyTorch."""
-    out = native.cross_attention_native(q, k, v, ri, heads, scale)
-    out_pt = cross_attention_ref(q, k, v, ri, heads, scale)
-    out_hi = cross_attention_ref(q.double(), k.double(), v.double(), ri, heads, scale)
-    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
-    ok, detail = accuracy_ok(out, out_pt, out_hi)  # the one definition of the rule (kernels/)
-    assert ok, detail
-    return out
-
-
 def test_required_build():
     """CI sets NETI_FAST_REQUIRE_NATIVE=1: a broken build cannot hide behind the fallback."""
     if not REQUIRE:
         pytest.skip("NETI_FAST_REQUIRE_NATIVE is not set")
     assert OK, WHY
     assert (native.library_path().parent / "_native_build.txt").read_text().strip() == "built"
-
-
-@needs_native
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("name,N,C,heads,keys", SHAPES, ids=[s[0] for s in SHAPES])
-def test_matches_reference(name, N, C, heads, keys, dtype):
-    q, k, v, ri = make_inputs(N, C, dtype, keys=keys)
-    check_against_reference(q, k, v, ri, heads)
 
 
 @needs_native
@@ -111,40 +70,11 @@ def test_every_isa_variant_agrees():
 
 
 @needs_native
-@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
-def test_row_idx_dtype_and_scale(idx_dtype):
-    q, k, v, ri = make_inputs(64, 32, torch.float32, idx_dtype=idx_dtype)
-    check_against_reference(q, k, v, ri, 4, scale=0.3)
-
-
-@needs_native
-def test_gather_reads_only_selected_rows():
-    q, k, v, ri = make_inputs(64, 32, torch.float32)
-    base = native.cross_attention_native(q, k, v, ri, 4)
-    k2, v2 = k.clone(), v.clone()
-    for r in set(range(R)) - set(ROWS):  # unreferenced rows: no effect at all
-        k2[r] = 1e4
-        v2[r] = float("nan")
-    torch.testing.assert_close(native.cross_attention_native(q, k2, v2, ri, 4), base, rtol=0, atol=0)
-    v3 = v.clone()
-    v3[0] += 1.0  # row 0 is read by sample 1 only; softmax weights sum to 1
-    out3 = native.cross_attention_native(q, k, v3, ri, 4)
-    torch.testing.assert_close(out3[1], base[1] + 1.0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out3[[0, 2]], base[[0, 2]], rtol=0, atol=0)
-
-
-@needs_native
-def test_strided_inputs():
-    """Views with padded rows (only the last dim contiguous) are read in place; others are copied."""
+def test_last_dim_strided_inputs_are_copied():
+    """Views with padded rows are read in place (the conformance suite); a q whose last dim is not
+    contiguous is copied first, so it gives the same bits."""
     q, k, v, ri = make_inputs(40, 64, torch.float32)
-    q_wide = torch.zeros(B, 40, 96)
-    q_wide[..., :64] = q
-    k_wide = torch.zeros(R, L + 3, 64)
-    k_wide[:, :L] = k
-    qs, ks = q_wide[..., :64], k_wide[:, :L]
-    assert not qs.is_contiguous() and not ks.is_contiguous()
-    out = check_against_reference(qs, ks, v, ri, 8)
-    torch.testing.assert_close(out, native.cross_attention_native(q, k, v, ri, 8), rtol=0, atol=0)
+    out = native.cross_attention_native(q, k, v, ri, 8)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # stride(-1) != 1
     torch.testing.assert_close(native.cross_attention_native(qt, k, v, ri, 8), out, rtol=0, atol=0)
 
@@ -295,20 +225,3 @@ def test_cuda_artifact_has_sm80_and_sm90():
     if shutil.which("nm"):  # the launcher _C dlopen()s is exported
         syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
         assert "neti_fast_cross_attention_cuda" in syms
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here, or a CPU-only torch)")
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name,N,C,heads,keys", SHAPES, ids=[s[0] for s in SHAPES])
-def test_cuda_matches_reference(name, N, C, heads, keys, dtype):
-    q, k, v, ri = (t.cuda() for t in make_inputs(N, C, dtype, keys=keys))
-    ok, why = native.native_supported(q, k, heads)
-    assert ok, why
-    out = native.cross_attention_native(q, k, v, ri, heads)
-    out_pt = cross_attention_ref(q, k, v, ri, heads)
-    out_hi = cross_attention_ref(q.double(), k.double(), v.double(), ri, heads)
-    err = (out.double() - out_hi).abs().max().item()
-    err_pt = (out_pt.double() - out_hi).abs().max().item()
-    atol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps * out_hi.abs().max().item()
-    assert err <= 2 * err_pt + atol, (err, err_pt, atol)

@@ -29,12 +29,6 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def write_job(path, lines):
     path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
     return path
@@ -60,7 +54,7 @@ def concepts(tmp_path_factory, make_concept):
     return d
 
 
-def test_job_equals_one_request_at_a_time(tmp_path, capsys, concepts, tiny_model):
+def test_job_equals_one_request_at_a_time(cli, tmp_path, capsys, concepts, tiny_model):
     lines = [
         {"prompt": "a photo of {}", "concept": "neti.safetensors", "seeds": "0-1", "truncation": [None, 8]},
         {"prompt": "a painting of {}", "concept": "xti.safetensors", "seeds": [3]},
@@ -74,7 +68,7 @@ def test_job_equals_one_request_at_a_time(tmp_path, capsys, concepts, tiny_model
     job = write_job(concepts / "job-a.jsonl", lines)  # concept paths are relative to the job file
     out = tmp_path / "out"
     args = ["run", job, "--model", "tiny", "--out", out, "--steps", STEPS, "--batch-size", 3, "--no-progress"]
-    code, stdout, err = run(capsys, *args)
+    code, stdout, err = cli(*args)
     errs = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(errs) == 1 and "line 5" in errs[0] and "missing.safetensors" in errs[0], err
     n = 9
@@ -116,18 +110,18 @@ def test_job_equals_one_request_at_a_time(tmp_path, capsys, concepts, tiny_model
 
     # re-run: everything is skipped, nothing rewritten
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
-    code, stdout, err = run(capsys, *args)
+    code, stdout, err = cli(*args)
     assert code == 2 and "0 images made" in stdout and f"{n} already there" in stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
     assert manifest(out) == entries
     # same names, other settings: refused in one line, nothing touched
-    code, _, err = run(capsys, *args[:-1], "--guidance", "5", "--no-progress")
+    code, _, err = cli(*args[:-1], "--guidance", "5", "--no-progress")
     errs = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(errs) == 1 and "different settings (guidance)" in errs[0] and "--overwrite" in errs[0]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
 
 
-def test_validation_reports_every_bad_line(tmp_path, capsys, concepts):
+def test_validation_reports_every_bad_line(cli, tmp_path, capsys, concepts):
     neti, ti = concepts / "neti.safetensors", concepts / "ti.safetensors"
     lines = [
         {"prompt": "a photo of {}", "concept": str(neti)},                    # 1 fine
@@ -145,7 +139,7 @@ def test_validation_reports_every_bad_line(tmp_path, capsys, concepts):
     ]
     job = write_job(tmp_path / "bad.jsonl", lines)
     out = tmp_path / "out"
-    code, _, err = run(capsys, "run", job, "--model", "tiny", "--out", out, "--steps", STEPS, "--no-progress")
+    code, _, err = cli("run", job, "--model", "tiny", "--out", out, "--steps", STEPS, "--no-progress")
     assert code == 2 and "Traceback" not in err
     rows = [ln.strip() for ln in err.strip().splitlines()]
     assert "9 bad lines" in rows[0]
@@ -157,7 +151,7 @@ def test_validation_reports_every_bad_line(tmp_path, capsys, concepts):
         assert needle in bad[ln], (ln, bad[ln])
     assert not list(out.glob("*.png")) and not (out / "manifest.jsonl").exists()
     # a bad command-line value is one line too
-    code, _, err = run(capsys, "run", job, "--model", "tiny", "--out", out, "--batch-size", 0)
+    code, _, err = cli("run", job, "--model", "tiny", "--out", out, "--batch-size", 0)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--batch-size" in err
 
 
@@ -186,13 +180,13 @@ def job_b(concepts, tmp_path_factory, _one_thread):
     return job, ref, files
 
 
-def test_kill_and_resume_is_byte_identical(tmp_path, capsys, job_b, kill_after_first_image):
+def test_kill_and_resume_is_byte_identical(cli, tmp_path, capsys, job_b, kill_after_first_image):
     job, ref, files = job_b
     out = tmp_path / "killed"
     kill_after_first_image(_job_b_args(job, out), out)
     before = sorted(p.name for p in out.glob("*.png"))
     assert 0 < len(before) < 12  # killed mid-job
-    code, _, err = run(capsys, *_job_b_args(job, out))
+    code, _, err = cli(*_job_b_args(job, out))
     assert code == 0, err
     summary = json.loads((out / "job.json").read_text())
     # what the killed run left is kept: recorded images skipped, unrecorded ones (killed between the
@@ -210,7 +204,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, capsys, job_b, kill_after_f
     assert len(last) == 6
     for f in last.values():
         (out / f).unlink()
-    code, _, err = run(capsys, *_job_b_args(job, out))
+    code, _, err = cli(*_job_b_args(job, out))
     assert code == 0, err
     summary = json.loads((out / "job.json").read_text())
     assert (summary["batches_run"], summary["written"], summary["skipped"]) == (6, 6, 6)
@@ -218,7 +212,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, capsys, job_b, kill_after_f
         assert (out / f).read_bytes() == (ref / f).read_bytes(), f
 
 
-def test_unrecorded_images_are_checked_not_overwritten(tmp_path, capsys, job_b):
+def test_unrecorded_images_are_checked_not_overwritten(cli, tmp_path, capsys, job_b):
     job, ref, files = job_b
     out = tmp_path / "out"
     shutil.copytree(ref, out)
@@ -229,14 +223,14 @@ def test_unrecorded_images_are_checked_not_overwritten(tmp_path, capsys, job_b):
                                                 if e["file"] not in ours + [foreign]))
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(out / foreign)
     mtimes = {f: (out / f).stat().st_mtime_ns for f in files}
-    code, _, err = run(capsys, *_job_b_args(job, out))
+    code, _, err = cli(*_job_b_args(job, out))
     assert code == 2 and "1 image(s) not made" in err, err
     s = json.loads((out / "job.json").read_text())
     assert (s["verified_unrecorded"], s["failed_images"], s["written"], s["batches_run"]) == (2, 1, 0, 2)
     assert {f: (out / f).stat().st_mtime_ns for f in files} == mtimes  # nothing rewritten
     bad = [e for e in manifest(out) if e["status"] == "failed"]
     assert [e["file"] for e in bad] == [foreign] and "differs" in bad[0]["reason"]
-    code, _, err = run(capsys, *_job_b_args(job, out), "--overwrite")
+    code, _, err = cli(*_job_b_args(job, out), "--overwrite")
     assert code == 0, err
     assert (out / foreign).read_bytes() == (ref / foreign).read_bytes()
     assert manifest(out) == manifest(ref)

@@ -17,20 +17,6 @@ def _one_thread(one_thread):
     yield  # subprocesses run with OMP_NUM_THREADS=1 and must match this process's bytes
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if "img/s]" not in ln and not ln.startswith("\r")]  # no bars
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 def manifest(out):
     return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
 
@@ -69,13 +55,13 @@ def test_generate_writes_a_jsonl_manifest_and_sweep(ref):
     assert len(list(out.glob("grid-*.png"))) == 2
 
 
-def test_generate_kill_and_resume_is_byte_identical(tmp_path, capsys, table, ref, kill_after_first_image):
+def test_generate_kill_and_resume_is_byte_identical(cli, tmp_path, capsys, table, ref, kill_after_first_image):
     ref_dir, files = ref
     out = tmp_path / "killed"
     kill_after_first_image(gen_args(out, table), out, "0*.png")
     before = sorted(p.name for p in out.glob("0*.png"))
     assert 0 < len(before) < 12
-    code, _, err = run(capsys, *gen_args(out, table))
+    code, _, err = cli(*gen_args(out, table))
     assert code == 0, err
     assert sorted(p.name for p in out.glob("0*.png")) == files
     for f in files:
@@ -83,7 +69,7 @@ def test_generate_kill_and_resume_is_byte_identical(tmp_path, capsys, table, ref
     assert [e["file"] for e in manifest(out)] == files
 
 
-def test_generate_unrecorded_png_is_checked_not_a_crash(tmp_path, capsys, table, ref):
+def test_generate_unrecorded_png_is_checked_not_a_crash(cli, one_line_error, tmp_path, capsys, table, ref):
     """Killed between writing a batch's PNGs and appending its manifest lines: the PNGs are there,
     unrecorded. Re-running checks them against the regenerated images (no KeyError, no rewrite);
     a different unrecorded file is a one-line error naming it, replaced only with --overwrite."""
@@ -95,7 +81,7 @@ def test_generate_unrecorded_png_is_checked_not_a_crash(tmp_path, capsys, table,
     dropped = [e["file"] for e in entries if e["batch"] == 2]
     (out / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries if e["batch"] != 2))
     mtimes = {f: (out / f).stat().st_mtime_ns for f in files}
-    code, _, err = run(capsys, *gen_args(out, table))
+    code, _, err = cli(*gen_args(out, table))
     assert code == 0, err
     assert {f: (out / f).stat().st_mtime_ns for f in files} == mtimes  # verified, not rewritten
     assert [e["file"] for e in manifest(out)] == files
@@ -103,15 +89,15 @@ def test_generate_unrecorded_png_is_checked_not_a_crash(tmp_path, capsys, table,
     foreign = dropped[0]
     (out / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in manifest(out) if e["file"] != foreign))
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(out / foreign)
-    code, _, err = run(capsys, *gen_args(out, table))
+    code, _, err = cli(*gen_args(out, table))
     one_line_error(code, err, foreign, "differs", "--overwrite")
     assert not (out / foreign).read_bytes() == (ref_dir / foreign).read_bytes()
-    code, _, err = run(capsys, *gen_args(out, table, "--overwrite"))
+    code, _, err = cli(*gen_args(out, table, "--overwrite"))
     assert code == 0, err
     assert (out / foreign).read_bytes() == (ref_dir / foreign).read_bytes()
 
 
-def test_folder_with_older_manifest_json_resumes(tmp_path, capsys, table, ref):
+def test_folder_with_older_manifest_json_resumes(cli, one_line_error, tmp_path, capsys, table, ref):
     """A folder written before manifest.jsonl (manifest.json, {"images": [...]}, entries without
     status / line / batch) resumes: nothing regenerated, the entries folded into manifest.jsonl."""
     import shutil
@@ -123,13 +109,13 @@ def test_folder_with_older_manifest_json_resumes(tmp_path, capsys, table, ref):
     (out / "manifest.json").write_text(json.dumps({"images": old}, indent=1))
     (out / files[5]).unlink()  # one image missing: made again
     mtimes = {f: (out / f).stat().st_mtime_ns for f in files if f != files[5]}
-    code, _, err = run(capsys, *gen_args(out, table))
+    code, _, err = cli(*gen_args(out, table))
     assert code == 0, err
     assert {f: (out / f).stat().st_mtime_ns for f in mtimes} == mtimes
     assert (out / files[5]).read_bytes() == (ref_dir / files[5]).read_bytes()
     assert [e["file"] for e in manifest(out)] == files and not (out / "manifest.json").exists()
     # other settings against the old manifest are still refused
-    code, _, err = run(capsys, *gen_args(out, table, "--guidance", "5"))
+    code, _, err = cli(*gen_args(out, table, "--guidance", "5"))
     one_line_error(code, err, "different settings", "guidance")
 
 
@@ -176,19 +162,19 @@ def test_grid_column_labels_fit_their_column(tmp_path):
     assert (g[top:, 160:] == 128).all()  # the labels stay above the images
 
 
-def test_corrupt_or_foreign_safetensors_is_one_line(tmp_path, capsys):
+def test_corrupt_or_foreign_safetensors_is_one_line(cli, one_line_error, tmp_path, capsys):
     import torch
     from safetensors.torch import save_file
     rnd = tmp_path / "random.safetensors"
     rnd.write_bytes(np.random.default_rng(0).bytes(4096))
     gen = ["generate", "--model", "tiny", "--steps", "1", "--prompt", "a {}", "--out", tmp_path / "o"]
-    one_line_error(*run(capsys, *gen, "--concept", rnd)[::2], str(rnd))
-    one_line_error(*run(capsys, "precompute", rnd, "--out", tmp_path / "t.safetensors")[::2], str(rnd))
+    one_line_error(*cli(*gen, "--concept", rnd)[::2], str(rnd))
+    one_line_error(*cli("precompute", rnd, "--out", tmp_path / "t.safetensors")[::2], str(rnd))
     for name, tensors in (("linear.safetensors", {"linear.weight": torch.randn(32)}),
                           ("bias.safetensors", {"bias": torch.randn(32)}),
                           ("matrix.safetensors", {"proj": torch.randn(4, 32)})):
         save_file(tensors, tmp_path / name)
-        one_line_error(*run(capsys, *gen, "--concept", tmp_path / name)[::2], name, "no known concept tensors")
+        one_line_error(*cli(*gen, "--concept", tmp_path / name)[::2], name, "no known concept tensors")
     save_file({"<cat>": torch.randn(32)}, tmp_path / "learned_embeds.safetensors")  # diffusers TI: read, said so
     from neti_fast.concepts.importers import load_concept
     with pytest.warns(UserWarning, match="learned_embeds.safetensors.*Textual Inversion"):

@@ -1,7 +1,6 @@
 """The engine's schedulers: the new names, and ancestral noise drawn per image from its own seed."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from neti_fast.engine.engine import Engine
@@ -9,12 +8,8 @@ from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.engine.sampling import make_scheduler
 from neti_fast.utils import SCHEDULERS
 
-# Batched and alone differ only in float summation order: at most one uint8 level (test_pipeline's TOL).
+# Batched and alone differ only in float summation order: at most one uint8 level (tests/engine/test_engine.py's TOL).
 TOL = 1
-
-
-def max_diff(a, b):
-    return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
 
 
 def test_scheduler_names(tiny_model):
@@ -27,7 +22,7 @@ def test_scheduler_names(tiny_model):
 
 
 @pytest.mark.parametrize("scheduler", ["euler-a", "dpm++-karras"])
-def test_image_independent_of_batch_mates(tiny_model, make_concept, one_thread, scheduler):
+def test_image_independent_of_batch_mates(max_diff, tiny_model, make_concept, one_thread, scheduler):
     """An image is the same alone and beside other seeds / concepts (the ancestral step's noise comes
     from the image's own generator), and matches the reference path."""
     from neti_fast.engine.reference import generate_reference

@@ -17,11 +17,7 @@ from neti_fast.concepts.table import Table, load_tables, precompute
 
 STEPS = 3
 CFG = GenerateConfig(steps=STEPS, batch_size=4)
-TOL = 1  # see test_pipeline.py: float summation order only, at most one uint8 level
-
-
-def max_diff(a, b):
-    return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
+TOL = 1  # see tests/engine/test_engine.py: float summation order only, at most one uint8 level
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def test_tokenize_slots(tiny_model):
     assert one.slot.tolist() == tokenize(tiny_model.tokenizer, "a photo of {cat}", ["cat"]).slot.tolist()
 
 
-def test_two_concepts_equal_reference(tiny_model, concepts):
+def test_two_concepts_equal_reference(max_diff, tiny_model, concepts):
     both = {"cat": concepts["cat"], "painting": concepts["painting"]}
     reqs = [Request("a photo of {cat} in the style of {painting}", 0, both),
             Request("a photo of {cat} in the style of {painting}", 1, both, 8),
@@ -60,7 +56,7 @@ def test_two_concepts_equal_reference(tiny_model, concepts):
     assert max_diff(other[0], fast[0]) > 0
 
 
-def test_clashing_placeholders(tiny_model, make_concept):
+def test_clashing_placeholders(max_diff, tiny_model, make_concept):
     """Two TI files with the same placeholder (`*`, which is also a real BPE token) work side by
     side: each {name} is its own slot token, so the image equals the one with distinct placeholders."""
     d = tiny_model.text_dim
@@ -76,7 +72,7 @@ def test_clashing_placeholders(tiny_model, make_concept):
     assert max_diff(img1, only_a) > 10  # b's embedding is really used at its own position
 
 
-def test_layer_mix_rows_and_reference(tiny_model, concepts):
+def test_layer_mix_rows_and_reference(max_diff, tiny_model, concepts):
     tables = {"cat": concepts["cat"], "painting": concepts["painting"]}
     mix = parse_layer_mix("IN01-IN08:cat,MID-OUT11:{painting}", tables)
     ts = torch.tensor([999.0, 500.0, 3.0])
@@ -98,7 +94,7 @@ def test_layer_mix_rows_and_reference(tiny_model, concepts):
     assert max_diff(a, b) == 0
 
 
-def test_time_mix(tiny_model, concepts):
+def test_time_mix(max_diff, tiny_model, concepts):
     tables = {"cat": concepts["cat"], "ti": concepts["ti"]}
     mix = parse_time_mix("t>=600:cat,t<600:ti", tables)
     ts = torch.tensor([999.0, 600.0, 599.5, 10.0])
@@ -176,7 +172,7 @@ def test_cli_mix_and_errors(tiny_model, concepts, tmp_path, capsys):
         assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_truncation_sweep_grid(tiny_model, concepts, tmp_path):
+def test_truncation_sweep_grid(max_diff, tiny_model, concepts, tmp_path):
     a = tmp_path / "cat.safetensors"
     concepts["cat"].save(a)
     out = tmp_path / "sweep"
@@ -196,7 +192,7 @@ def test_truncation_sweep_grid(tiny_model, concepts, tmp_path):
     assert max_diff(a_, b_) > 0  # truncation really changes the image
 
 
-def test_diffusers_adapter(tiny_model, concepts):
+def test_diffusers_adapter(max_diff, tiny_model, concepts):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     import neti_fast

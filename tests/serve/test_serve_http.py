@@ -13,11 +13,7 @@ from serve_util import NETI, SIZE, STEPS, LiveServer, alone, decode_png, make_se
 
 httpx = pytest.importorskip("httpx")
 
-TOL = 1  # batched vs alone: float summation order only (tests/test_pipeline.py)
-
-
-def max_diff(a, b):
-    return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
+TOL = 1  # batched vs alone: float summation order only (tests/engine/test_engine.py)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,7 @@ def live(tiny_model, tmp_path_factory, one_thread):
     server.close()
 
 
-def test_webuiapi_client(live):
+def test_webuiapi_client(max_diff, live):
     """The real `webuiapi` client, unchanged: it probes /scripts on connect and sends its ~45 fields
     with sampler "Euler a" and scheduler "automatic"."""
     webuiapi = pytest.importorskip("webuiapi")
@@ -60,7 +56,7 @@ def _body(i: int) -> dict:
             "scheduler": "automatic"}
 
 
-def test_32_concurrent_clients(live):
+def test_32_concurrent_clients(max_diff, live):
     """Every response arrives, is the requester's own (its seed, its concept), and equals the image
     generated alone; and the queue really packed different users into shared batches."""
     n = 32
