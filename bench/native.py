@@ -105,14 +105,14 @@ def measure_model(spec: str, size: int | None, steps: int, batch: int, pairs: in
     engines = {name: _engine(model, name, steps, size, batch) for name in ("native", "sdpa")}
 
     def cond(e):
-        e._cache.clear()
+        e.conditionings.clear()
         t0 = time.perf_counter()
         e.conditioning(PROMPT, table, None, e.make_scheduler().timesteps)
         e.negative(e.cfg.negative_prompt)
         return (time.perf_counter() - t0) * 1e3
 
     def unet(e):
-        e._cache.clear()
+        e.conditionings.clear()
         e.denoiser.seconds, e.denoiser.calls = 0.0, 0
         with _AttentionClock() as clock:
             images = e.generate_batch(reqs)

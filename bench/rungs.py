@@ -133,14 +133,14 @@ class EngineRung(Rung):
     @torch.no_grad()
     def cond(self):
         e = self.engine
-        e._cache.clear()
+        e.conditionings.clear()
         e.conditioning(PROMPT, self.ctx.table, None, e.make_scheduler().timesteps)
         e.negative(self.cfg.negative_prompt)
 
     @torch.no_grad()
     def run(self, seeds):
         from neti_fast.engine.request import Request
-        self.engine._cache.clear()  # cold: conditioning is part of every measured run
+        self.engine.conditionings.clear()  # cold: conditioning is part of every measured run
         reqs = [Request(PROMPT, s, self.ctx.table) for s in seeds]
         if self.per_seed:
             for r in reqs:
@@ -176,7 +176,7 @@ class ConceptsRung(BatchedRung):
     @torch.no_grad()
     def run(self, seeds):
         from neti_fast.engine.request import Request
-        self.engine._cache.clear()
+        self.engine.conditionings.clear()
         self.engine.generate_batch([Request(PROMPT, s, self.tables[i]) for i, s in enumerate(seeds)])
 
 

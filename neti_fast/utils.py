@@ -167,3 +167,8 @@ class ByteLRU:
                 evicted = True
         self.evictions += evicted
         return evicted
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._sizes.clear()
+        self.total = 0

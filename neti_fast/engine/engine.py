@@ -59,7 +59,8 @@ class Engine:
         self.model = model
         self.cfg = cfg or GenerateConfig()
         self.denoiser = denoiser or TorchDenoiser(model, self.cfg.attention)
-        self._cache = ByteLRU(self.cfg.cache_mb * 2**20, lambda cond: cond.nbytes)
+        # prepared conditionings (LayerKV) by request content; public so a benchmark can start cold
+        self.conditionings = ByteLRU(self.cfg.cache_mb * 2**20, lambda cond: cond.nbytes)
         self._arenas: dict = {}
 
     def make_scheduler(self):
@@ -84,7 +85,7 @@ class Engine:
         def build():
             enc = encode_plain(m.text_encoder, m.tokenizer, prompt)
             return LayerKV(*self._kv(enc, enc), time_varying=False)
-        return self._cache.get_or_build(("neg", prompt, m.dtype), build)
+        return self.conditionings.get_or_build(("neg", prompt, m.dtype), build)
 
     def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor) -> LayerKV:
         """Per-layer K / V rows for `prompt` with `table` (a Table, a MixedTable or {name: table})."""
@@ -105,7 +106,7 @@ class Engine:
             return LayerKV(*self._kv(enc, enc_b), time_varying=S > 1)
         key = ("cond", prompt, tuple((n, t.uid) for n, t in tables.items()), truncation,
                tuple(timesteps.tolist()), m.dtype)
-        return self._cache.get_or_build(key, build)
+        return self.conditionings.get_or_build(key, build)
 
     # ------------------------------------------------------------------ denoising
     @torch.no_grad()

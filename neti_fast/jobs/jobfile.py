@@ -1,4 +1,4 @@
-"""Job files of `neti-fast run`: parsing, validation and the fixed batch plan (no running: jobs.py).
+"""Job files of `neti-fast run`: parsing, validation and the fixed batch plan (no running: runner.py).
 
 Job file: one JSON object per line (blank lines and lines starting with # are skipped), e.g.
     {"prompt": "a photo of {} on a beach", "concept": "cat.safetensors", "seeds": "0-63", "truncation": 16}

@@ -1,6 +1,6 @@
 """The manifest of an output folder: one JSON object per image, one per line, in `manifest.jsonl`.
 
-`neti-fast generate` and `neti-fast run` write it the same way (the job runner, jobs.py), `eval`
+`neti-fast generate` and `neti-fast run` write it the same way (the job runner, runner.py), `eval`
 reads it through `read_entries`. Each batch's entries are appended and fsynced as soon as its PNGs
 are written, so a killed run loses at most the batch in flight; under torchrun each rank appends to
 `manifest.rank{r}.jsonl` and rank 0 merges them at the end. An entry whose `status` is "done" (or

@@ -1,6 +1,6 @@
 """Writing generated images: deterministic names, atomic PNGs, labelled grids.
 
-What is in a folder and resume are manifest.py and jobs.py (one path for `generate` and `run`).
+What is in a folder and resume are manifest.py and runner.py (one path for `generate` and `run`).
 """
 from __future__ import annotations
 

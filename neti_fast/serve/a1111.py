@@ -34,7 +34,7 @@ class FieldError(Exception):
 class Sampler:
     name: str            # A1111's sampler_name
     aliases: tuple       # A1111's k-diffusion aliases, and neti-fast's own scheduler name
-    schedules: dict      # A1111 `scheduler` value -> engine scheduler (pipeline.SCHEDULERS)
+    schedules: dict      # A1111 `scheduler` value -> engine scheduler (utils.SCHEDULERS)
 
 
 # A1111 >= 1.9 splits "DPM++ 2M Karras" into sampler "DPM++ 2M" + scheduler "karras", and its

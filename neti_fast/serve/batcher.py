@@ -1,13 +1,13 @@
 """The one request queue: concurrent users' images packed into shared engine batches.
 
-Every request becomes a Job of images (one `pipeline.Request` each: prompt, seed, concepts,
+Every request becomes a Job of images (one `engine.Request` each: prompt, seed, concepts,
 truncation). A worker thread takes the oldest waiting image, waits until `max_wait_ms` after its
 arrival (or until `max_batch` compatible images wait), and runs every waiting image whose Shape
 (steps, size, scheduler, guidance: what one denoising loop must share) matches, up to `max_batch`,
 as one `Engine.generate_batch` - whatever their prompts, concepts and truncations. The packing is
 the engine's (`Engine.kv_tables`); this module only decides who rides together.
 
-Independence: an image's noise comes only from its own seed (pipeline.image_generators), so what
+Independence: an image's noise comes only from its own seed (engine.sampling.image_generators), so what
 shares its batch never changes it. That is what makes the two failure rules cheap:
 - a batch that raises is re-run one job at a time, so a request that fails inside the engine fails
   alone and its batch-mates still get the same images;
@@ -42,7 +42,7 @@ class Shape:
 @dataclass(eq=False)  # identity: a job is hashed and compared as itself
 class Job:
     shape: Shape
-    requests: list                      # pipeline.Request per image
+    requests: list                      # engine.Request per image
     client: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     images: list = field(default_factory=list)

@@ -1,6 +1,6 @@
 """Training checkpoints: `checkpoint-{step}.safetensors` with the concept tensors, the AdamW state
 and every RNG state; the non-tensor state is JSON in the safetensors metadata (no pickle). See
-train.py's docstring for what resuming guarantees."""
+trainer.py's docstring for what resuming guarantees."""
 from __future__ import annotations
 
 import json

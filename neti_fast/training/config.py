@@ -1,5 +1,5 @@
 """Training configuration: `TrainConfig` (official NeTI defaults), its validation, the official
-YAML config (input_configs/train.yaml) and the `neti-fast train` flags. The loop is train.py."""
+YAML config (input_configs/train.yaml) and the `neti-fast train` flags. The loop is trainer.py."""
 from __future__ import annotations
 
 import argparse

@@ -102,10 +102,10 @@ def test_conditioning_cache_evicts_least_recently_used(tiny_model, make_concept)
     keys = []
     for prompt in ("a photo of {}", "a painting of {}"):
         eng.conditioning(prompt, neti, None, ts)
-        keys.append(list(eng._cache)[-1])
+        keys.append(list(eng.conditionings)[-1])
     first = eng.conditioning("a photo of {}", neti, None, ts)  # a hit: now the most recently used
     eng.conditioning("a sketch of {}", neti, None, ts)          # over budget: the painting goes
-    assert list(eng._cache)[:1] == [keys[0]] and keys[1] not in eng._cache and len(eng._cache) == 2
+    assert list(eng.conditionings)[:1] == [keys[0]] and keys[1] not in eng.conditionings and len(eng.conditionings) == 2
     assert eng.conditioning("a photo of {}", neti, None, ts) is first
     again = eng.conditioning("a painting of {}", neti, None, ts)  # rebuilt, equal
     ref = Engine(tiny_model, CFG).conditioning("a painting of {}", neti, None, ts)
@@ -113,7 +113,7 @@ def test_conditioning_cache_evicts_least_recently_used(tiny_model, make_concept)
     tiny = Engine(tiny_model, dataclasses.replace(CFG, cache_mb=0))  # a budget below one: the newest stays
     tiny.conditioning("a photo of {}", neti, None, ts)
     tiny.conditioning("a painting of {}", neti, None, ts)
-    assert len(tiny._cache) == 1
+    assert len(tiny.conditionings) == 1
 
 
 def test_bad_prompts(tiny_model, make_concept):

@@ -56,4 +56,4 @@ def alone(server, body: dict) -> list[np.ndarray]:
         e.cfg = saved
 
 
-from neti_fast.serve.background import BackgroundServer as LiveServer  # noqa: E402,F401
+from neti_fast.serve.background import BackgroundServer  # noqa: E402,F401

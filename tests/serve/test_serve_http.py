@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from serve_util import NETI, SIZE, STEPS, LiveServer, alone, decode_png, make_server
+from serve_util import NETI, SIZE, STEPS, BackgroundServer, alone, decode_png, make_server
 
 httpx = pytest.importorskip("httpx")
 
@@ -19,7 +19,7 @@ TOL = 1  # batched vs alone: float summation order only (tests/engine/test_engin
 @pytest.fixture(scope="module")
 def live(tiny_model, tmp_path_factory, one_thread):
     server = make_server(tiny_model, tmp_path_factory.mktemp("serve-http"), max_batch=8, max_wait_ms=100)
-    with LiveServer(server) as ls:
+    with BackgroundServer(server) as ls:
         ls.server = server
         yield ls
     server.close()
@@ -189,7 +189,7 @@ def test_api_key_over_http(tiny_model, tmp_path):
     webuiapi = pytest.importorskip("webuiapi")
     server = make_server(tiny_model, tmp_path, api_key="k3y")
     try:
-        with LiveServer(server) as ls:
+        with BackgroundServer(server) as ls:
             assert httpx.get(f"{ls.url}/health").status_code == 200
             assert httpx.get(f"{ls.url}/sdapi/v1/sd-models").status_code == 401
             api = webuiapi.WebUIApi(host="127.0.0.1", port=ls.port, steps=STEPS)
