@@ -155,36 +155,37 @@ def load_diffusers(path: str, dtype: torch.dtype | None = None) -> Model:
 
 # ----------------------------------------------------------------------------- built-in models
 
-def tiny_configs(vocab_size: int, bos: int, eos: int) -> dict:
-    """SD 1.x topology at toy width: same block types, layer counts and head counts."""
-    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-                bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, projection_dim=32)
-    unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(32, 32, 64, 64),
+def _sd1_configs(vocab_size: int, bos: int, eos: int, pad: int, text_width: int, text_ff: int,
+                 text_layers: int, text_heads: int, unet_widths: tuple, unet_sample: int,
+                 vae_widths: tuple, vae_layers: int, vae_sample: int) -> dict:
+    """SD 1.x's topology (block types, 16 cross-attention layers, 8 heads) at the given widths."""
+    text = dict(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_ff,
+                num_hidden_layers=text_layers, num_attention_heads=text_heads, max_position_embeddings=77,
+                hidden_act="quick_gelu", bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+                projection_dim=text_width)
+    unet = dict(sample_size=unet_sample, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=unet_widths,
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-               block_out_channels=(32, 32, 32, 32), norm_num_groups=32, sample_size=64,
+                cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=vae_layers,
+               block_out_channels=vae_widths, norm_num_groups=32, sample_size=vae_sample,
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     return {"text": text, "unet": unet, "vae": vae}
+
+
+def tiny_configs(vocab_size: int, bos: int, eos: int) -> dict:
+    """SD 1.x topology at toy width: same block types, layer counts and head counts."""
+    return _sd1_configs(vocab_size, bos, eos, pad=eos, text_width=32, text_ff=64, text_layers=2, text_heads=4,
+                        unet_widths=(32, 32, 64, 64), unet_sample=8,
+                        vae_widths=(32, 32, 32, 32), vae_layers=1, vae_sample=64)
 
 
 def sd15_configs(vocab_size: int = 49408, bos: int = 49406, eos: int = 49407) -> dict:
     """The public SD 1.5 configs (runwayml/stable-diffusion-v1-5), written out: no download."""
-    text = dict(vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                bos_token_id=bos, eos_token_id=eos, pad_token_id=1, projection_dim=768)
-    unet = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-    vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-               block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512,
-               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    return {"text": text, "unet": unet, "vae": vae}
+    return _sd1_configs(vocab_size, bos, eos, pad=1, text_width=768, text_ff=3072, text_layers=12, text_heads=12,
+                        unet_widths=(320, 640, 1280, 1280), unet_sample=64,
+                        vae_widths=(128, 256, 512, 512), vae_layers=2, vae_sample=512)
 
 
 def _make_tokenizer(workdir: Path):
