@@ -163,7 +163,7 @@ setup(
                  "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.27", "webuiapi>=0.9",
                  "playwright>=1.40"],
     },
-    entry_points={"console_scripts": ["neti-fast=neti_fast.cli:main"]},
+    entry_points={"console_scripts": ["neti-fast=neti_fast.cli:entry"]},
     ext_modules=[CMakeExtension("neti_fast._C")],
     cmdclass={"build_ext": cmake_build_ext},
     zip_safe=False,

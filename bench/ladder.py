@@ -63,15 +63,13 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
-from neti_fast.utils import default_device, default_dtype_name, image_size, torch_dtype
+from neti_fast.options import count, number
+from neti_fast.utils import CLI_DTYPES, SAMPLING_RANGES, Range, default_device, default_dtype_name, image_size, torch_dtype
 
 from .measure import Clock, PeakMemory, TextRows, UnetTimer, measure_peak_tflops
 from .report import _device_info, _versions, format_table, summary, write_chart
 from .rungs import GUIDANCE, RUNG_CLASSES, RUNGS, Rung, Skip
 
-DTYPES = {name: torch_dtype(name) for name in ("fp32", "fp16", "bf16")}
 SCHEMA = "neti-fast-bench/1"
 
 
@@ -80,20 +78,20 @@ SCHEMA = "neti-fast-bench/1"
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="tiny | sd15-shaped | a diffusers folder (default tiny)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 4 with --quick)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", action="extend", default=None, help="default 1 4 16 (1 4 with --quick)")
-    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", choices=CLI_DTYPES, default=None, help="default fp16 on cuda, fp32 on cpu")
+    p.add_argument("--steps", type=number(SAMPLING_RANGES["steps"]), default=None, help="denoising steps (default 50; 4 with --quick)")
+    p.add_argument("--batch-sizes", type=count(), nargs="+", action="extend", default=None, help="default 1 4 16 (1 4 with --quick)")
+    p.add_argument("--height", type=number(SAMPLING_RANGES["height"]), default=None, help="default: the model's native size")
+    p.add_argument("--width", type=number(SAMPLING_RANGES["width"]), default=None, help="default: the model's native size")
     p.add_argument("--rungs", nargs="+", action="extend", choices=RUNGS, default=None, help="subset of rungs (default all)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median (default 3; 1 with --quick)")
+    p.add_argument("--repeats", type=count(), default=None, help="timed runs per measurement, median (default 3; 1 with --quick)")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write results as JSON")
     p.add_argument("--chart", default=None, metavar="PATH", help="write a PNG bar chart of images/s")
     p.add_argument("--quick", action="store_true", help="steps 4, batch sizes 1 4, repeats 1 (tests / CI)")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=number(Range(float, 0, lo_open=True)), default=None,
                    help="peak for utilization (default: measured matmul on CUDA, none on CPU)")
     p.add_argument("--compile-on-cpu", action="store_true", help="run the torch.compile rung on CPU too (slow)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (CPU)")
+    p.add_argument("--threads", type=count(), default=None, help="torch.set_num_threads for the run (CPU)")
     p.add_argument("--onnx-dir", default=None, help="where ONNX / TensorRT exports are cached "
                    "(default $NETI_FAST_CACHE/exports)")
     return p
@@ -220,13 +218,45 @@ def side_by_side(ctx: Context, ran: set[str], log=print) -> dict:
     The rungs' own columns are measured minutes apart (each in its rung's turn), so drift of the
     machine (CPU frequency, neighbours) lands in their ratios; alternating the two sides puts both
     under the same conditions. Returns {"conditioning": reference vs batched cold conditioning,
-    "concepts": `concepts` vs `batched` U-Net ms per step at the largest batch}, each present when
-    both of its rungs are in `ran` (the rungs that ran without error).
+    "unet": reference / diffusers / batched U-Net ms per step at the smallest batch (min, median,
+    max over the rounds), "concepts": `concepts` vs `batched` U-Net ms per step at the largest
+    batch}, each present when (two of) its rungs are in `ran` (the rungs that ran without error).
     """
     a, dev = ctx.args, ctx.model.device
     clock, timer = Clock(dev), UnetTimer(dev)
     out = {}
     rungs = {n: RUNG_CLASSES[n](ctx) for n in ("reference", "batched", "concepts") if n in ran}
+
+    def unet_ms_per_step(rung, seeds):
+        timer.reset()
+        detach = rung.attach(timer)
+        try:
+            rung.run(seeds)
+        finally:
+            detach()
+        return timer.seconds() / a.steps * 1e3
+
+    def alone(name, seeds):
+        """One rung's U-Net ms/step, set up and torn down around it: the diffusers pipeline and the
+        engine install different attention processors on the one U-Net, so they cannot coexist."""
+        rung = RUNG_CLASSES[name](ctx)
+        rung.setup()
+        try:
+            return unet_ms_per_step(rung, seeds)
+        finally:
+            rung.teardown()
+
+    same = [n for n in ("reference", "diffusers", "batched") if n in ran]
+    if len(same) >= 2:  # the same U-Net at the smallest batch, rung after rung, round after round
+        B = min(a.batch_sizes)
+        for n in same:
+            alone(n, list(range(B)))  # warm-up
+        t = _alternate({n: (lambda n=n: alone(n, list(range(B)))) for n in same}, a.repeats)
+        out["unet"] = {"batch": B, "rounds": len(t[same[0]]),
+                       "ms_per_step": {n: {"min": min(t[n]), "median": _median(t[n]), "max": max(t[n]),
+                                           "all": t[n]} for n in same}}
+        log(f"  U-Net ms/step at batch {B}, {len(t[same[0]])} alternated rounds: " + ", ".join(
+            f"{n} {_median(t[n]):.4g} ({min(t[n]):.4g}-{max(t[n]):.4g})" for n in same))
     for r in rungs.values():
         r.setup()
     try:
@@ -241,22 +271,14 @@ def side_by_side(ctx: Context, ran: set[str], log=print) -> dict:
                                    "all_batched_ms": [x * 1e3 for x in t["batched"]]}
             log(f"  conditioning, {len(t['reference'])} alternated pairs: reference {r * 1e3:.4g} ms, "
                 f"batched {b * 1e3:.4g} ms, {r / b:.1f}x")
-        if {"batched", "concepts"} <= set(rungs):
+        if {"batched", "concepts"} <= set(rungs) and max(a.batch_sizes) < 2:
+            log("  different concepts vs one: needs a batch of 2 or more (--batch-sizes); not measured")
+        elif {"batched", "concepts"} <= set(rungs):
             B, seeds = max(a.batch_sizes), list(range(max(a.batch_sizes)))
-
-            def unet_ms_per_step(rung):
-                timer.reset()
-                detach = rung.attach(timer)
-                try:
-                    rung.run(seeds)
-                finally:
-                    detach()
-                return timer.seconds() / a.steps * 1e3
-
             for r in (rungs["batched"], rungs["concepts"]):
                 r.run(seeds)  # warm-up at this batch size
-            t = _alternate({"batched": lambda: unet_ms_per_step(rungs["batched"]),
-                            "concepts": lambda: unet_ms_per_step(rungs["concepts"])}, a.repeats)
+            t = _alternate({"batched": lambda: unet_ms_per_step(rungs["batched"], seeds),
+                            "concepts": lambda: unet_ms_per_step(rungs["concepts"], seeds)}, a.repeats)
             one, many = _median(t["batched"]), _median(t["concepts"])
             out["concepts"] = {"batch": B, "pairs": len(t["batched"]), "batched_unet_ms_per_step": one,
                                "concepts_unet_ms_per_step": many, "ratio": many / one,
@@ -270,6 +292,7 @@ def side_by_side(ctx: Context, ran: set[str], log=print) -> dict:
 
 
 def run_ladder(args, log=print) -> dict:
+    import torch
     from neti_fast.concepts.concept import random_concept
     from neti_fast.sd.models import load_model
     from neti_fast.concepts.table import precompute
@@ -280,7 +303,7 @@ def run_ladder(args, log=print) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    dtype = DTYPES[a.dtype]
+    dtype = torch_dtype(a.dtype)
     log(f"loading {a.model} on {dev} ({a.dtype}) ...")
     model = load_model(a.model, dev, dtype)
     f = model.vae_scale_factor
@@ -296,7 +319,8 @@ def run_ladder(args, log=print) -> dict:
         rung = RUNG_CLASSES[name](ctx)
         log(f"[{name}] {rung.label}")
         try:
-            rows.extend(measure_rung(ctx, rung, log))
+            with torch.no_grad():  # inference only; the rungs hold no autograd state
+                rows.extend(measure_rung(ctx, rung, log))
         except Skip as e:
             log(f"  skipped: {e}")
             rows.append({"rung": name, "label": rung.label, "status": "skipped", "reason": str(e)})
@@ -306,7 +330,8 @@ def run_ladder(args, log=print) -> dict:
                          "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
     log("[side by side] the targets' ratios, alternated call by call")
     try:
-        side = side_by_side(ctx, {r["rung"] for r in rows if r["status"] == "ok"}, log)
+        with torch.no_grad():
+            side = side_by_side(ctx, {r["rung"] for r in rows if r["status"] == "ok"}, log)
     except Exception as e:  # noqa: BLE001 - keep the ladder's rows; the summary falls back to them
         log(f"  failed: {type(e).__name__}: {e}")
         side = {"failed": f"{type(e).__name__}: {e}"}
@@ -335,6 +360,7 @@ def run_ladder(args, log=print) -> dict:
 
 
 def main(args) -> dict:
+    import torch
     threads = torch.get_num_threads()
     try:
         result = run_ladder(args)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only; imported where used, so `--help` does not load it
+    import torch
 
 
 class Clock:
@@ -17,6 +19,7 @@ class Clock:
         self.cuda = device.type == "cuda"
 
     def sync(self):
+        import torch
         if self.cuda:
             torch.cuda.synchronize()
 
@@ -42,6 +45,7 @@ class UnetTimer:
         self._events, self._cpu, self._t0, self.calls = [], 0.0, None, 0
 
     def start(self):
+        import torch
         self.calls += 1
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
@@ -51,6 +55,7 @@ class UnetTimer:
             self._t0 = time.perf_counter()
 
     def stop(self):
+        import torch
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
@@ -59,6 +64,7 @@ class UnetTimer:
             self._cpu += time.perf_counter() - self._t0
 
     def seconds(self) -> float:
+        import torch
         if self.cuda:
             torch.cuda.synchronize()
             return sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
@@ -125,6 +131,7 @@ class PeakMemory:
         self.peak = 0
 
     def __enter__(self):
+        import torch
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -147,6 +154,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        import torch
         if self.cuda:
             torch.cuda.synchronize()
             self.peak = max(0, torch.cuda.max_memory_allocated() - self._base)
@@ -163,6 +171,7 @@ class PeakMemory:
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Dense matmul throughput on CUDA (8192^3, median of 10): the utilization reference."""
+    import torch
     if device.type != "cuda":
         return None
     n = 8192

@@ -6,13 +6,16 @@ import math
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only; imported where used, so `--help` does not load it
+    import torch
 
 from .rungs import RUNGS
 
 
 def _device_info(dev: torch.device) -> dict:
+    import torch
     info = {"type": dev.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
     if dev.type == "cuda":
@@ -24,6 +27,7 @@ def _device_info(dev: torch.device) -> dict:
 
 
 def _versions() -> dict:
+    import torch
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("diffusers", "transformers", "triton", "onnxruntime", "tensorrt", "neti-fast"):
         try:
@@ -60,7 +64,7 @@ def summary(rows: list[dict], side: dict | None = None) -> dict:
                        "speedup_vs_reference": best["images_per_s"] / refB["images_per_s"]}
     many = [r for (n, _), r in ok.items() if n == "concepts"]
     if many and bat:
-        common = sorted({r["batch"] for r in many} & {r["batch"] for r in bat})
+        common = sorted({r["batch"] for r in many} & {r["batch"] for r in bat} - {1})  # at batch 1 they are the same
         if common:
             B = common[-1]
             # denoising cost of B different concepts vs one (target: within 5%); img/s also pays B conditionings
@@ -122,6 +126,10 @@ def format_table(result: dict) -> str:
         how = f"median of {alt['pairs']} alternated pairs" if alt and alt["batch"] == c["batch"] else "the rungs' columns"
         out.append(f"{c['batch']} different concepts vs one, batch {c['batch']}: U-Net ms/step x{c['unet_ms_per_step_ratio']:.3f} "
                    f"({how}), img/s x{c['images_per_s_ratio']:.3f} (rung columns; includes {c['batch']} cold conditionings)")
+    unet = (result.get("side_by_side") or {}).get("unet")
+    if unet:
+        out.append(f"U-Net ms/step at batch {unet['batch']}, {unet['rounds']} alternated rounds, median (min-max): " +
+                   ", ".join(f"{n} {v['median']:.4g} ({v['min']:.4g}-{v['max']:.4g})" for n, v in unet["ms_per_step"].items()))
     if "conditioning_speedup" in s:
         side = (result.get("side_by_side") or {}).get("conditioning")
         how = (f"median of {side['pairs']} alternated pairs, {side['reference_ms']:.4g} / {side['batched_ms']:.4g} ms"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 
 from neti_fast.utils import env_flag
 
@@ -90,12 +89,11 @@ class DiffusersRung(Rung):
         self.pipe.set_progress_bar_config(disable=True)
         self.notes = "num_images_per_prompt=B, AttnProcessor2_0 (SDPA), DPM-Solver++"
 
-    @torch.no_grad()
     def cond(self):
         self.pipe.encode_prompt(PLAIN_PROMPT, self.m.device, 1, True, "")
 
-    @torch.no_grad()
     def run(self, seeds):
+        import torch
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         self.pipe(PLAIN_PROMPT, height=self.ctx.height, width=self.ctx.width, num_inference_steps=self.a.steps,
                   guidance_scale=GUIDANCE, num_images_per_prompt=len(seeds), generator=gens, output_type="np")
@@ -130,14 +128,12 @@ class EngineRung(Rung):
             self.engine.denoiser = inner
         return detach
 
-    @torch.no_grad()
     def cond(self):
         e = self.engine
         e.conditionings.clear()
         e.conditioning(PROMPT, self.ctx.table, None, e.make_scheduler().timesteps)
         e.negative(self.cfg.negative_prompt)
 
-    @torch.no_grad()
     def run(self, seeds):
         from neti_fast.engine.request import Request
         self.engine.conditionings.clear()  # cold: conditioning is part of every measured run
@@ -173,7 +169,6 @@ class ConceptsRung(BatchedRung):
         self.notes = "B concepts in one batch: each sample indexes its own K/V rows (compare with `batched`: one concept)"
         super().setup()
 
-    @torch.no_grad()
     def run(self, seeds):
         from neti_fast.engine.request import Request
         self.engine.conditionings.clear()
@@ -226,6 +221,7 @@ class OnnxRung(EngineRung):
     name, label = "onnx", "neti-fast batched + ONNX Runtime denoiser"
 
     def setup(self):
+        import torch
         from neti_fast.engine.backends import make_denoiser
         t0 = time.perf_counter()
         try:  # same intra-op thread count as torch, for a like-for-like CPU comparison
@@ -245,6 +241,7 @@ class TensorRTRung(EngineRung):
     name, label = "tensorrt", "neti-fast batched + TensorRT engine"
 
     def setup(self):
+        import torch
         if self.m.device.type != "cuda":
             raise Skip("TensorRT needs an NVIDIA GPU (no CUDA device)")
         try:

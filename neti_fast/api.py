@@ -21,7 +21,7 @@ from .errors import NetiError
 from .concepts.mixing import parse_layer_mix, parse_time_mix  # noqa: F401  (documented API)
 from .sd.models import Model, load_model  # noqa: F401  (documented API)
 from .engine.engine import Engine
-from .engine.request import GenerateConfig, Request
+from .engine.request import GenerateConfig, Request, check_settings
 from .concepts.table import load_table, load_tables, precompute  # noqa: F401  (documented API)
 
 
@@ -43,6 +43,7 @@ def generate(model: Model, table, prompts: list[str], seeds=(0,), truncations=(N
     `backend`: the U-Net runtime (auto | eager | compile | onnx | tensorrt, as `--backend`;
     see neti_fast.engine.backends); ignored when an `engine` is given."""
     cfg = cfg or GenerateConfig()
+    check_settings(cfg)
     engine = _engine(model, cfg, engine, backend)
     return engine.generate(_requests(table, prompts, seeds, truncations, cfg))
 
@@ -51,7 +52,7 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
                        truncations=(None,), cfg: GenerateConfig | None = None, overwrite: bool = False,
                        model_name: str | None = None, concept_name: str | None = None,
                        engine: Engine | None = None, progress: bool = True, backend: str = "auto",
-                       export_dir: str | Path | None = None) -> dict:
+                       export_dir: str | Path | None = None, on_summary=None) -> dict:
     """Generate into `out`: one PNG per (prompt, truncation, seed), a grid per prompt, manifest.jsonl;
     with several truncations also a sweep grid per seed (rows prompts, columns truncations, labelled):
     the paper's reconstruction-vs-editability figure.
@@ -62,11 +63,12 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
     equals the regenerated image and is an error otherwise (unless `overwrite`). Folders written
     with the older manifest.json resume too. Every request is checked before any work (and before
     an exported backend is built: `backend`, `export_dir` as for `generate`). Returns the manifest
-    entries {file: entry}.
+    entries {file: entry}; `on_summary(summary)` gets the run's counts (made, skipped...: job.json's body).
     """
     from .jobs import runner
     from .jobs.jobfile import Concepts, Line, check_lines
     cfg = cfg or GenerateConfig()
+    check_settings(cfg)
     out = Path(out)
     truncations = list(dict.fromkeys(truncations))
     lines = [Line(line=pi + 1, prompt=prompt, concept=concept_name, paths=None, seeds=list(seeds),
@@ -80,7 +82,7 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
     if engine is None:
         engine = _engine(model, cfg, None, backend, export_dir=export_dir, model_name=model_name)
         cfg = engine.cfg  # with the attention the backend settled on
-    _, failures = runner.run(lines, out, model, cfg, concepts, model_name=model_name, overwrite=overwrite,
+    summary, failures = runner.run(lines, out, model, cfg, concepts, model_name=model_name, overwrite=overwrite,
                              engine=engine, progress=progress, desc="generate",
                              numbering=lambda L: (L.line - 1, 3))  # generate numbers prompts from 0
     entries = {e["file"]: e for e in manifest.merge(out) if manifest.is_done(e) and "file" in e}
@@ -89,6 +91,8 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise NetiError(f"{out / f['file']}: {f['reason']}{more}")
     _write_grids(out, prompts, seeds, truncations)
+    if on_summary is not None:
+        on_summary(summary)
     return {f: entries[f] for f in (outputs.image_name(pi, p, t, s) for pi, p in enumerate(prompts)
                                     for t in truncations for s in seeds)}
 
@@ -109,7 +113,9 @@ def _write_grids(out: Path, prompts, seeds, truncations) -> None:
             return np.asarray(im.convert("RGB"))
     for pi, prompt in enumerate(prompts):
         rows = [[pixels(pi, prompt, t, s) for s in seeds] for t in truncations]
-        outputs.write_grid(out / f"grid-{pi:03d}-{outputs.slug(prompt)}.png", rows)
+        outputs.write_grid(out / f"grid-{pi:03d}-{outputs.slug(prompt)}.png", rows,
+                           row_labels=[f"truncation {outputs.truncation_label(t)}" for t in truncations],
+                           col_labels=[f"seed {s}" for s in seeds])
     if len(truncations) > 1:
         cols = [outputs.truncation_label(t) for t in truncations]
         for s in seeds:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import options
 from .errors import NetiError
+from .utils import SAMPLING_RANGES
 
 
 def _quiet_libraries():
@@ -90,11 +91,13 @@ def cmd_generate(args):
                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                          attention=args.attention)
     described = ",".join(args.concept or []) + "".join(f" {f}={v}" for f, v in (("layer-mix", args.layer_mix), ("time-mix", args.time_mix)) if v)
-    entries = generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, cfg,
-                                 overwrite=args.overwrite, model_name=args.model, concept_name=described or None,
-                                 backend=args.backend, export_dir=args.export_dir)
-    sweep = " and truncation sweep grid(s)" if len(truncs) > 1 else ""
-    print(f"{len(entries)} images, {len(prompts)} grid(s){sweep} and manifest.jsonl in {args.out}")
+    summary = {}
+    generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, cfg,
+                       overwrite=args.overwrite, model_name=args.model, concept_name=described or None,
+                       backend=args.backend, export_dir=args.export_dir, on_summary=summary.update)
+    sweeps = (f", {len(seeds)} sweep-s*.png (rows prompts, columns truncations)" if len(truncs) > 1 else "")
+    print(f"{args.out}: {summary['done']} images made, {summary['skipped']} already there; "
+          f"{len(prompts)} grid-*.png (rows truncations, columns seeds){sweeps}; manifest.jsonl")
 
 
 def cmd_export(args):
@@ -129,12 +132,12 @@ def cmd_bench(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="neti-fast", description=(
+    ap = options.Parser(prog="neti-fast", description=(
         "Fast NeTI / XTI / Textual Inversion for Stable Diffusion 1.x: train a concept, precompute its "
         "table, generate in batches. Start with `neti-fast demo`."))
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train, precompute and generate on the built-in tiny model (about a minute on CPU; "
+    p = sub.add_parser("demo", help="train, precompute and generate on the built-in tiny model (about 25 s on 2 CPU cores; "
                                     "its weights are random, so the images are noise)")
     p.add_argument("--out", default="neti-fast-demo", help="output folder (default: ./neti-fast-demo)")
     p.set_defaults(func=cmd_demo)
@@ -203,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the U-Net (with per-layer K/V table inputs) to ONNX or TensorRT")
     options.add_model_args(p)
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=options.number(SAMPLING_RANGES["height"]), default=None,
+                   help="default: the model's native size")
+    p.add_argument("--width", type=options.number(SAMPLING_RANGES["width"]), default=None,
+                   help="default: the model's native size")
     p.add_argument("--out", required=True, help="output folder (reused when the model is unchanged)")
     p.set_defaults(func=cmd_export)
 
@@ -224,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)   # --help and usage errors exit here, before any heavy import
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except NetiError as e:  # a request setting at fault is named as its flag
@@ -233,10 +238,22 @@ def main(argv=None) -> int:
         print(f"neti-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"neti-fast {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        again = "; re-run the same command to resume" if args.command in RESUMABLE else ""
+        print(f"neti-fast {args.command}: interrupted{again}", file=sys.stderr)
+        raise   # to the caller: `entry` below for the console script; a test run stops, as Ctrl-C asks
     return 0
 
 
+RESUMABLE = ("generate", "run", "train", "demo")   # a plain re-run continues where these stopped
+
+
+def entry() -> int:
+    """The `neti-fast` console script: main(), with Ctrl-C as exit status 130 (no traceback)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -1,4 +1,4 @@
-"""`neti-fast demo`: the whole workflow on the built-in tiny model, in about a minute on 2 CPU cores.
+"""`neti-fast demo`: the whole workflow on the built-in tiny model, in about 25 s on 2 CPU cores.
 
 1. draws a few training images of a made-up object (a striped ball) procedurally;
 2. trains a NeTI concept on them for a few dozen steps;

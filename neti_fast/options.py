@@ -8,9 +8,61 @@ from __future__ import annotations
 import argparse
 
 from .errors import NetiError
-from .utils import ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, SCHEDULERS, default_device, default_dtype_name, torch_dtype
+from .utils import (ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, SAMPLING_RANGES, SCHEDULERS, SEED_RANGE, Range,
+                    default_device, default_dtype_name, torch_dtype)
 
 NO_TRUNCATION = ("none", "full")  # how the command line writes "no truncation" beside truncations
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows every flag's default (unless its help already says it, or there is none to show)."""
+
+    def _get_help_string(self, action):
+        text, d = action.help or "", action.default
+        if d is None or d is False or d is argparse.SUPPRESS or d == "" or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `neti-fast generate: error: argument --steps: 0: must be ...`,
+    exit status 2, as every other mistake the CLI reports (no usage block in front), and defaults in
+    --help. Subcommands' parsers are made of the same class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(rng: Range, none: tuple = ()):
+    """argparse type for a numeric flag: the value if `rng` allows it, else an error naming the flag
+    and the allowed values. `none`: spellings that mean None (e.g. "none" for no truncation)."""
+    def parse(text: str):
+        if none and text.strip().lower() in none:
+            return None
+        try:
+            return rng.parse(text)
+        except NetiError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.range = rng          # what tests walk to hold every numeric flag to its range
+    return parse
+
+
+def count(lo: int = 1):
+    """argparse type: an integer >= lo (batch sizes, repeats, threads...)."""
+    return number(Range(int, lo))
+
+
+def megabytes():
+    """argparse type of the --*-mb memory bounds: an integer >= 0."""
+    return number(Range(int, 0))
+
+
+# --truncation K (K >= 1; the concept's own width is checked once it is loaded), or none / full
+truncation_value = number(Range(int, 1), none=NO_TRUNCATION)
 
 
 def parse_seeds(tokens: list[str]) -> list[int]:
@@ -22,28 +74,18 @@ def parse_seeds(tokens: list[str]) -> list[int]:
             if not part:
                 continue
             try:
-                if "-" in part:
+                if "-" in part[1:]:
                     a, b = (int(x) for x in part.split("-", 1))
-                    if b < a:
-                        raise ValueError
-                    seeds.extend(range(a, b + 1))
                 else:
-                    seeds.append(int(part))
+                    a = b = int(part)
             except ValueError:
                 raise NetiError(f"--seeds {tok}: expected integers or ranges like 0-15") from None
-    if any(s < 0 or s >= 2**63 for s in seeds):
+            if b < a:
+                raise NetiError(f"--seeds {part}: the range is backwards (write {b}-{a})")
+            seeds.extend(range(a, b + 1))
+    if any(not SEED_RANGE.ok(s) for s in seeds):
         raise NetiError("--seeds: seeds must be between 0 and 2^63-1")
     return list(dict.fromkeys(seeds))
-
-
-def truncation_value(text: str) -> int | None:
-    """argparse type of --truncation: K (an integer), or none / full for no truncation."""
-    if text.strip().lower() in NO_TRUNCATION:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer K, or none / full for no truncation") from None
 
 
 def dedup(values) -> list:
@@ -67,13 +109,14 @@ def seeds_of(args) -> list[int]:
 
 def add_sampling_args(p) -> None:
     """--steps / --guidance / --negative-prompt / --scheduler / --batch-size / --height / --width."""
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm++")
-    p.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    R = SAMPLING_RANGES
+    p.add_argument("--steps", type=number(R["steps"]), default=50, help="denoising steps")
+    p.add_argument("--guidance", type=number(R["guidance"]), default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (plain text, no {})")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm++", help="sampler (dpm++: the official NeTI one)")
+    p.add_argument("--batch-size", type=number(R["batch_size"]), default=8, help="images per U-Net batch")
+    p.add_argument("--height", type=number(R["height"]), default=None, help="default: the model's native size")
+    p.add_argument("--width", type=number(R["width"]), default=None, help="default: the model's native size")
 
 
 def add_runtime_args(p) -> None:

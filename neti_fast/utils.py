@@ -5,9 +5,11 @@ creating a cycle; torch is imported lazily where it is needed.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NetiError
@@ -24,6 +26,66 @@ DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
                "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 CLI_DTYPES = ("bf16", "fp16", "fp32")             # the short names the CLIs offer
 
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: `kind` (int or float) in [lo, hi] (None: unbounded;
+    `lo_open`: lo itself excluded). Floats must be finite. One description serves every front end:
+    the CLI's argparse types (options.number), job files, the engine's check of a run's settings and
+    the training config, each naming the setting its own way (NetiError's `field`)."""
+    kind: type = int
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        if self.lo is not None and self.hi is not None:
+            return f"{what} from {self.lo:g} to {self.hi:g}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{what} <= {self.hi:g}" if self.hi is not None else what
+
+    def ok(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind is int and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+    def check(self, value, field: str):
+        """`value` if allowed, else NetiError("must be ...", field=field, value=value)."""
+        if not self.ok(value):
+            raise NetiError(f"must be {self.describe()}", field=field, value=value)
+        return value
+
+    def parse(self, text: str):
+        """A command-line string -> its value; NetiError (no field) when it is not allowed."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise NetiError(f"{text!r}: must be {self.describe()}") from None
+        if not self.ok(value):
+            raise NetiError(f"{text}: must be {self.describe()}")
+        return value
+
+
+# A run's numeric settings (GenerateConfig's fields; the job file's keys). Steps: at most the
+# schedulers' 1000 training timesteps; guidance 0 is unconditional, 1 the conditional prediction alone.
+SAMPLING_RANGES = {
+    "steps": Range(int, 1, 1000),
+    "guidance": Range(float, 0),
+    "batch_size": Range(int, 1),
+    "height": Range(int, 1),
+    "width": Range(int, 1),
+    "cache_mb": Range(int, 0),
+}
+SEED_RANGE = Range(int, 0, 2**63 - 1)   # torch.Generator.manual_seed takes any int64 >= 0
 
 def torch_dtype(name: str):
     """"fp16" / "float16" / ... -> torch.float16; NetiError for anything else."""

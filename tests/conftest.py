@@ -92,7 +92,10 @@ def cli(capsys):
     from neti_fast.cli import main
 
     def run(*argv):
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:   # argparse: --help (0) and usage errors (2)
+            code = e.code
         out, err = capsys.readouterr()
         return code, out, err
     return run

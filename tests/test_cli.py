@@ -59,16 +59,23 @@ def test_precompute_generate_resume(cli, one_line_error, tmp_path, capsys, neti_
             "--seeds", "0-1", "--truncation", "8", "128", "--steps", "3", "--batch-size", "3", "--out", out_dir]
     code, out, err = cli(*args)
     assert code == 0, err
+    assert out.strip().splitlines()[-1] == (f"{out_dir}: 8 images made, 0 already there; 2 grid-*.png (rows "
+                                            "truncations, columns seeds), 2 sweep-s*.png (rows prompts, columns "
+                                            "truncations); manifest.jsonl")
     pngs = sorted(p.name for p in out_dir.glob("0*.png"))
     assert len(pngs) == 2 * 2 * 2 and len(list(out_dir.glob("grid-*.png"))) == 2
+    from PIL import Image
+    with Image.open(next(out_dir.glob("grid-000-*.png"))) as g:   # labelled: a label column and row on top
+        assert g.width > 2 * 64 and g.height > 2 * 64
     manifest = [json.loads(x) for x in (out_dir / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 8 and {e["truncation"] for e in manifest} == {8, 128}
     assert all(e["steps"] == 3 and e["scheduler"] == "dpm++" and e["model"] == "tiny" for e in manifest)
     # resume: nothing is regenerated
     mtimes = {p: p.stat().st_mtime_ns for p in out_dir.glob("0*.png")}
     os.remove(out_dir / pngs[0])  # ... except what is missing
-    code, _, err = cli(*args)
+    code, out, err = cli(*args)
     assert code == 0, err
+    assert "1 images made, 7 already there" in out
     assert (out_dir / pngs[0]).exists()
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.name != pngs[0])
     # same names, other settings: refused, not overwritten
@@ -128,3 +135,134 @@ def test_console_script_prints_one_line(tmp_path):
     assert not marker.exists()
     r = subprocess.run([sys.executable, "-m", "neti_fast", "--help"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "demo" in r.stdout and "precompute" in r.stdout
+
+
+# ----------------------------------------------------------------------------- numbers, Ctrl-C, start-up
+
+# the least each command needs besides the flag under test (nothing here exists: a bad number must be
+# refused before any file is read or written)
+REQUIRED = {
+    "generate": ["--model", "tiny", "--prompt", "x", "--out", "o"],
+    "run": ["job.jsonl", "--model", "tiny", "--out", "o"],
+    "train": ["imgs", "--placeholder", "<x>", "--init-word", "cat", "--model", "tiny", "--out", "o"],
+    "precompute": ["c.safetensors", "--out", "o.safetensors"],
+    "export": ["--model", "tiny", "--out", "o"],
+    "bench": ["--json", "o.json"],
+    "eval": ["o"],
+    "serve": ["--model", "tiny", "--state-dir", "o"],
+}
+
+
+def _numeric_flags():
+    """(command, flag, Range) of every flag of every subcommand that takes a number."""
+    import argparse
+
+    from neti_fast.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    found, bare = [], []
+    for cmd, p in sub.choices.items():
+        for a in p._actions:
+            if a.type in (int, float):
+                bare.append(f"{cmd} {a.option_strings}")
+            elif hasattr(a.type, "range"):
+                found.append((cmd, a.option_strings[0], a.type.range))
+    return found, bare
+
+
+def _bad_values(rng):
+    bad = ["abc"]
+    if rng.lo is not None:
+        bad.append(str(rng.lo if rng.lo_open else (rng.lo - 1 if rng.kind is int else rng.lo - 0.5)))
+    if rng.hi is not None:
+        bad.append(str(rng.hi + 1))
+    if rng.kind is float:
+        bad += ["nan", "inf"]
+    else:
+        bad.append("1.5")
+    return bad
+
+
+def test_every_numeric_flag_refuses_impossible_values(cli, one_line_error, tmp_path, monkeypatch):
+    flags, bare = _numeric_flags()
+    assert not bare, f"numeric flags without a range (use options.number / count / megabytes): {bare}"
+    names = {(c, f) for c, f, _ in flags}
+    assert {("generate", "--steps"), ("generate", "--guidance"), ("generate", "--batch-size"), ("run", "--steps"),
+            ("train", "--lr"), ("serve", "--port"), ("bench", "--batch-sizes"), ("eval", "--batch-size")} <= names
+    monkeypatch.chdir(tmp_path)
+    tried = 0
+    for cmd, flag, rng in flags:
+        assert cmd in REQUIRED, cmd
+        for bad in _bad_values(rng):
+            code, _, err = cli(cmd, *REQUIRED[cmd], flag, bad)
+            one_line_error(code, err, f"argument {flag}", bad if bad != "abc" else "'abc'", rng.describe())
+            assert list(tmp_path.iterdir()) == [], (cmd, flag, bad)
+            tried += 1
+    assert tried >= 3 * len(flags)
+
+
+def test_the_engine_job_file_and_flags_share_one_range(tmp_path):
+    """The Python API and job files hold the same numbers to the same ranges as the flags."""
+    import dataclasses
+
+    from neti_fast.engine.request import GenerateConfig, check_settings
+    from neti_fast.jobs.jobfile import parse_job
+    from neti_fast.utils import SAMPLING_RANGES
+    check_settings(GenerateConfig())
+    for field, value in (("steps", 0), ("steps", 1001), ("guidance", -5.0), ("guidance", float("nan")),
+                         ("batch_size", 0), ("height", 0), ("width", -8), ("cache_mb", -1), ("steps", 2.5)):
+        with pytest.raises(NetiError) as e:
+            check_settings(dataclasses.replace(GenerateConfig(), **{field: value}))
+        assert e.value.field == field and SAMPLING_RANGES[field].describe() in str(e.value)
+    job = tmp_path / "job.jsonl"
+    job.write_text('{"prompt": "a", "steps": 0}\n{"prompt": "b", "guidance": -5}\n{"prompt": "c", "steps": 1001}\n')
+    defaults = dict(concept=None, seeds=[0], truncation=[None], steps=4, guidance=7.5, negative_prompt="",
+                    scheduler="dpm++", height=None, width=None)
+    lines, problems = parse_job(job, defaults)
+    assert lines == [] and [n for n, _ in problems] == [1, 2, 3]
+    assert "steps must be an integer from 1 to 1000, got 0" in problems[0][1]
+    assert "guidance must be a number >= 0, got -5" in problems[1][1]
+
+
+def test_seed_ranges_backwards_say_so():
+    with pytest.raises(NetiError, match=r"--seeds 5-2: the range is backwards \(write 2-5\)"):
+        parse_seeds(["0", "5-2"])
+
+
+def test_ctrl_c_stops_the_caller_with_one_line(cli, monkeypatch, capsys):
+    """In-process (tests) Ctrl-C reaches the caller, so pytest stops; the console script exits 130."""
+    import neti_fast.cli as cli_mod
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli_mod, "cmd_precompute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli_mod.main(["precompute", "c", "--out", "o"])
+    assert capsys.readouterr().err.strip() == "neti-fast precompute: interrupted"
+    monkeypatch.setattr(cli_mod, "cmd_generate", interrupted)
+    monkeypatch.setattr(sys, "argv", ["neti-fast", "generate", "--model", "tiny", "--prompt", "x", "--out", "o"])
+    assert cli_mod.entry() == 130
+    assert capsys.readouterr().err.strip() == "neti-fast generate: interrupted; re-run the same command to resume"
+
+
+HELP_PROBE = """
+import contextlib, io, sys, time
+t = time.perf_counter()
+from neti_fast.cli import build_parser
+commands = ["", "demo", "train", "import", "precompute", "merge", "generate", "run", "tiny-model", "export",
+            "bench", "eval", "serve"]
+for c in commands:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        build_parser().parse_args([c, "--help"] if c else ["--help"])
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "numpy", "PIL", "safetensors") if m in sys.modules)
+print(f"{time.perf_counter() - t:.3f} {','.join(heavy)}")
+"""
+
+
+def test_help_is_fast_and_loads_no_heavy_library():
+    """--help of every subcommand, in a fresh interpreter: no torch / diffusers / transformers / numpy
+    import (what made it take seconds), and a generous time bound for all 13 of them together."""
+    r = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    seconds, heavy = r.stdout.split()[0], r.stdout.split()[1:]
+    assert heavy == [], f"--help imported {heavy}"
+    assert float(seconds) < 10, seconds

@@ -5,7 +5,7 @@ inside functions alike: a lazy import that closes a cycle is still a cycle a rea
 `neti_fast/__init__.py` (the documented API, which imports from everywhere) and `__main__.py` are
 left out as sources; nothing may import `neti_fast.cli`.
 
-Layers (README "Code map"): a module imports only from its own subpackage or from a lower layer.
+Layers (docs/architecture.md, "Code map"): a module imports only from its own subpackage or from a lower layer.
 `errors`, `utils` and the Triton `kernels` are under everything; `sd` (the model) and `concepts` import nothing above
 them; `engine` (with `export`, the U-Net runtimes it drives) imports those; `options` (the flags
 shared by commands), then `training` and `jobs`, then `evaluation` and `serve`, then `api`, then `demo` and

@@ -25,7 +25,7 @@ from ..sd.models import Model
 from ..utils import ByteLRU
 from .denoiser import TorchDenoiser
 from .kv_arena import KVArena
-from .request import GenerateConfig, Request, as_tables, check_request, check_size, tokenize_request
+from .request import GenerateConfig, Request, as_tables, check_request, check_settings, check_size, tokenize_request
 from .sampling import decode, image_generators, initial_latents, make_scheduler
 
 
@@ -153,6 +153,7 @@ class Engine:
     def generate_batch(self, reqs: list[Request], progress: bool = False, on_step=None) -> np.ndarray:
         """Images for `reqs` in one U-Net batch. `on_step(done, total)` is called after every step."""
         m, cfg = self.model, self.cfg
+        check_settings(cfg)
         for r in reqs:
             check_request(m, r)
         h, w = check_size(m, cfg.height, cfg.width)

@@ -2,7 +2,7 @@
 and `check_request`, the one check of a request before any work.
 
 Every front end (the CLI's `generate`, job files, the server, the Python API, the diffusers
-adapter) validates through `check_request` / `check_size`; the NetiError it raises carries the
+adapter) validates through `check_settings` / `check_request` / `check_size`; the NetiError it raises carries the
 setting at fault as `field` (errors.py), which each front end names its own way.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ..concepts.table import TableLike
 from ..errors import NetiError
 from ..sd.conditioning import markers, tokenize
 from ..sd.models import Model
-from ..utils import image_size
+from ..utils import SAMPLING_RANGES, image_size
 
 
 @dataclass
@@ -74,6 +74,15 @@ def check_size(model: Model, height: int | None, width: int | None) -> tuple[int
         if v % f:
             raise NetiError(f"must be a multiple of {f}", field=name, value=v)
     return h, w
+
+
+def check_settings(cfg: GenerateConfig) -> None:
+    """A run's numbers, each in its range (utils.SAMPLING_RANGES). Names (scheduler, attention)
+    are checked where they are looked up (sampling.make_scheduler, sd.attention)."""
+    for name, rng in SAMPLING_RANGES.items():
+        value = getattr(cfg, name)
+        if value is not None or name not in ("height", "width"):
+            rng.check(value, name)
 
 
 def check_request(model: Model, req: Request) -> None:

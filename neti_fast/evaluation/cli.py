@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import NetiError
+from ..options import count
 from ..utils import default_device
 from .metrics import evaluate_folder
 from .models import DEFAULT_CLIP, DEFAULT_DINO
@@ -11,7 +12,7 @@ from .report import format_table, save_report
 
 
 def add_arguments(p) -> None:
-    p.add_argument("out_dir", help="folder written by `neti-fast generate` (manifest.json) or the job runner (manifest.jsonl)")
+    p.add_argument("out_dir", help="folder written by `neti-fast generate` or `neti-fast run` (its manifest.jsonl lists the images)")
     p.add_argument("--train-images", required=True, metavar="DIR",
                    help="the concept's training images (.png / .jpg / .jpeg / .webp)")
     p.add_argument("--clip", default=DEFAULT_CLIP,
@@ -24,7 +25,7 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="text vs image similarity per truncation, PNG (default OUT_DIR/eval.png)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--batch-size", type=count(), default=32, help="images per forward pass (default 32)")
 
 
 def main(args) -> dict:

@@ -12,15 +12,8 @@ DEFAULT_DINO = "facebook/dino-vits16"
 
 
 def _resolve(arg: str, spec: str) -> str:
-    """A local folder (must exist and be a folder) or a hub id (owner/name)."""
-    p = Path(spec).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise NetiError(f"{arg} {spec}: is not a folder (give a model folder or a hub id)")
-        return str(p)
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or "\\" in spec:
-        raise NetiError(f"{arg} {spec}: no such folder, and not a hub id (owner/name)")
-    return spec
+    from ..sd.hub import resolve_source
+    return resolve_source(spec, arg)
 
 
 def _load_error(arg: str, spec: str, e: BaseException, what: str = "it") -> NetiError:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NetiError
 from ..options import parse_seeds
-from ..utils import SCHEDULERS, ByteLRU, image_size
+from ..utils import SAMPLING_RANGES, SCHEDULERS, ByteLRU, image_size
 
 KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
         "height", "width")
@@ -134,18 +133,16 @@ def _parse_line(n: int, obj: dict, defaults: dict, base: Path) -> tuple[Line | N
             out[key] = conv(val[key]) if key in given else defaults[key]  # defaults are already converted
         except NetiError as e:
             problems.append(str(e))
-    if not (_is_int(val["steps"]) and val["steps"] >= 1):
-        problems.append(f"steps must be a positive integer, got {val['steps']!r}")
-    if not (isinstance(val["guidance"], (int, float)) and not isinstance(val["guidance"], bool)
-            and math.isfinite(val["guidance"])):
-        problems.append(f"guidance must be a number, got {val['guidance']!r}")
+    for key in ("steps", "guidance"):
+        if not SAMPLING_RANGES[key].ok(val[key]):
+            problems.append(f"{key} must be {SAMPLING_RANGES[key].describe()}, got {val[key]!r}")
     if val["scheduler"] not in SCHEDULERS:
         problems.append(f"scheduler {val['scheduler']!r}: must be one of {', '.join(SCHEDULERS)}")
     if not isinstance(val["negative_prompt"], str):
         problems.append(f"negative_prompt must be a string, got {_jtype(val['negative_prompt'])}")
-    for key in ("height", "width"):
-        if val[key] is not None and not (_is_int(val[key]) and val[key] >= 8):
-            problems.append(f"{key} must be an integer of at least 8, got {val[key]!r}")
+    for key in ("height", "width"):     # None: the model's size; multiples of its VAE factor: check_size
+        if val[key] is not None and not SAMPLING_RANGES[key].ok(val[key]):
+            problems.append(f"{key} must be {SAMPLING_RANGES[key].describe()}, got {val[key]!r}")
     if problems:
         return None, problems
     return Line(n, obj["prompt"], obj.get("concept"), out["concept"],

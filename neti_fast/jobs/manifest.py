@@ -15,8 +15,10 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # annotations only; imported where used, so `--help` does not load it
+    import numpy as np
 
 from ..errors import NetiError
 from ..utils import atomic_write
@@ -170,6 +172,7 @@ def _norm(key: str, v):
 
 def same_image(path: Path, image: np.ndarray) -> bool:
     """An unrecorded file counts as ours when it decodes to this image (within one level: backends)."""
+    import numpy as np
     from PIL import Image
     try:
         with Image.open(path) as im:

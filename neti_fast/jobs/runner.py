@@ -224,6 +224,7 @@ def run(lines: list, out: str | Path, model, cfg, concepts: Concepts, *, model_n
     attention, cache_mb and the defaults;
     `engine`: a caller's Engine to reuse; `denoiser_for(height, width)`: the U-Net backend per size.
     """
+    from ..engine.request import check_settings   # engine modules load torch: not at --help time
     t_start = time.perf_counter()
     d = dist or Dist(device=str(model.device))
     out = Path(out)
@@ -231,6 +232,7 @@ def run(lines: list, out: str | Path, model, cfg, concepts: Concepts, *, model_n
     dtype = dtype_name(model.dtype)
     err, plan = None, None
     try:
+        check_settings(cfg)
         problems = list(errors) + check_lines(model, lines, concepts)
         if problems:
             raise LineErrors(problems)
@@ -343,8 +345,8 @@ def add_arguments(p) -> None:
                    metavar="K", help="for lines without \"truncation\" (K, or none / full for no truncation; several allowed)")
     options.add_sampling_args(p)
     options.add_runtime_args(p)  # --attention, --backend, --export-dir: as for `generate`
-    p.add_argument("--cache-mb", type=int, default=2048, help="memory bound of cached prompt conditionings (MiB)")
-    p.add_argument("--concept-cache-mb", type=int, default=4096, help="memory bound of loaded concept files (MiB)")
+    p.add_argument("--cache-mb", type=options.megabytes(), default=2048, help="memory bound of cached prompt conditionings (MiB)")
+    p.add_argument("--concept-cache-mb", type=options.megabytes(), default=4096, help="memory bound of loaded concept files (MiB)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace images made with other settings (images already made with these are still skipped)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -130,13 +130,13 @@ def load_diffusers(path: str, dtype: torch.dtype | None = None) -> Model:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from .hub import resolve_source
+    spec, path = path, resolve_source(path, "--model", hint=f"; built-in models: {', '.join(BUILTIN_MODELS)}")
     local = Path(path)
     if local.exists():
         missing = [s for s in ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if not (local / s).is_dir()]
         if missing:
-            raise NetiError(f"--model {path}: not a Stable Diffusion diffusers folder (missing {', '.join(missing)}/)")
-    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise NetiError(f"--model {path}: no such folder, and not a hub id (owner/name) or built-in ({', '.join(BUILTIN_MODELS)})")
+            raise NetiError(f"--model {spec}: not a Stable Diffusion diffusers folder (missing {', '.join(missing)}/)")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         kw = {} if dtype is None else {"torch_dtype": dtype}
@@ -149,8 +149,8 @@ def load_diffusers(path: str, dtype: torch.dtype | None = None) -> Model:
     except NetiError:
         raise
     except (OSError, ValueError) as e:
-        raise NetiError(f"--model {path}: could not load it ({first_line(e)})") from e
-    return Model(tokenizer, text_encoder, unet, vae, sched, name=path)
+        raise NetiError(f"--model {spec}: could not load it ({first_line(e)})") from e
+    return Model(tokenizer, text_encoder, unet, vae, sched, name=spec)
 
 
 # ----------------------------------------------------------------------------- built-in models

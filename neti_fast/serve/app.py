@@ -166,7 +166,9 @@ class Server:
             names = self.store.add_file(raw, name, "upload")
         except NetiError as e:
             raw.unlink(missing_ok=True)
-            raise FieldError("file", str(e)) from None
+            # the loaders name the file they read: the client's name, not the server's path, is the one to show
+            shown = Path(filename).name
+            raise FieldError("file", str(e).replace(str(raw), shown).replace(raw.name, shown)) from None
         # Kept as safetensors under a name a restart lists again; a pickle never stays on disk.
         final = folder / f"{name}.safetensors"
         if final.exists() or len(names) != 1:  # never over a file already there (one a restart skipped)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 
 from ..errors import NetiError
+from ..options import count, megabytes, number
+from ..utils import Range
 
 
 def add_parser(sub) -> None:
@@ -14,19 +16,19 @@ def add_parser(sub) -> None:
                    help="folder of concept / table / bundle files (any supported format); each is named by its "
                         "file name without suffix, written {name} (or as a word) in prompts")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs --api-key)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=number(Range(int, 0, 65535)), default=7860, help="0: any free port")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--max-batch", type=int, default=16, help="images per engine batch (default 16)")
-    p.add_argument("--max-wait-ms", type=float, default=50.0,
+    p.add_argument("--max-batch", type=count(), default=16, help="images per engine batch (default 16)")
+    p.add_argument("--max-wait-ms", type=number(Range(float, 0)), default=50.0,
                    help="how long a request waits for batch-mates before its batch starts (default 50)")
     p.add_argument("--api-key", default=os.environ.get("NETI_FAST_API_KEY"),
                    help="required on every route but /health (default: $NETI_FAST_API_KEY)")
     p.add_argument("--state-dir", default="neti-fast-serve",
                    help="where uploads, training runs and trained concepts go (default ./neti-fast-serve)")
-    p.add_argument("--max-upload-mb", type=int, default=256, help="largest concept upload (default 256)")
-    p.add_argument("--cache-mb", type=int, default=2048, help="memory for prepared conditionings (default 2048)")
-    p.add_argument("--concept-cache-mb", type=int, default=1024, help="memory for loaded concept tables (default 1024)")
+    p.add_argument("--max-upload-mb", type=count(), default=256, help="largest concept upload (default 256)")
+    p.add_argument("--cache-mb", type=megabytes(), default=2048, help="memory for prepared conditionings (default 2048)")
+    p.add_argument("--concept-cache-mb", type=megabytes(), default=1024, help="memory for loaded concept tables (default 1024)")
     p.set_defaults(func=main)
 
 

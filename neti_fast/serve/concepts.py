@@ -170,6 +170,9 @@ class ConceptStore:
                 used.append(m)
         if concept is not None and concept not in self.entries:
             raise FieldError("concept", f"{concept!r} is not a concept this server has (have: {', '.join(self.names()) or 'none'})")
+        if concept is not None and concept not in used:  # a field that cannot apply is refused, not ignored
+            raise FieldError("prompt", f"does not say where concept {concept!r} goes: add {{}} to the prompt "
+                             f"(or write {{{concept}}})")
         if concept is not None:
             prompt = re.sub(r"\{\s*\}", "{" + concept + "}", prompt)
         return prompt, {n: self.get(n) for n in used}

@@ -26,6 +26,25 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# Settings a plain re-run may change and still continue the same run: where and how long it goes.
+RESUME_FREE = ("out", "steps", "save_every", "resume", "device")
+
+
+def settings_changed(path: Path, cfg: TrainConfig) -> list[str]:
+    """The run settings (TrainConfig fields but RESUME_FREE) that differ between this run and the
+    checkpoint at `path`, as "name recorded -> now"; unreadable records count as no difference
+    (load_checkpoint then refuses what cannot be resumed)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = json.loads((f.metadata() or {})["neti_fast.train_state"])["config"]
+    except Exception:  # noqa: BLE001 - load_checkpoint names the problem
+        return []
+    now = asdict(cfg)
+    return [f"{k} {recorded[k]!r} -> {now[k]!r}" for k in now
+            if k not in RESUME_FREE and k in recorded and recorded[k] != now[k]]
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     """Rank 0 keeps the single-process seed, so one process and rank 0 draw the same stream."""
     return seed + 1_000_003 * rank

@@ -3,15 +3,13 @@ YAML config (input_configs/train.yaml) and the `neti-fast train` flags. The loop
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import NetiError
-from ..utils import DTYPE_NAMES, METHODS, default_device, torch_dtype
+from ..options import number
+from ..utils import DTYPE_NAMES, METHODS, SEED_RANGE, Range, default_device, torch_dtype
 
 # diffusers.optimization.get_scheduler names (as the official NeTI trainer); piecewise_constant needs rules
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -61,6 +59,17 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- validation helpers
 
+# Numeric settings and what they may be (flags and YAML keys alike; the loop's own rules, e.g.
+# resolution a multiple of 8, are checked in _check_config).
+TRAIN_RANGES = {
+    "steps": Range(int, 1), "batch_size": Range(int, 1), "grad_accum": Range(int, 1),
+    "lr": Range(float, 0, lo_open=True), "seed": SEED_RANGE, "save_every": Range(int, 0),
+    "resolution": Range(int, 8), "lr_warmup_steps": Range(int, 0), "weight_decay": Range(float, 0),
+    "adam_beta1": Range(float, 0, 1), "adam_beta2": Range(float, 0, 1), "adam_epsilon": Range(float, 0, lo_open=True),
+    "nested_dropout_prob": Range(float, 0, 1), "num_pe_time_anchors": Range(int, 1),
+    "sigma_t": Range(float, 0, lo_open=True), "sigma_l": Range(float, 0, lo_open=True),
+}
+
 def _check_config(cfg: TrainConfig) -> None:
     for name in ("images", "placeholder", "init_word"):
         if not getattr(cfg, name):
@@ -69,27 +78,26 @@ def _check_config(cfg: TrainConfig) -> None:
         raise NetiError(f"--method {cfg.method!r}: must be one of {', '.join(METHODS)}")
     if cfg.learnable_property not in ("object", "style"):
         raise NetiError(f"--property {cfg.learnable_property!r}: must be object or style")
-    for name in ("steps", "batch_size", "grad_accum"):
+    for name, rng in TRAIN_RANGES.items():
         v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise NetiError(f"--{name.replace('_', '-')} {v}: must be a positive integer")
-    if not isinstance(cfg.save_every, int) or cfg.save_every < 0:
-        raise NetiError(f"--save-every {cfg.save_every}: must be a non-negative integer")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise NetiError(f"--lr {cfg.lr}: must be a positive number")
+        if v is None and name == "resolution":
+            continue
+        if name in _FLAG_FIELDS:          # the CLI names it as its flag, the server as its field
+            rng.check(v, name)
+        elif not rng.ok(v):               # YAML-only settings: named as the config key
+            raise NetiError(f"{name} {v}: must be {rng.describe()}")
     if cfg.lr_scheduler not in LR_SCHEDULERS:
         raise NetiError(f"lr_scheduler {cfg.lr_scheduler!r}: supported are {', '.join(LR_SCHEDULERS)}")
-    if not 0.0 <= cfg.nested_dropout_prob <= 1.0:
-        raise NetiError(f"nested_dropout_prob {cfg.nested_dropout_prob}: must be between 0 and 1")
-    if cfg.resolution is not None and (not isinstance(cfg.resolution, int) or cfg.resolution < 8 or cfg.resolution % 8):
-        raise NetiError(f"--resolution {cfg.resolution}: must be a multiple of 8")
+    if cfg.resolution is not None and cfg.resolution % 8:
+        raise NetiError("must be a multiple of 8", field="resolution", value=cfg.resolution)
     if cfg.dtype not in DTYPE_NAMES:
         raise NetiError(f"--dtype {cfg.dtype!r}: must be one of float32, float16, bfloat16")
     if any(c.isspace() for c in cfg.placeholder) or "{}" in cfg.placeholder:
         raise NetiError(f"--placeholder {cfg.placeholder!r}: must be one word without spaces or {{}}")
 
 
-def _device(cfg: TrainConfig) -> torch.device:
+def _device(cfg: TrainConfig):
+    import torch
     try:
         dev = torch.device(cfg.device)
     except RuntimeError:
@@ -230,15 +238,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--method", choices=METHODS, default=None, help="neti (default), xti or ti")
     a("--property", dest="learnable_property", choices=("object", "style"), default=None,
       help="caption templates: object (default) or style")
-    a("--model", default=None, help="tiny, a diffusers SD 1.x folder or hub id")
+    a("--model", default=None, help="a diffusers SD 1.x folder or hub id, or tiny (built-in, random weights); "
+                                    "required unless --config names one")
     a("--out", default=None, help="output folder (checkpoints and concept.safetensors)")
-    a("--steps", type=int, default=None, help="optimizer steps (default 1000)")
-    a("--batch-size", type=int, default=None, help="images per micro-batch (default 2)")
-    a("--grad-accum", type=int, default=None, help="micro-batches per step (default 4)")
-    a("--lr", type=float, default=None, help="base learning rate, scaled by batch x accumulation (default 1e-3)")
-    a("--seed", type=int, default=None, help="random seed (default 0)")
-    a("--save-every", type=int, default=None, help="checkpoint every N steps (default 250)")
-    a("--resolution", type=int, default=None, help="training image size (default: the model's)")
+    a("--steps", type=number(TRAIN_RANGES["steps"]), default=None, help="optimizer steps (default 1000)")
+    a("--batch-size", type=number(TRAIN_RANGES["batch_size"]), default=None, help="images per micro-batch (default 2)")
+    a("--grad-accum", type=number(TRAIN_RANGES["grad_accum"]), default=None, help="micro-batches per step (default 4)")
+    a("--lr", type=number(TRAIN_RANGES["lr"]), default=None, help="base learning rate, scaled by batch x accumulation (default 1e-3)")
+    a("--seed", type=number(TRAIN_RANGES["seed"]), default=None, help="random seed (default 0)")
+    a("--save-every", type=number(TRAIN_RANGES["save_every"]), default=None, help="checkpoint every N steps (default 250)")
+    a("--resolution", type=number(TRAIN_RANGES["resolution"]), default=None, help="training image size (default: the model's)")
     a("--center-crop", action=argparse.BooleanOptionalAction, default=None, help="center-crop images to square first")
     a("--config", default=None, metavar="YAML", help="official NeTI train.yaml; flags given override it")
     a("--resume", default=None, metavar="latest|PATH", help="continue from a checkpoint")
@@ -264,6 +273,9 @@ def config_from_args(args) -> TrainConfig:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
+    if "model" not in values:  # never train on the random built-in model by accident
+        raise NetiError("--model is required: a diffusers SD 1.x folder, a hub id, or tiny (the built-in "
+                        "model with random weights, for trying the commands)")
     if "device" not in values:
         values["device"] = default_device()
     if values.get("dtype") in DTYPE_NAMES:

@@ -14,7 +14,6 @@ drawn from the Textual Inversion templates, with `{}` kept as the placeholder ma
 from __future__ import annotations
 
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +67,13 @@ def preprocess(img: Image.Image, size: int, center_crop: bool = False) -> Image.
     return img
 
 
-def load_images(folder, size: int | None = None, center_crop: bool = False) -> list[Image.Image]:
-    """Every readable image in `folder` as RGB (resized to `size` when given), sorted by file name."""
+def load_images(folder, size: int | None = None, center_crop: bool = False, log=None) -> list[Image.Image]:
+    """Every image in `folder` as RGB (resized to `size` when given), sorted by file name.
+
+    A file with an image suffix that cannot be decoded is refused, naming it (a training set is 3-5
+    images: one quietly dropped changes the concept; the server refuses such an upload the same
+    way). Files of other kinds (captions, notes) are skipped, said once through `log`; hidden ones
+    (.DS_Store) silently."""
     folder = Path(folder)
     if not folder.exists():
         raise NetiError(f"{folder}: image folder does not exist")
@@ -77,23 +81,24 @@ def load_images(folder, size: int | None = None, center_crop: bool = False) -> l
         raise NetiError(f"{folder}: is not a folder (give the folder holding the training images)")
     if size is not None and (not isinstance(size, int) or size < 8):
         raise NetiError(f"--resolution {size}: must be an integer of at least 8")
+    image_suffixes = {e.lower() for e in Image.registered_extensions()}
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images, bad = [], []
-    for p in files:
+    others = [p.name for p in files if p.suffix.lower() not in image_suffixes]
+    images = []
+    for p in (p for p in files if p.suffix.lower() in image_suffixes):
         try:
             with Image.open(p) as im:
                 im.load()  # force a full decode: truncated / corrupt files fail here
                 img = to_rgb(im)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            bad.append((p, e))
-            continue
+            raise NetiError(f"{p}: not a readable image ({first_line(e)}); fix or remove it") from None
         images.append(preprocess(img, size, center_crop) if size is not None else img)
     if not images:
-        what = f"none of its {len(files)} files is a readable image" if files else "it has no image files"
+        what = f"none of its {len(files)} files is an image" if files else "it has no image files"
         raise NetiError(f"{folder}: no training images ({what})")
-    for p, e in bad:
-        warnings.warn(f"{p}: skipped, not a readable image ({first_line(e)})",
-                      stacklevel=2)
+    if others and log is not None:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        log(f"{folder}: {len(images)} images; skipped {len(others)} other file(s): {shown}")
     return images
 
 

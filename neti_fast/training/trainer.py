@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import (_checkpoints, _rank_seed, _rng_state, _seed_globals, load_checkpoint, save_checkpoint,
-                          unet_dtype_is_fp16)
+                          settings_changed, unet_dtype_is_fp16)
 from ..concepts.concept import Concept
 from ..errors import NetiError
 from ..concepts.mapper import MapperConfig, NeTIMapper
@@ -196,8 +196,9 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
         dd.close()
 
 
-def _resume_target(cfg: TrainConfig, out: Path) -> Path | None:
-    """The checkpoint `--resume` names (checked before the slow model load), or None for a fresh run."""
+def _resume_target(cfg: TrainConfig, out: Path, log=print) -> Path | None:
+    """The checkpoint to continue from (checked before the slow model load), or None for a fresh run:
+    the one `--resume` names, else the latest in `out` when its run had these settings."""
     if cfg.resume:
         if cfg.resume == "latest":
             ckpts = _checkpoints(out)
@@ -208,10 +209,17 @@ def _resume_target(cfg: TrainConfig, out: Path) -> Path | None:
         if not path.is_file():
             raise NetiError(f"--resume {cfg.resume}: no such checkpoint file")
         return path
-    if _checkpoints(out):
-        raise NetiError(f"--out {out}: holds checkpoints of an earlier run; pass --resume latest to continue it "
-                        "or choose another folder")
-    return None
+    ckpts = _checkpoints(out)
+    if not ckpts:
+        return None
+    # a plain re-run of an interrupted command continues it, as `generate` and `run` do
+    changed = settings_changed(ckpts[-1][1], cfg)
+    if changed:
+        raise NetiError(f"--out {out}: holds checkpoints of a run with other settings ({'; '.join(changed)}); "
+                        "re-run with those settings to continue it, pass --resume latest to continue it with "
+                        "these, or choose another --out")
+    log(f"resuming from {ckpts[-1][1]} (step {ckpts[-1][0]}); --out another folder to start afresh")
+    return ckpts[-1][1]
 
 
 def _load_model(cfg: TrainConfig, dd):
@@ -351,11 +359,11 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     from .data import load_images
 
     out = Path(cfg.out) if cfg.out else default_out(cfg.placeholder)
-    folder = Path(cfg.images)  # the folder's basic checks before the (slow) model load
-    if not folder.is_dir():
-        load_images(folder)  # raises the NetiError naming the problem
+    log = print if dd.rank == 0 else (lambda *a: None)
+    folder = Path(cfg.images)
+    load_images(folder, log=log)  # every image decodes, before the (slow) model load
     check_writable(out)
-    resume_path = _resume_target(cfg, out)
+    resume_path = _resume_target(cfg, out, log=log)
     if cfg.allow_tf32 and torch.device(dd.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

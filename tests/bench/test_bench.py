@@ -121,6 +121,12 @@ def test_ladder_json_rows_and_chart(ladder_run):
     assert s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == alt["ratio"] > 0
     assert alt["concepts_unet_ms_per_step"] == pytest.approx(statistics.median(alt["all_concepts_ms"]))
     assert s["largest_common_batch"] == 2
+    unet = data["side_by_side"]["unet"]  # one U-Net, three rungs, alternated round by round at batch 1
+    assert unet["batch"] == 1 and set(unet["ms_per_step"]) == {"reference", "diffusers", "batched"}
+    for v in unet["ms_per_step"].values():
+        assert len(v["all"]) == unet["rounds"] >= 1
+        assert v["min"] == min(v["all"]) <= v["median"] <= v["max"] == max(v["all"])
+        assert v["median"] == pytest.approx(statistics.median(v["all"]))
     many = s["concepts_vs_one_concept"]
     assert many["batch"] == 2 and many["unet_ms_per_step_ratio"] > 0 and many["images_per_s_ratio"] > 0
     assert by["concepts"][1]["unet_calls"] == 2  # two concepts, still one U-Net call per step
@@ -131,6 +137,7 @@ def test_table_text(ladder_run):
     result, _, _ = ladder_run
     text = report.format_table(result)
     assert "reference" in text and "conditioning speedup" in text and "skipped:" in text
+    assert "U-Net ms/step at batch 1, " in text and "alternated rounds, median (min-max): reference " in text
 
 
 def test_diffusers_rung_restores_neti_processors(tiny):

@@ -383,14 +383,14 @@ def test_cli_bad_inputs(tmp_path, model_dirs, capsys, case):
         (out / "a.png").unlink()
         expect = "missing: a.png"
     elif case == "clip-path":
-        clip, expect = str(tmp_path / "no-clip"), f"--clip {tmp_path / 'no-clip'}: no such folder"
+        clip, expect = str(tmp_path / "no-clip"), f"--clip {tmp_path / 'no-clip'}: no such local folder"
     elif case == "clip-not-a-model":
         (tmp_path / "empty").mkdir()
         clip, expect = str(tmp_path / "empty"), f"--clip {tmp_path / 'empty'}: could not load it"
     elif case == "clip-is-vit":
         clip, expect = str(dino_dir), "not a CLIP model"
     elif case == "dino-path":
-        dino, expect = str(tmp_path / "no-dino"), f"--dino {tmp_path / 'no-dino'}: no such folder"
+        dino, expect = str(tmp_path / "no-dino"), f"--dino {tmp_path / 'no-dino'}: no such local folder"
     elif case == "cuda":
         if torch.cuda.is_available():
             pytest.skip("a GPU is available here")

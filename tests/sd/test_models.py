@@ -54,7 +54,7 @@ def test_tokenizer_is_real_bpe(tiny_model):
 def test_bad_model_spec(tmp_path):
     with pytest.raises(NetiError, match="missing"):
         load_model(str(tmp_path))
-    with pytest.raises(NetiError, match="no such folder"):
+    with pytest.raises(NetiError, match="no such local folder"):
         load_model("./does/not/exist")
 
 

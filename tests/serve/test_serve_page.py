@@ -152,3 +152,16 @@ def test_page_trains_a_concept(page, served):
     page.wait_for_selector("#concept option[value='blob']", state="attached")
     assert page.eval_on_selector("#concept", "e => e.value") == "blob"
     assert (served[1] / "state" / "trained" / "blob.safetensors").is_file()
+
+
+def test_page_errors_say_what_to_do(page):
+    """A backwards seed range and a prompt without {} (here in a truncation sweep) say how to fix them."""
+    page.select_option("#concept", "cat")
+    page.fill("#prompt", "a photo on the beach")
+    page.fill("#seeds", "5-2")
+    page.click("#generate")
+    assert "the range 5-2 is backwards (write 2-5)" in page.inner_text("#gen-error")
+    page.fill("#seeds", "1")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('gen-error').textContent.length > 0")
+    assert "add {} to the prompt" in page.inner_text("#gen-error")

@@ -32,24 +32,27 @@ def test_empty_folder(tmp_path):
     assert str(tmp_path) in str(e.value)
 
 
-def test_corrupt_skipped_with_warning(tmp_path):
+def test_corrupt_image_refused_other_files_skipped_in_one_line(tmp_path):
     _rgb(tmp_path / "good.png")
     (tmp_path / "notes.txt").write_text("not an image")
+    said = []
+    imgs = load_images(tmp_path, 16, log=said.append)
+    assert len(imgs) == 1 and imgs[0].size == (16, 16) and imgs[0].mode == "RGB"
+    assert said == [f"{tmp_path}: 1 images; skipped 1 other file(s): notes.txt"]
     good = tmp_path / "good.png"
     (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:40])
-    with pytest.warns(UserWarning) as rec:
-        imgs = load_images(tmp_path, 16)
-    msgs = " ".join(str(w.message) for w in rec)
-    assert "notes.txt" in msgs and "truncated.png" in msgs
-    assert len(imgs) == 1 and imgs[0].size == (16, 16) and imgs[0].mode == "RGB"
+    with pytest.raises(NetiError, match=r"truncated.png: not a readable image .*fix or remove it"):
+        load_images(tmp_path, 16)
 
 
-def test_all_corrupt_is_an_error(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8garbage")
+def test_no_images_is_an_error(tmp_path):
     (tmp_path / "b.txt").write_text("x")
-    with pytest.raises(NetiError, match="none of its 2 files") as e:
+    with pytest.raises(NetiError, match="none of its 1 files is an image") as e:
         load_images(tmp_path, 16)
     assert str(tmp_path) in str(e.value)
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(NetiError, match="a.jpg: not a readable image"):
+        load_images(tmp_path, 16)
 
 
 def test_hidden_files_ignored(tmp_path):

@@ -145,12 +145,14 @@ def test_resume_is_exact(model, images, tmp_path, method):
     full = train(_cfg(images, tmp_path / "full", steps=4, save_every=2, **kw), model, progress=False)
     assert (tmp_path / "full" / "checkpoint-2.safetensors").is_file()
     train(_cfg(images, tmp_path / "half", steps=2, **kw), model, progress=False)
-    # a fresh run into a folder with checkpoints must say how to continue
-    with pytest.raises(NetiError, match="--resume latest"):
-        train(_cfg(images, tmp_path / "half", steps=4, **kw), model, progress=False)
+    # a run with other settings into that folder is refused, naming what changed and how to go on
+    with pytest.raises(NetiError, match=r"other settings \(lr 0.001 -> 0.002\).*--resume latest"):
+        train(_cfg(images, tmp_path / "half", steps=4, lr=2e-3, **kw), model, progress=False)
     torch.manual_seed(12345)
     np.random.seed(1)  # clobber the global RNGs: resume must restore them
-    resumed = train(_cfg(images, tmp_path / "half", steps=4, resume="latest", **kw), model, progress=False)
+    # the same command again (longer): a plain re-run continues (neti); --resume latest says so (xti)
+    resumed = train(_cfg(images, tmp_path / "half", steps=4, resume=None if method == "neti" else "latest", **kw),
+                    model, progress=False)
     a, b = load_file(str(full)), load_file(str(resumed))
     assert a.keys() == b.keys()
     for k in a:
@@ -236,9 +238,13 @@ def test_yaml_config(tmp_path):
     args = parser.parse_args(["--config", str(p), "--steps", "7", "--method", "xti", "--device", "cpu"])
     cfg = config_from_args(args)
     assert (cfg.steps, cfg.method, cfg.seed, cfg.placeholder, cfg.batch_size) == (7, "xti", 42, "<my-cat>", 2)
-    args = parser.parse_args([str(tmp_path / "other"), "--placeholder", "<x>", "--init-word", "dog"])
+    args = parser.parse_args([str(tmp_path / "other"), "--placeholder", "<x>", "--init-word", "dog", "--model", "tiny"])
     cfg = config_from_args(args)
     assert (cfg.images, cfg.placeholder, cfg.steps, cfg.lr) == (str(tmp_path / "other"), "<x>", 1000, 1e-3)
+    # without --config, --model is required: no silent training on the random built-in model
+    args = parser.parse_args([str(tmp_path / "other"), "--placeholder", "<x>", "--init-word", "dog"])
+    with pytest.raises(NetiError, match="--model is required.*tiny"):
+        config_from_args(args)
 
 
 def test_yaml_config_errors(tmp_path):
@@ -296,7 +302,7 @@ def test_cli_main(images, tmp_path, capsys):
     out = tmp_path / "cli"
     args = parser.parse_args(["--images", str(images), "--placeholder", "<cli>", "--init-word", "dog", "--method",
                               "ti", "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--out", str(out),
-                              "--device", "cpu", "--resolution", "64"])
+                              "--device", "cpu", "--resolution", "64", "--model", "tiny"])
     path = main(args)
     assert path == out / "concept.safetensors" and path.is_file()
     assert str(path) in capsys.readouterr().out
