@@ -14,6 +14,7 @@ shared by commands), then `training` and `jobs`, then `evaluation` and `serve`, 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,16 @@ def test_every_module_imports():
     code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
     r = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_checkout_folders_do_not_shadow_installed_packages(tmp_path):
+    """Run from the checkout's root (as `python -m pytest` and `python -m neti_fast` are), the top-level
+    kernels/ folder must not hide an installed `kernels` package (Hugging Face's, which transformers
+    >= 5.25 requires and imports): once neti_fast is imported, `import kernels` is the installed one."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("WHO = 'installed'\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    code = "import neti_fast, kernels, neti_fast.kernels.cross_attention as ka; print(kernels.WHO, ka.__name__)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["installed", "neti_fast.kernels.cross_attention"], r.stderr
