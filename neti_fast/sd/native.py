@@ -134,11 +134,12 @@ def native_supported(q: torch.Tensor, k_table: torch.Tensor, heads: int) -> tupl
 
 
 # `auto` on CPU, from `python -m neti_fast.bench.attention --threads 1` (native vs SDPA, calls
-# alternated, one run; bench/results/cpu-attention-native-{fp32,bf16}.json, README "Native
-# extension"): fp32 native is faster at every level measured (1.22-1.45x at SD 1.5's head dims
-# 40 / 80 / 160, 1.39-2.07x at tiny's 4 / 8); in bf16 it is faster at tiny's (1.27-2.44x: SDPA is
-# mostly call overhead there) but not at SD 1.5's (0.79-1.20x: PyTorch's bf16 GEMMs), so SDPA keeps
-# bf16 above head dim 16.
+# alternated; bench/results/cpu-attention-native-{fp32,bf16}.json, docs/native-extension.md).
+# Set from a run under load (2026-12-01): fp32 native faster at every level (1.22-1.45x at SD 1.5's
+# head dims 40 / 80 / 160, 1.39-2.07x at tiny's); bf16 faster at tiny's only, so SDPA keeps bf16
+# above head dim 16. Two quiet runs (2026-12-03) agree at tiny's (~2x) but give 0.82-1.05x at SD
+# 1.5's fp32 levels; the rule is kept until repeated runs settle it: there cross-attention is under
+# 1% of a CPU U-Net step (x0.96 engine-level, within noise), so either choice costs the same.
 _BF16_MAX_HEAD_DIM = 16
 
 
