@@ -114,7 +114,7 @@ def _write_grids(out: Path, prompts, seeds, truncations) -> None:
     for pi, prompt in enumerate(prompts):
         rows = [[pixels(pi, prompt, t, s) for s in seeds] for t in truncations]
         outputs.write_grid(out / f"grid-{pi:03d}-{outputs.slug(prompt)}.png", rows,
-                           row_labels=[f"truncation {outputs.truncation_label(t)}" for t in truncations],
+                           row_labels=[outputs.truncation_label(t) for t in truncations],
                            col_labels=[f"seed {s}" for s in seeds])
     if len(truncations) > 1:
         cols = [outputs.truncation_label(t) for t in truncations]

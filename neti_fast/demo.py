@@ -69,6 +69,6 @@ def run_demo(out: str | Path = "neti-fast-demo", train_steps: int = 30, gen_step
     print(f"  training images : {images}")
     print(f"  concept         : {concept_path}")
     print(f"  table           : {table_path}")
-    print(f"  images + grids  : {gen_dir} (rows: truncation none / 16, columns: seeds 0-3; manifest.jsonl)")
+    print(f"  images + grids  : {gen_dir} (rows: no truncation / truncation 16, columns: seeds 0-3; manifest.jsonl)")
     print(NOISE_NOTE)
     return {"concept": concept_path, "table": table_path, "images": gen_dir}

@@ -48,7 +48,7 @@ def test_tiny_is_deterministic(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_precompute_generate_resume(cli, one_line_error, tmp_path, capsys, neti_file):
+def test_precompute_generate_resume(cli, one_line_error, tmp_path, capsys, neti_file, monkeypatch):
     table = tmp_path / "table.safetensors"
     code, out, err = cli("precompute", neti_file, "--out", table, "--truncation", "8")
     assert code == 0, err
@@ -67,6 +67,13 @@ def test_precompute_generate_resume(cli, one_line_error, tmp_path, capsys, neti_
     from PIL import Image
     with Image.open(next(out_dir.glob("grid-000-*.png"))) as g:   # labelled: a label column and row on top
         assert g.width > 2 * 64 and g.height > 2 * 64
+    import neti_fast.api as api
+    from neti_fast.jobs import outputs
+    drawn = []
+    monkeypatch.setattr(outputs, "write_grid", lambda path, rows, row_labels=None, col_labels=None:
+                        drawn.append((path.name[:4], row_labels, col_labels)))
+    api._write_grids(out_dir, ["a photo of {}"], [0, 1], [8, 128])
+    assert drawn[0] == ("grid", ["truncation 8", "truncation 128"], ["seed 0", "seed 1"])
     manifest = [json.loads(x) for x in (out_dir / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 8 and {e["truncation"] for e in manifest} == {8, 128}
     assert all(e["steps"] == 3 and e["scheduler"] == "dpm++" and e["model"] == "tiny" for e in manifest)
