@@ -248,17 +248,18 @@ class _Run:
     start: int                     # the step training starts at (a resumed run's)
 
 
-def _setup(cfg: TrainConfig, model, dd, folder: Path, resume_path: Path | None) -> _Run:
-    """Placeholder, images, seeds, the concept, optimizer and schedule, and a resumed run's state."""
+def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None) -> _Run:
+    """Placeholder, images (`decoded`: load_images' RGB images, resized here), seeds, the concept,
+    optimizer and schedule, and a resumed run's state."""
     from diffusers import DDPMScheduler
 
-    from .data import TextualInversionDataset, load_images
+    from .data import TextualInversionDataset, preprocess
     device = model.device
     tokenizer = copy.deepcopy(model.tokenizer)  # the placeholder is added to a copy only
     init_id = init_token_id(tokenizer, cfg.placeholder, cfg.init_word)
     init_embed = model.text_encoder.get_input_embeddings().weight[init_id].detach().float().cpu()
     size = image_size(model, cfg.resolution)[0]
-    images = load_images(folder, size, cfg.center_crop)
+    images = [preprocess(img, size, cfg.center_crop) for img in decoded]  # as load_images(folder, size) would
 
     # seeds: global RNGs drive the mapper's init and its nested dropout (as official)
     _seed_globals(cfg.seed)
@@ -361,14 +362,14 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
     out = Path(cfg.out) if cfg.out else default_out(cfg.placeholder)
     log = print if dd.rank == 0 else (lambda *a: None)
     folder = Path(cfg.images)
-    load_images(folder, log=log)  # every image decodes, before the (slow) model load
+    decoded = load_images(folder, log=log)  # every image decodes, before the (slow) model load
     check_writable(out)
     resume_path = _resume_target(cfg, out, log=log)
     if cfg.allow_tf32 and torch.device(dd.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = model if model is not None else _load_model(cfg, dd)
-    run = _setup(cfg, model, dd, folder, resume_path)
+    run = _setup(cfg, model, dd, decoded, resume_path)
     state = install_processors(model)
 
     bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress or dd.rank > 0, desc=f"train {cfg.method}",
