@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from .jobs import manifest
 from .jobs import outputs
+from . import images
 from .concepts.importers import load_concept  # noqa: F401  (the documented API: neti_fast/__init__.py)
 from .errors import NetiError
 from .concepts.mixing import parse_layer_mix, parse_time_mix  # noqa: F401  (documented API)
@@ -113,11 +114,11 @@ def _write_grids(out: Path, prompts, seeds, truncations) -> None:
             return np.asarray(im.convert("RGB"))
     for pi, prompt in enumerate(prompts):
         rows = [[pixels(pi, prompt, t, s) for s in seeds] for t in truncations]
-        outputs.write_grid(out / f"grid-{pi:03d}-{outputs.slug(prompt)}.png", rows,
+        images.write_grid(out / f"grid-{pi:03d}-{outputs.slug(prompt)}.png", rows,
                            row_labels=[outputs.truncation_label(t) for t in truncations],
                            col_labels=[f"seed {s}" for s in seeds])
     if len(truncations) > 1:
         cols = [outputs.truncation_label(t) for t in truncations]
         for s in seeds:
             rows = [[pixels(pi, prompt, t, s) for t in truncations] for pi, prompt in enumerate(prompts)]
-            outputs.write_grid(out / f"sweep-s{s}.png", rows, row_labels=list(prompts), col_labels=cols)
+            images.write_grid(out / f"sweep-s{s}.png", rows, row_labels=list(prompts), col_labels=cols)

@@ -68,9 +68,9 @@ def test_precompute_generate_resume(cli, one_line_error, tmp_path, capsys, neti_
     with Image.open(next(out_dir.glob("grid-000-*.png"))) as g:   # labelled: a label column and row on top
         assert g.width > 2 * 64 and g.height > 2 * 64
     import neti_fast.api as api
-    from neti_fast.jobs import outputs
+    from neti_fast import images
     drawn = []
-    monkeypatch.setattr(outputs, "write_grid", lambda path, rows, row_labels=None, col_labels=None:
+    monkeypatch.setattr(images, "write_grid", lambda path, rows, row_labels=None, col_labels=None:
                         drawn.append((path.name[:4], row_labels, col_labels)))
     api._write_grids(out_dir, ["a photo of {}"], [0, 1], [8, 128])
     assert drawn[0] == ("grid", ["truncation 8", "truncation 128"], ["seed 0", "seed 1"])

@@ -6,7 +6,7 @@ inside functions alike: a lazy import that closes a cycle is still a cycle a rea
 left out as sources; nothing may import `neti_fast.cli`.
 
 Layers (docs/architecture.md, "Code map"): a module imports only from its own subpackage or from a lower layer.
-`errors`, `utils` and the Triton `kernels` are under everything; `sd` (the model) and `concepts` import nothing above
+`errors`, `utils`, `images` (grids) and the Triton `kernels` are under everything; `sd` (the model) and `concepts` import nothing above
 them; `engine` (with `export`, the U-Net runtimes it drives) imports those; `options` (the flags
 shared by commands), then `training` and `jobs`, then `evaluation` and `serve`, then `api`, then `demo` and
 `bench`, and `cli` on top.
@@ -88,7 +88,7 @@ def _graph():
     return g
 
 
-LAYERS = [("neti_fast.errors",), ("neti_fast.utils",), ("neti_fast.kernels",),
+LAYERS = [("neti_fast.errors",), ("neti_fast.utils",), ("neti_fast.images",), ("neti_fast.kernels",),
           ("neti_fast.sd",), ("neti_fast.concepts",), ("neti_fast.export",), ("neti_fast.engine",),
           ("neti_fast.options",), ("neti_fast.training", "neti_fast.jobs"),
           ("neti_fast.evaluation", "neti_fast.serve"), ("neti_fast.api",), ("neti_fast.demo", "neti_fast.bench"),

@@ -50,6 +50,20 @@ async def training_status(request: Request, job_id: str):
     return job.describe()
 
 
+@router.get("/neti/train/{job_id}/validation.png")
+async def training_validation(request: Request, job_id: str):
+    """The run's latest validation grid (rows the prompts, columns the seeds)."""
+    from fastapi.responses import Response
+    server = request.app.state.server
+    job = server.trainer.jobs.get(job_id)
+    if job is None:
+        raise FieldError("job_id", f"{job_id!r}: no such training run", 404)
+    if job.validation_path is None:
+        raise FieldError("job_id", "no validation grid yet (one comes at each quarter of the run)", 404)
+    data = await run_in_threadpool(job.validation_path.read_bytes)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
 @router.get("/health")
 async def health(request: Request):
     server = request.app.state.server

@@ -6,7 +6,9 @@ as PNG under the server's state folder (never under a client-chosen name). When 
 concept is copied into `<state>/trained/` and joins the server's concepts.
 
 Settings are official NeTI's (train.TrainConfig) except on the built-in `tiny` model, where the
-default is a short run (a demo of the workflow, as `neti-fast demo` does).
+default is a short run (a demo of the workflow, as `neti-fast demo` does). The page sees the run's
+step, loss, ETA and a validation grid at each quarter of the run (the official four prompts x two
+seeds, 25 steps; `GET /neti/train/{id}/validation.png`).
 """
 from __future__ import annotations
 
@@ -38,11 +40,15 @@ class TrainJob:
     loss: float | None = None
     error: str | None = None
     concept: str | None = None        # the name it joined the list under
+    eta_s: float | None = None        # seconds left, from the mean time per step so far
+    validation_step: int | None = None  # the step of the latest validation grid
     started: float = field(default_factory=time.time)
     finished: float | None = None
+    validation_path: Path | None = None
 
     def describe(self) -> dict:
         d = asdict(self)
+        d.pop("validation_path", None)  # a server-side path: never shown
         d["progress"] = 1.0 if self.state == "done" else (self.step / self.steps if self.steps else 0.0)
         return d
 
@@ -108,11 +114,18 @@ class Trainer:
             cfg = TrainConfig(images=str(run_dir / "images"), placeholder=job.placeholder, init_word=job.init_word,
                               method=method, model=self.model_spec, out=str(run_dir / "out"), steps=job.steps,
                               batch_size=defaults["batch_size"], grad_accum=defaults["grad_accum"], save_every=0,
-                              device=self.device, dtype=str(self.dtype).replace("torch.", ""))
+                              device=self.device, dtype=str(self.dtype).replace("torch.", ""),
+                              validate_every=max(1, job.steps // 4), validation_seeds=[42, 420],
+                              validation_steps=25)
+            t0 = time.perf_counter()
 
             def on_step(step, loss, _trainable):
                 job.step, job.loss = step, float(loss)
-            path = train(cfg, model=self._model, progress=False, on_step=on_step)
+                job.eta_s = round((time.perf_counter() - t0) / step * (job.steps - step), 1)
+
+            def on_validation(step, grid):
+                job.validation_path, job.validation_step = grid, step
+            path = train(cfg, model=self._model, progress=False, on_step=on_step, on_validation=on_validation)
             from .concepts import clean_name
             base = clean_name(job.placeholder)
             name, k = base, 2

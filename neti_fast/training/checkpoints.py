@@ -27,7 +27,10 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 # Settings a plain re-run may change and still continue the same run: where and how long it goes.
-RESUME_FREE = ("out", "steps", "save_every", "resume", "device")
+# How it runs and what it shows change nothing it computes, beyond rounding.
+RESUME_FREE = ("out", "steps", "save_every", "resume", "device", "gradient_checkpointing", "channels_last",
+               "compile", "validate_every", "validation_prompts", "validation_seeds", "validation_steps",
+               "tensorboard")
 
 
 def settings_changed(path: Path, cfg: TrainConfig) -> list[str]:
@@ -90,8 +93,10 @@ def unet_dtype_is_fp16(model) -> bool:
 
 
 def save_checkpoint(path: Path, step: int, cfg: TrainConfig, trainable, optimizer, train_gen,
-                    dataset, device, text_dim: int, scaler=None, ranks: list | None = None) -> Path:
-    """`ranks`: under data parallelism, every rank's (_rng_state js, tensors), gathered by `_gather_rng`."""
+                    dataset, device, text_dim: int, scaler=None, ranks: list | None = None,
+                    lr_position: int | None = None) -> Path:
+    """`ranks`: under data parallelism, every rank's (_rng_state js, tensors), gathered by `_gather_rng`.
+    `lr_position`: the official schedule's position (trainer.lr_schedule)."""
     from safetensors.torch import save_file
     concept = trainable.concept(text_dim)
     tensors = concept.tensors()  # a checkpoint is also a loadable concept file
@@ -103,7 +108,8 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, trainable, optimize
     tensors.update({k: v.cpu().contiguous() for k, v in rng_t.items()})
     md = concept.metadata()
     scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
-    state = {"step": step, "num_params": len(params), "rng": rng_js, "scaler": scaler_state, "config": asdict(cfg)}
+    state = {"step": step, "num_params": len(params), "rng": rng_js, "scaler": scaler_state, "config": asdict(cfg),
+             "lr_position": lr_position}
     if ranks:
         state["world_size"] = len(ranks)
         state["rank_rng"] = {str(r): js for r, (js, _) in enumerate(ranks) if r > 0}
@@ -115,7 +121,9 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, trainable, optimize
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, trainable, optimizer, train_gen, dataset, device,
-                    scaler=None, rank: int = 0) -> int:
+                    scaler=None, rank: int = 0) -> tuple[int, int | None]:
+    """Restore a checkpoint into the run's objects; returns (step, the official schedule's position
+    or None when the checkpoint has none)."""
     from safetensors import safe_open
     where = str(path)
     try:
@@ -152,4 +160,5 @@ def load_checkpoint(path: Path, cfg: TrainConfig, trainable, optimizer, train_ge
         _seed_globals(_rank_seed(cfg.seed, rank) + int(state["step"]))
     if scaler is not None and scaler.is_enabled() and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+    pos = state.get("lr_position")
+    return int(state["step"]), (None if pos is None else int(pos))

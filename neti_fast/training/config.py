@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NetiError
@@ -13,6 +13,12 @@ from ..utils import DTYPE_NAMES, METHODS, SEED_RANGE, Range, default_device, tor
 
 # diffusers.optimization.get_scheduler names (as the official NeTI trainer); piecewise_constant needs rules
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+# the official trainer's validation defaults (constants.VALIDATION_PROMPTS, EvalConfig.validation_seeds)
+VALIDATION_PROMPTS = ("A photo of a {}", "A photo of a {} on a beach", "App icon of {}",
+                      "A painting of {} in the style of Monet")
+VALIDATION_SEEDS = (42, 420, 501, 5456)
+
 
 @dataclass
 class TrainConfig:
@@ -31,6 +37,10 @@ class TrainConfig:
     scale_lr: bool = True                 # lr *= batch_size * grad_accum (official)
     lr_scheduler: str = "constant"        # diffusers get_scheduler name: constant, constant_with_warmup, linear, cosine, ...
     lr_warmup_steps: int = 0
+    # The official trainer's counting (set by --config; see trainer.lr_schedule): warm-up and length
+    # in micro-batches, the factor of step k read at k x processes (lr 0 at the first warm-up step),
+    # and model.mapper_checkpoint_path resuming at the step its file name gives.
+    official: bool = False
     weight_decay: float = 1e-2            # AdamW
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -53,6 +63,15 @@ class TrainConfig:
     device: str = "cpu"                   # cpu | cuda | cuda:N
     dtype: str = "float32"                # dtype of the frozen models; the concept trains in float32
     allow_tf32: bool = False
+    gradient_checkpointing: bool = False  # recompute the U-Net's blocks in the backward pass (less memory, slower)
+    channels_last: bool | None = None     # U-Net / VAE in channels-last memory format; None: on CUDA only
+    compile: bool = False                 # torch.compile the U-Net
+    # what the run shows (none of it changes what is trained)
+    validate_every: int = 0               # a validation grid every N steps (and at the end); 0 = never
+    validation_prompts: list = field(default_factory=lambda: list(VALIDATION_PROMPTS))
+    validation_seeds: list = field(default_factory=lambda: list(VALIDATION_SEEDS))
+    validation_steps: int = 50            # denoising steps of a validation image (official num_denoising_steps)
+    tensorboard: bool = False             # also log loss, lr and validation grids for TensorBoard
     resume: str | None = None             # checkpoint path, or "latest" (highest step in `out`)
     init_concept: str | None = None       # NeTI: start from this concept's mapper (official mapper_checkpoint_path)
 
@@ -68,6 +87,7 @@ TRAIN_RANGES = {
     "adam_beta1": Range(float, 0, 1), "adam_beta2": Range(float, 0, 1), "adam_epsilon": Range(float, 0, lo_open=True),
     "nested_dropout_prob": Range(float, 0, 1), "num_pe_time_anchors": Range(int, 1),
     "sigma_t": Range(float, 0, lo_open=True), "sigma_l": Range(float, 0, lo_open=True),
+    "validate_every": Range(int, 0), "validation_steps": Range(int, 1, 1000),
 }
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -92,6 +112,12 @@ def _check_config(cfg: TrainConfig) -> None:
         raise NetiError("must be a multiple of 8", field="resolution", value=cfg.resolution)
     if cfg.dtype not in DTYPE_NAMES:
         raise NetiError(f"--dtype {cfg.dtype!r}: must be one of float32, float16, bfloat16")
+    if cfg.validate_every and (not cfg.validation_prompts or not cfg.validation_seeds):
+        raise NetiError("--validate-every: needs validation prompts and seeds (--validation-prompt)")
+    if cfg.tensorboard:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise NetiError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     if any(c.isspace() for c in cfg.placeholder) or "{}" in cfg.placeholder:
         raise NetiError(f"--placeholder {cfg.placeholder!r}: must be one word without spaces or {{}}")
 
@@ -132,16 +158,18 @@ _YAML_MAP = {
               "gradient_accumulation_steps": "grad_accum", "seed": "seed", "scale_lr": "scale_lr",
               "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "lr_warmup_steps", "adam_beta1": "adam_beta1",
               "adam_beta2": "adam_beta2", "adam_weight_decay": "weight_decay", "adam_epsilon": "adam_epsilon",
-              "mixed_precision": "_mixed_precision", "allow_tf32": "allow_tf32", "gradient_checkpointing": None},
-    "eval": None,  # validation during training is not run; the section is ignored
+              "mixed_precision": "_mixed_precision", "allow_tf32": "allow_tf32", "gradient_checkpointing": "gradient_checkpointing"},
+    "eval": {"validation_prompts": "validation_prompts", "num_validation_images": "_num_validation_images",
+             "validation_seeds": "validation_seeds", "validation_steps": "validate_every",
+             "num_denoising_steps": "validation_steps"},
 }
 _MIXED = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _FLOATS = {"lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "nested_dropout_prob", "target_norm",
            "sigma_t", "sigma_l"}
 _INTS = {"steps", "batch_size", "grad_accum", "seed", "save_every", "resolution", "lr_warmup_steps",
-         "num_pe_time_anchors"}
+         "num_pe_time_anchors", "validate_every", "validation_steps", "_num_validation_images"}
 _BOOLS = {"scale_lr", "center_crop", "use_nested_dropout", "output_bypass", "normalize_mapper_output",
-          "use_positional_encoding", "allow_tf32"}
+          "use_positional_encoding", "allow_tf32", "gradient_checkpointing"}
 
 
 def _coerce(path, key: str, v):
@@ -152,6 +180,12 @@ def _coerce(path, key: str, v):
         if not isinstance(v, bool):
             raise NetiError(f"--config {path}: {key} must be true or false, got {v!r}")
         return v
+    if key in ("validation_prompts", "validation_seeds"):
+        item = "prompts (text)" if key == "validation_prompts" else "integer seeds"
+        ok = str if key == "validation_prompts" else int
+        if not isinstance(v, list) or not v or not all(isinstance(x, ok) and not isinstance(x, bool) for x in v):
+            raise NetiError(f"--config {path}: eval.{key} must be a list of {item}, got {v!r}")
+        return list(v)
     if key in _FLOATS or key in _INTS:
         try:
             if isinstance(v, bool):
@@ -211,6 +245,21 @@ def load_yaml_config(path) -> dict:
                 out["dtype"] = _MIXED[value]
             else:
                 out[target] = value
+    # the official trainer's validation: every eval.validation_steps (default 100) steps, its default
+    # prompts and seeds; seeds null -> 0..num_validation_images-1, else one per validation image
+    ev = raw.get("eval") or {}
+    out.setdefault("validate_every", 100)
+    n = ev.get("num_validation_images")
+    if "validation_seeds" in ev and ev["validation_seeds"] is None:
+        out["validation_seeds"] = list(range(int(_coerce(path, "_num_validation_images", n) or 4)))
+    elif n is not None:
+        n = _coerce(path, "_num_validation_images", n)
+        seeds = out.get("validation_seeds", list(VALIDATION_SEEDS))
+        if len(seeds) != n:
+            raise NetiError(f"--config {path}: eval.num_validation_images {n} but {len(seeds)} validation_seeds; "
+                            "give one seed per image (or validation_seeds: null)")
+    out.pop("_num_validation_images", None)
+    out["official"] = True  # the official trainer's counting of the schedule and the mapper checkpoint
     exp_dir, exp_name = out.pop("_exp_dir", None), out.pop("_exp_name", None)
     if exp_dir is not None:
         out["out"] = str(Path(exp_dir) / exp_name) if exp_name else str(exp_dir)
@@ -252,11 +301,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--config", default=None, metavar="YAML", help="official NeTI train.yaml; flags given override it")
     a("--resume", default=None, metavar="latest|PATH", help="continue from a checkpoint")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="dtype of the frozen models (default float32)")
+    a("--dtype", default=None, choices=sorted(DTYPE_NAMES),
+      help="dtype of the frozen models; the concept and its optimizer stay float32 (default float32)")
+    a("--lr-scheduler", default=None, choices=LR_SCHEDULERS,
+      help="learning-rate schedule (diffusers get_scheduler; default constant). Without --config, "
+           "--lr-warmup-steps and --steps count optimizer steps and step k uses the factor after k + 1 "
+           "updates; with --config, as the official trainer: both x --grad-accum, factor at k (README)")
+    a("--lr-warmup-steps", type=number(TRAIN_RANGES["lr_warmup_steps"]), default=None,
+      help="warm-up steps of the schedule (default 0)")
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute the U-Net's activations in the backward pass: less memory, about 30%% slower")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+      help="U-Net and VAE in channels-last memory format (default: on CUDA)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the U-Net (a slow first step; faster on GPUs)")
+    a("--validate-every", type=number(TRAIN_RANGES["validate_every"]), default=None, metavar="N",
+      help="a validation grid (prompts x seeds) every N steps, validation-N.png in --out (default 0: never; "
+           "--config: the YAML's eval section, as official)")
+    a("--validation-prompt", dest="validation_prompts", action="append", default=None, metavar="PROMPT",
+      help="validation prompt with {} for the concept (repeatable; default: the official four)")
+    a("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+      help="also write TensorBoard logs (loss, lr, validation grids) to --out/tensorboard")
 
 
 _FLAG_FIELDS = ("placeholder", "init_word", "method", "learnable_property", "model", "out", "steps", "batch_size",
-                "grad_accum", "lr", "seed", "save_every", "resolution", "center_crop", "resume", "device", "dtype")
+                "grad_accum", "lr", "seed", "save_every", "resolution", "center_crop", "resume", "device", "dtype",
+                "lr_scheduler", "lr_warmup_steps", "gradient_checkpointing", "channels_last", "compile",
+                "validate_every", "validation_prompts", "tensorboard")
 
 
 def config_from_args(args) -> TrainConfig:

@@ -135,11 +135,13 @@ class TextualInversionDataset:
         return len(self.images)
 
     def __getitem__(self, i: int):
+        _, flip, caption = self.item(i)
+        return (self.pixels[i].flip(-1) if flip else self.pixels[i]), caption
+
+    def item(self, i: int) -> tuple[int, bool, str]:
+        """(i, mirrored, caption) for image i: what `ds[i]` draws, without the pixels."""
         caption = self.rng.choice(self.templates)   # official order: text first, then the flip
-        px = self.pixels[i]
-        if self.rng.random() < self.flip_p:
-            px = px.flip(-1)
-        return px, caption
+        return i, self.rng.random() < self.flip_p, caption
 
     def next_index(self) -> int:
         if self._pos >= len(self._order):
@@ -149,10 +151,15 @@ class TextualInversionDataset:
         self._pos += 1
         return i
 
+    def next_items(self, batch_size: int) -> list[tuple[int, bool, str]]:
+        """The next batch as (image index, mirrored, caption) triples (the trainer's cached latents)."""
+        return [self.item(self.next_index()) for _ in range(batch_size)]
+
     def next_batch(self, batch_size: int):
-        """([B, 3, size, size], [B captions])."""
-        items = [self[self.next_index()] for _ in range(batch_size)]
-        return torch.stack([p for p, _ in items]), [c for _, c in items]
+        """([B, 3, size, size], [B captions]): the same draws as `next_items`."""
+        items = self.next_items(batch_size)
+        px = [self.pixels[i].flip(-1) if f else self.pixels[i] for i, f, _ in items]
+        return torch.stack(px), [c for _, _, c in items]
 
     # --- exact resume
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:

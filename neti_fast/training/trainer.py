@@ -22,6 +22,17 @@ single-process one); gradients are averaged across ranks before each optimizer s
 identical; the effective batch is batch_size x grad_accum x world (scale_lr scales by all three, as
 the official script does with num_processes). Rank 0 alone writes; checkpoints carry every rank's RNG
 state, so a resume with the same number of processes continues each stream exactly.
+
+Speed (exact rewrites of the official algorithm; bench/training.py measures them against it): the VAE
+latent distribution of every training image and its mirror image is computed once (the official
+trainer re-encodes the batch every micro-batch; a sample is mean + std x noise either way, the noise
+drawn from the same generator); the 16 layers' CLIP passes are one batch of 16 B (official: 16
+sequential passes); on CUDA the text encoding runs under autocast in the low dtype (as accelerate's
+mixed precision does for the official text encoder) and the U-Net / VAE in channels-last. Optional:
+gradient checkpointing of the U-Net and torch.compile of it.
+
+What a run writes beside its checkpoints (training/logs.py): settings.json, loss.csv and loss.png,
+validation-{step}.png grids (training/validation.py), optionally TensorBoard logs.
 """
 from __future__ import annotations
 
@@ -82,14 +93,18 @@ class Trainable:
             self.embeds = torch.nn.Parameter(self.init_embed[None].repeat(n, 1).clone())
 
     def _load_init_concept(self, path: str) -> None:
+        """Start from a concept's mapper: its own architecture and settings (nested dropout included),
+        as the official trainer's CheckpointHandler.load_mapper builds the mapper from the file's config."""
         from ..concepts.importers import load_concept
         c = load_concept(path)
         if c.method != "neti" or c.mapper is None:
             raise NetiError(f"{path}: init concept is a {c.method} concept; a NeTI mapper is needed")
-        try:
-            self.mapper.load_tensors(c.mapper.tensors())
-        except RuntimeError as e:
-            raise NetiError(f"{path}: its mapper does not match this run's mapper settings ({str(e).splitlines()[0]})") from None
+        if c.mapper.cfg.output_dim != self.mapper.cfg.output_dim:
+            raise NetiError(f"{path}: its mapper is {c.mapper.cfg.output_dim}-d; this model's text encoder is "
+                            f"{self.mapper.cfg.output_dim}-d")
+        with torch.random.fork_rng(devices=[]):
+            self.mapper = NeTIMapper(c.mapper.cfg).float()
+        self.mapper.load_tensors(c.mapper.tensors())
 
     def to(self, device) -> "Trainable":
         if self.mapper is not None:
@@ -141,16 +156,35 @@ class Trainable:
 
 def lr_schedule(cfg: TrainConfig, optimizer):
     """diffusers' learning-rate schedule (`get_scheduler`, as the official trainer): a LambdaLR whose
-    factor for optimizer step k (0-based) is read as `lr_lambdas[0](k + 1)` and set explicitly each
-    step, so a resumed run needs no scheduler state in its (pickle-free) checkpoint. k + 1: step k
-    has done k + 1 updates when it ends (warm-up reaches full lr at step warmup - 1, as before)."""
+    factor λ is read by `_lr_factor` and set explicitly each step, so no scheduler object is saved in
+    the (pickle-free) checkpoints.
+
+    neti-fast's counting (no --config): warm-up and length in optimizer steps, and step k (0-based)
+    uses λ(k + 1), the factor after its k + 1 updates (a warm-up reaches the full rate at step
+    warmup - 1; a linear decay's last step has rate 0).
+    The official counting (`cfg.official`, set by --config): the coach passes warm-up and length
+    x gradient_accumulation_steps, while accelerate (0.18) advances the scheduler once per process
+    per optimizer step (never on the skipped micro-batches, nor on an fp16 step skipped for inf
+    gradients), and the first step uses λ(0): step k uses λ(k x processes) of a schedule 4x as long
+    at the default accumulation, so a linear decay ends near (1 - 1/grad_accum) x the base rate."""
     from diffusers.optimization import get_scheduler
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                         num_training_steps=cfg.steps)
+    scale = cfg.grad_accum if cfg.official else 1
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * scale,
+                         num_training_steps=cfg.steps * scale)
 
 
-def _lr_factor(schedule, step: int) -> float:
-    return float(schedule.lr_lambdas[0](step + 1))
+def _lr_factor(run, step: int) -> float:
+    """The schedule's factor for optimizer step `step` (lr_schedule): λ(position of the official
+    scheduler) with --config, else λ(step + 1)."""
+    return float(run.schedule.lr_lambdas[0](run.lr_pos if run.cfg.official else step + 1))
+
+
+def official_start_step(path: str) -> int | None:
+    """The step the official trainer resumes at from `model.mapper_checkpoint_path`: the number its file
+    name ends with (`mapper-steps-500.pt` -> 500; `int(path.stem.split("-")[-1])` in the coach), or
+    None when the name has none (the official trainer fails on those; here training starts at 0)."""
+    last = Path(path).stem.split("-")[-1]
+    return int(last) if last.isdigit() else None
 
 
 def _gather_rng(dd, train_gen, dataset, device) -> list | None:
@@ -178,11 +212,12 @@ def _average_grads(params: list, loss: float, world: int) -> float:
     return float(flat[-1])
 
 
-def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> Path:
+def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None, on_validation=None) -> Path:
     """Train the concept described by `cfg`; returns the path of `concept.safetensors`.
 
     `model`: an already loaded `Model` (else `load_model(cfg.model, cfg.device, cfg.dtype)`); its
-    tokenizer is not modified. `on_step(step, loss, trainable)` is called after every optimizer step.
+    tokenizer is not modified. `on_step(step, loss, trainable)` is called after every optimizer step,
+    `on_validation(step, grid_path)` after each validation grid (cfg.validate_every).
     Under torchrun / accelerate launch (WORLD_SIZE > 1) it trains data-parallel (module docstring).
     """
     from ..engine.distributed import setup_distributed
@@ -191,7 +226,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True, on_step=None) -> 
     device = _device(cfg)
     dd = setup_distributed(str(device))  # "cuda" -> cuda:LOCAL_RANK under torchrun
     try:
-        return _train(cfg, model, progress, on_step, dd)
+        return _train(cfg, model, progress, on_step, on_validation, dd)
     finally:
         dd.close()
 
@@ -246,6 +281,9 @@ class _Run:
     scaler: torch.amp.GradScaler
     noise_sched: object            # DDPMScheduler: add_noise, the v-prediction target
     start: int                     # the step training starts at (a resumed run's)
+    lr_pos: int                    # the official scheduler's position (cfg.official; see lr_schedule)
+    latents: dict                  # (image index, mirrored) -> (mean, std) of the VAE's latent distribution
+    unet: object                   # model.unet, or its torch.compile
 
 
 def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None) -> _Run:
@@ -280,15 +318,49 @@ def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None)
     schedule = lr_schedule(cfg, optimizer)
     # fp16 gradients through the frozen U-Net underflow without loss scaling (accelerate's fp16 does the same)
     scaler = torch.amp.GradScaler(device.type, enabled=unet_dtype_is_fp16(model))
-    start = 0
+    start, lr_pos = 0, 0
     if resume_path is not None:
-        start = load_checkpoint(resume_path, cfg, trainable, optimizer, train_gen, dataset, device, scaler, dd.rank)
+        start, lr_pos = load_checkpoint(resume_path, cfg, trainable, optimizer, train_gen, dataset, device, scaler,
+                                        dd.rank)
+        lr_pos = start * dd.world if lr_pos is None else lr_pos
+    elif cfg.official and cfg.init_concept:
+        # the official coach resumes at the step in the mapper file's name, with a fresh optimizer
+        # and a fresh schedule (its scheduler is not advanced: the warm-up, if any, runs again)
+        start = official_start_step(cfg.init_concept) or 0
 
     noise_sched = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
     if noise_sched.config.prediction_type not in ("epsilon", "v_prediction"):
         raise NetiError(f"--model {cfg.model}: scheduler prediction_type {noise_sched.config.prediction_type!r} "
                         "is not supported for training")
-    return _Run(cfg, model, tokenizer, dataset, train_gen, trainable, optimizer, lr, schedule, scaler, noise_sched, start)
+    unet = model.unet
+    if cfg.compile:
+        unet = torch.compile(model.unet)
+    return _Run(cfg, model, tokenizer, dataset, train_gen, trainable, optimizer, lr, schedule, scaler, noise_sched,
+                start, lr_pos, _latent_cache(model, dataset), unet)
+
+
+@torch.no_grad()
+def _latent_cache(model, dataset) -> dict:
+    """The VAE's latent distribution (mean, std) of every training image and its mirror image, one
+    image per call (the official trainer encodes the micro-batch every step; the values are the
+    same up to rounding, and a latent is sampled from them with the same generator as before)."""
+    vae, cache = model.vae, {}
+    for i, px in enumerate(dataset.pixels):
+        for flip in (False, True):
+            x = (px.flip(-1) if flip else px)[None].to(model.device, vae.dtype)
+            dist = vae.encode(x).latent_dist
+            cache[i, flip] = (dist.mean[0], dist.std[0])
+    return cache
+
+
+def _sample_latents(run: _Run, items: list) -> torch.Tensor:
+    """diffusers' DiagonalGaussianDistribution.sample for the batch's cached distributions:
+    mean + std x randn_tensor(shape, generator) (the same draw as encoding the batch), x scaling."""
+    from diffusers.utils.torch_utils import randn_tensor
+    mean = torch.stack([run.latents[i, f][0] for i, f, _ in items])
+    std = torch.stack([run.latents[i, f][1] for i, f, _ in items])
+    z = randn_tensor(mean.shape, generator=run.train_gen, device=mean.device, dtype=mean.dtype)
+    return (mean + std * z) * run.model.vae.config.scaling_factor
 
 
 def _text_rows(run: _Run, ids, mask, t: torch.Tensor, B: int):
@@ -307,17 +379,26 @@ def _text_rows(run: _Run, ids, mask, t: torch.Tensor, B: int):
     return list(e.split(B)), list(eb.split(B))
 
 
+def _text_autocast(model):
+    """On CUDA with a low-dtype U-Net, the mapper and CLIP run under autocast in that dtype (as the
+    official text encoder under accelerate's mixed precision); their weights stay fp32."""
+    import contextlib
+    dtype = model.unet.dtype
+    if model.device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def _micro_step(run: _Run, state) -> float:
     """One micro-batch: VAE latents, noise at a random t per image, the concept's text rows, the
     U-Net's prediction and the MSE loss; its gradient (scaled by 1 / grad_accum) is accumulated."""
     from ..sd.conditioning import tokenize
     cfg, m, gen, sched = run.cfg, run.model, run.train_gen, run.noise_sched
     device, dtype = m.device, m.unet.dtype
-    pixels, captions = run.dataset.next_batch(cfg.batch_size)
+    items = run.dataset.next_items(cfg.batch_size)
+    captions = [c for _, _, c in items]
     B = len(captions)
-    with torch.no_grad():
-        lat = m.vae.encode(pixels.to(device, m.vae.dtype)).latent_dist
-        latents = lat.sample(generator=gen) * m.vae.config.scaling_factor
+    latents = _sample_latents(run, items)
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
     t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=gen)
     noisy = sched.add_noise(latents, noise, t.to(device))
@@ -325,11 +406,12 @@ def _micro_step(run: _Run, state) -> float:
     ids = torch.stack([x.input_ids for x in toks])
     mask = torch.stack([x.mask for x in toks])
     t_dev = t.to(device)
-    enc, enc_b = _text_rows(run, ids, mask, t_dev, B)
+    with _text_autocast(m):
+        enc, enc_b = _text_rows(run, ids, mask, t_dev, B)
     state.mode = "layers"
     state.enc = [x.to(dtype) for x in enc]
     state.enc_bypass = [x.to(dtype) for x in enc_b]
-    pred = m.unet(noisy.to(dtype), t_dev, encoder_hidden_states=state.enc[0]).sample
+    pred = run.unet(noisy.to(dtype), t_dev, encoder_hidden_states=state.enc[0]).sample
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t_dev)
     loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
     run.scaler.scale(loss / cfg.grad_accum).backward()
@@ -339,28 +421,71 @@ def _micro_step(run: _Run, state) -> float:
 def _optimizer_step(run: _Run, state, step: int, dd) -> float:
     """Optimizer step `step` (0-based): its learning rate, grad_accum micro-batches, gradients
     averaged over ranks, the update. Returns the step's loss."""
+    lr = run.lr * _lr_factor(run, step)
     for g in run.optimizer.param_groups:
-        g["lr"] = run.lr * _lr_factor(run.schedule, step)
+        g["lr"] = lr
     total = sum(_micro_step(run, state) for _ in range(run.cfg.grad_accum))
     if dd.world > 1:
         total = _average_grads(run.trainable.parameters(), total, dd.world)
     if not math.isfinite(total):
         raise NetiError(f"training diverged at step {step + 1} (loss {total}); lower --lr or use --dtype float32")
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return total
+    skipped = scale is not None and run.scaler.get_scale() < scale  # inf gradients: the step was skipped
+    if not skipped:
+        run.lr_pos += dd.world  # accelerate steps the scheduler once per process
+    return total, lr
 
 
-def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
-    """Check the inputs, set up, run the optimizer steps (checkpointing), write the concept."""
+def checkpointing(text_encoder, on: bool) -> None:
+    """transformers' activation checkpointing of a text encoder (renamed in transformers 5)."""
+    name = "activation_checkpointing" if hasattr(text_encoder, "activation_checkpointing_enable") \
+        else "gradient_checkpointing"
+    getattr(text_encoder, f"{name}_{'enable' if on else 'disable'}")()
+
+
+def _prepare_model(cfg: TrainConfig, model):
+    """Training-time settings of the frozen models; returns the function undoing them (the model
+    may be shared with inference, e.g. the server's)."""
+    unet, vae = model.unet, model.vae
+    channels_last = model.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    if channels_last:  # convolutions in NHWC: faster with cuDNN's tensor-core kernels
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    te = model.text_encoder
+    if cfg.gradient_checkpointing:  # U-Net and CLIP blocks (as official); both checkpoint in train mode
+        unet.enable_gradient_checkpointing()  # only, and neither has dropout, so train mode changes nothing else
+        checkpointing(te, True)
+        unet.train()
+        te.train()
+
+    def undo():
+        if channels_last:
+            unet.to(memory_format=torch.contiguous_format)
+            vae.to(memory_format=torch.contiguous_format)
+        if cfg.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+            checkpointing(te, False)
+            unet.eval()
+            te.eval()
+    return undo
+
+
+def _train(cfg: TrainConfig, model, progress: bool, on_step, on_validation, dd) -> Path:
+    """Check the inputs, set up, run the optimizer steps (checkpointing, logging, validating),
+    write the concept."""
     from tqdm.auto import tqdm
 
     from ..sd.attention import install_processors
     from .data import load_images
+    from .logs import TrainLog, write_settings
+    from .validation import write_validation
 
     out = Path(cfg.out) if cfg.out else default_out(cfg.placeholder)
-    log = print if dd.rank == 0 else (lambda *a: None)
+    main_rank = dd.rank == 0
+    log = print if main_rank else (lambda *a: None)
     folder = Path(cfg.images)
     decoded = load_images(folder, log=log)  # every image decodes, before the (slow) model load
     check_writable(out)
@@ -370,31 +495,51 @@ def _train(cfg: TrainConfig, model, progress: bool, on_step, dd) -> Path:
         torch.backends.cudnn.allow_tf32 = True
     model = model if model is not None else _load_model(cfg, dd)
     run = _setup(cfg, model, dd, decoded, resume_path)
+    if resume_path is None and run.start:
+        log(f"{cfg.init_concept}: resuming at step {run.start} (its file name), as the official trainer does")
     state = install_processors(model)
+    undo = _prepare_model(cfg, model)
+    train_log = None
+    if main_rank:
+        write_settings(out, cfg, dd.world)
+        train_log = TrainLog(out, run.start, cfg.tensorboard)
 
-    bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress or dd.rank > 0, desc=f"train {cfg.method}",
+    bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress or not main_rank, desc=f"train {cfg.method}",
                unit="step")
     try:
         for step in range(run.start, cfg.steps):
-            loss = _optimizer_step(run, state, step, dd)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            loss, lr = _optimizer_step(run, state, step, dd)
+            done = step + 1
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)  # tqdm's ETA: (steps left) / its smoothed rate
+            if train_log is not None:
+                train_log.step(done, loss, lr)
             if on_step is not None:
-                on_step(step + 1, loss, run.trainable)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                on_step(done, loss, run.trainable)
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 ranks = _gather_rng(dd, run.train_gen, run.dataset, model.device)
-                if dd.rank == 0:
-                    save_checkpoint(out / f"checkpoint-{step + 1}.safetensors", step + 1, cfg, run.trainable,
+                if main_rank:
+                    save_checkpoint(out / f"checkpoint-{done}.safetensors", done, cfg, run.trainable,
                                     run.optimizer, run.train_gen, run.dataset, model.device, model.text_dim,
-                                    run.scaler, ranks)
+                                    run.scaler, ranks, lr_position=run.lr_pos)
+                    train_log.plot()
+            if cfg.validate_every and done % cfg.validate_every == 0 and main_rank:
+                path, grid = write_validation(out, done, model, run.trainable.concept(model.text_dim), cfg)
+                train_log.image("validation", grid, done)
+                if on_validation is not None:
+                    on_validation(done, path)
     finally:
         bar.close()
         state.mode, state.enc, state.enc_bypass = "plain", None, None
+        undo()
+        if train_log is not None:
+            train_log.plot()
+            train_log.close()
 
     concept = run.trainable.concept(model.text_dim)
     path = out / "concept.safetensors"
     concept.check_finite(str(path))
-    if dd.rank == 0:
+    if main_rank:
         concept.save(path)
     dd.barrier()  # the other ranks return once the file is there
     return path

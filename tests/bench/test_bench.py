@@ -167,3 +167,37 @@ def test_summary_without_side_by_side_uses_rung_columns():
         assert s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == 22.0 / 20.0  # batch 4 != 2: not used
     s = report.summary(rows, {"conditioning": {"speedup": 7.0}, "concepts": {"batch": 2, "ratio": 1.01}})
     assert s["conditioning_speedup"] == 7.0 and s["concepts_vs_one_concept"]["unet_ms_per_step_ratio"] == 1.01
+
+
+def test_training_bench_variants_compute_the_trainers_step(tmp_path):
+    """bench/training.py: the official algorithm's transcription (VAE every micro-batch, 16 sequential
+    CLIP passes) and every speed variant give the trainer's loss and mapper gradients: the rung
+    measures the same work. Two micro-batches, so the data order, flips and captions advance alike.
+    In float64: on the random tiny model the mapper's gradient is so ill-conditioned that fp32
+    rounding alone (a batch encoded at once or image by image) moves it by a few percent; in float64
+    the variants agree to 1e-9 while a wrong layer order or latent would be off by O(1)."""
+    from neti_fast.bench import training as tb
+    from neti_fast.sd.models import load_model
+    from neti_fast.training.trainer import _micro_step
+    imgs = tb.write_images(tmp_path / "imgs", 3)
+    tiny64 = load_model("tiny", "cpu", torch.float64)
+
+    def micro_steps(variant):
+        run, state, _ = tb.setup_run(tiny64, 64, 2, 1, imgs)
+        run.trainable.mapper.double()
+        out = []
+        for micro in range(2):
+            with tb._variant(run, variant):
+                torch.manual_seed(micro)  # the nested-dropout draws
+                loss = (tb.official_micro_step(run, state, batched_text=variant == "batched")
+                        if variant in ("official", "batched") else _micro_step(run, state))
+            out.append((loss, [p.grad.clone() for p in run.trainable.parameters()]))
+            run.optimizer.zero_grad(set_to_none=True)
+        return out
+    want = micro_steps("neti-fast")
+    assert want[0][0] != pytest.approx(want[1][0], rel=1e-3)  # two different batches
+    for variant in ("official", "batched", "channels-last", "checkpointing"):
+        for (loss, grads), (want_loss, want_grads) in zip(micro_steps(variant), want):
+            assert loss == pytest.approx(want_loss, rel=1e-6), variant
+            g, w = torch.cat([x.flatten() for x in grads]), torch.cat([x.flatten() for x in want_grads])
+            assert float((g - w).norm() / w.norm()) < 1e-7, variant

@@ -271,16 +271,16 @@ out, images = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo")  # as accelerate does: train() must use the existing group
 writes, seen = [], []
-orig_write, orig_batch = C.atomic_write, TextualInversionDataset.next_batch
+orig_write, orig_items = C.atomic_write, TextualInversionDataset.next_items
 def spy_write(path, write):
     writes.append(Path(path).name)
     return orig_write(path, write)
-def spy_batch(self, n):
-    px, caps = orig_batch(self, n)
-    seen.append([float(px.sum()), caps])
-    return px, caps
+def spy_items(self, n):
+    items = orig_items(self, n)
+    seen.append([[float(self.pixels[i].sum()), flip] for i, flip, _ in items] + [[c for _, _, c in items]])
+    return items
 K.atomic_write = C.atomic_write = spy_write
-TextualInversionDataset.next_batch = spy_batch
+TextualInversionDataset.next_items = spy_items
 model = load_model("tiny")
 def cfg(run, steps, **kw):
     return TrainConfig(images=images, placeholder="<ddp>", init_word="cat", out=str(out / run), steps=steps,

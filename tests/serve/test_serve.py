@@ -394,6 +394,13 @@ def test_training_one_at_a_time_while_serving(client, srv, tmp_path):
         assert time.monotonic() - t0 < 300
         time.sleep(0.2)
     assert st["state"] == "done" and st["concept"] == "thing" and st["step"] == 25, st
+    # the page's panel: an ETA while running, the latest validation grid (each quarter: steps 6 ... 24)
+    assert st["eta_s"] == 0 and st["validation_step"] == 24 and "validation_path" not in st
+    grid = client.get(f"/neti/train/{job['id']}/validation.png")
+    assert grid.status_code == 200 and grid.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(grid.content)) as im:
+        assert im.width > 2 * SIZE and im.height > 4 * SIZE  # 4 prompts x 2 seeds, labelled
+    assert client.get("/neti/train/nope/validation.png").status_code == 404
     assert "thing" in client.get("/sdapi/v1/embeddings").json()["loaded"]
     assert post(client, prompt="a photo of {thing}").status_code == 200
     bad = client.post("/neti/train", files=[("images", ("x.png", b"not an image", "image/png"))], data=form)

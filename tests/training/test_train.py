@@ -308,15 +308,195 @@ def test_cli_main(images, tmp_path, capsys):
     assert str(path) in capsys.readouterr().out
 
 
-def test_lr_schedule_is_diffusers_get_scheduler():
-    """The LR schedule is diffusers' get_scheduler (as the official trainer), read at step k + 1:
-    constant_with_warmup keeps its meaning (full lr from step warmup - 1 on)."""
+# diffusers.optimization's schedules, transcribed from their definitions (get_scheduler defaults:
+# cosine num_cycles 0.5, cosine_with_restarts 1 cycle, polynomial lr_end 1e-7 power 1)
+def _lambda(name, k, W, T, base):
+    if name == "constant":
+        return 1.0
+    if k < W:
+        return k / max(1, W)
+    if name == "constant_with_warmup":
+        return 1.0
+    if name == "linear":
+        return max(0.0, (T - k) / max(1, T - W))
+    progress = (k - W) / max(1, T - W)
+    if name == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2 * 0.5 * progress)))
+    if name == "cosine_with_restarts":
+        return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((1 * progress) % 1.0))))
+    assert name == "polynomial"
+    end = 1e-7
+    if k > T:
+        return end / base
+    return ((base - end) * (1 - (k - W) / (T - W)) ** 1.0 + end) / base
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial"])
+def test_lr_schedules_official_and_own_counting(name):
+    """Every schedule, both countings, against the formulas: the official trainer's (--config) gives
+    the scheduler warm-up and length x grad_accum and step k the factor at k x processes (accelerate
+    0.18 steps the scheduler once per process per optimizer step); neti-fast's own: optimizer steps,
+    step k the factor after its k + 1 updates."""
+    from types import SimpleNamespace
+
+    from neti_fast.training.config import LR_SCHEDULERS
     from neti_fast.training.trainer import _lr_factor, lr_schedule
-    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1.0)
-    warm = lr_schedule(TrainConfig(lr_scheduler="constant_with_warmup", lr_warmup_steps=4, steps=10), opt)
-    assert [_lr_factor(warm, k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cos = lr_schedule(TrainConfig(lr_scheduler="cosine", steps=10), opt)
-    f = [_lr_factor(cos, k) for k in range(10)]
-    assert f == sorted(f, reverse=True) and f[-1] == pytest.approx(0.0, abs=1e-12) and f[4] == pytest.approx(0.5)
-    with pytest.raises(NetiError, match="lr_scheduler"):
-        train(TrainConfig(images="x", placeholder="<p>", init_word="cat", lr_scheduler="piecewise"))
+    assert name in LR_SCHEDULERS
+    base = 8e-3
+    for official, G, P in ((True, 4, 1), (True, 2, 2), (False, 4, 1)):
+        cfg = TrainConfig(lr_scheduler=name, lr_warmup_steps=3, steps=12, grad_accum=G, official=official)
+        opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=base)
+        sched = lr_schedule(cfg, opt)
+        got = [_lr_factor(SimpleNamespace(cfg=cfg, schedule=sched, lr_pos=k * P), k) for k in range(12)]
+        if official:
+            want = [_lambda(name, k * P, 3 * G, 12 * G, base) for k in range(12)]
+        else:
+            want = [_lambda(name, k + 1, 3, 12, base) for k in range(12)]
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (official, G, P)
+    if name == "linear":  # what the difference means over an official 1000-step run: ends at 0.75, not 0
+        cfg = TrainConfig(lr_scheduler="linear", steps=1000, official=True)
+        sched = lr_schedule(cfg, torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1.0))
+        assert _lr_factor(SimpleNamespace(cfg=cfg, schedule=sched, lr_pos=999), 999) == pytest.approx(3001 / 4000)
+
+
+def _csv_lrs(out):
+    from neti_fast.training.logs import read_loss_csv
+    return [r["lr"] for r in read_loss_csv(out / "loss.csv")]
+
+
+def test_official_schedule_in_a_run(model, images, tmp_path):
+    """The learning rates a run applies (loss.csv), --config counting and neti-fast's, for linear
+    with 1 warm-up step over 3 steps at accumulation 2: base rate 1e-3 x batch 1 x accumulation 2."""
+    base = 2e-3
+    kw = dict(method="ti", batch_size=1, grad_accum=2, steps=3, lr_scheduler="linear", lr_warmup_steps=1)
+    train(_cfg(images, tmp_path / "off", official=True, **kw), model, progress=False)
+    assert _csv_lrs(tmp_path / "off") == pytest.approx([base * _lambda("linear", k, 2, 6, base) for k in range(3)])
+    assert _csv_lrs(tmp_path / "off")[0] == 0  # the official first warm-up step does not move
+    train(_cfg(images, tmp_path / "own", **kw), model, progress=False)
+    assert _csv_lrs(tmp_path / "own") == pytest.approx([base * _lambda("linear", k + 1, 1, 3, base) for k in range(3)])
+
+
+def test_mapper_checkpoint_path_resumes_at_its_step(model, images, tmp_path):
+    """--config's model.mapper_checkpoint_path: the run continues at the step in the file's name for
+    max_train_steps - N steps, from that mapper, with a fresh optimizer and schedule (as the coach)."""
+    import shutil
+    kw = dict(batch_size=1, grad_accum=1, placeholder="<mc>", official=True, lr_scheduler="linear",
+              lr_warmup_steps=1)
+    first = train(_cfg(images, tmp_path / "a", steps=2, **kw), model, progress=False)
+    ckpt = tmp_path / "mapper-steps-2.safetensors"
+    shutil.copy(first, ckpt)
+    cfg = _cfg(images, tmp_path / "b", steps=5, init_concept=str(ckpt), **kw)
+    start, _ = _initial(cfg, model)
+    assert all(torch.equal(v, load_file(str(ckpt))[k]) for k, v in start.items())  # the file's mapper
+    steps = []
+    train(cfg, model, progress=False, on_step=lambda s, l, tr: steps.append(s))
+    assert steps == [3, 4, 5]
+    assert (tmp_path / "b" / "checkpoint-5.safetensors").is_file()
+    base = 1e-3
+    assert _csv_lrs(tmp_path / "b") == pytest.approx([base * _lambda("linear", k, 1, 5, base) for k in range(3)])
+    # the step in the name reaches max_train_steps: nothing to train, the file's mapper is the concept
+    done = train(_cfg(images, tmp_path / "c", steps=2, init_concept=str(ckpt), **kw), model, progress=False)
+    a, b = load_file(str(done)), load_file(str(ckpt))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("mapper."))
+    # a name without a step: training starts at 0 (the official coach fails on it)
+    plain = tmp_path / "concept-final.safetensors"
+    shutil.copy(first, plain)
+    steps.clear()
+    train(_cfg(images, tmp_path / "d", steps=2, init_concept=str(plain), **kw), model, progress=False,
+          on_step=lambda s, l, tr: steps.append(s))
+    assert steps == [1, 2]
+    # without --config the file only initialises the mapper (neti-fast's meaning): all steps run
+    steps.clear()
+    train(_cfg(images, tmp_path / "e", steps=2, init_concept=str(ckpt), **{**kw, "official": False}), model,
+          progress=False, on_step=lambda s, l, tr: steps.append(s))
+    assert steps == [1, 2]
+
+
+def test_validation_logs_and_settings(model, images, tmp_path, monkeypatch):
+    """validate_every: a grid of the concept as saved at that step (the same images as generating
+    with the checkpoint), and a run with validation trains exactly the concept one without does;
+    loss.csv / loss.png / settings.json beside the checkpoints; loss.csv kept across a resume."""
+    import json
+
+    import neti_fast.training.validation as V
+    from neti_fast.api import generate
+    from neti_fast.concepts.importers import load_concept
+    from neti_fast.concepts.table import precompute
+    from neti_fast.engine.request import GenerateConfig
+    from neti_fast.training.logs import read_loss_csv
+    shown, real = [], V.validation_images
+    monkeypatch.setattr(V, "validation_images", lambda m, c, cfg: shown.append(real(m, c, cfg)) or shown[-1])
+    kw = dict(batch_size=1, grad_accum=1, placeholder="<val>", save_every=2, validation_steps=2,
+              validation_prompts=["a photo of {}", "{} on a beach"], validation_seeds=[3, 4])
+    losses, grids = [], []
+    with_val = train(_cfg(images, tmp_path / "v", steps=2, validate_every=2, **kw), model, progress=False,
+                     on_step=lambda s, l, tr: losses.append(l), on_validation=lambda s, p: grids.append((s, p)))
+    out = tmp_path / "v"
+    assert grids == [(2, out / "validation-2.png")] and grids[0][1].is_file()
+    assert len(shown) == 1 and shown[0].shape[:2] == (2, 2)
+    table = precompute(load_concept(out / "checkpoint-2.safetensors"), progress=False)
+    want = generate(model, table, kw["validation_prompts"], kw["validation_seeds"],
+                    cfg=GenerateConfig(steps=2), backend="eager")
+    assert np.array_equal(shown[0].reshape(want.shape), want)
+    without = train(_cfg(images, tmp_path / "nv", steps=2, **kw), model, progress=False)
+    a, b = load_file(str(with_val)), load_file(str(without))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_loss_csv(out / "loss.csv")
+    assert [r["step"] for r in rows] == [1, 2] and [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-12)
+    with Image.open(out / "loss.png") as im:
+        assert im.format == "PNG" and im.width > 100
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["config"] == json.loads(json.dumps(dataclasses.asdict(
+        _cfg(images, out, steps=2, validate_every=2, **kw)))) and settings["world_size"] == 1
+    # an interrupted run had logged step 3 without checkpointing it: the resumed run redoes it
+    with open(out / "loss.csv", "a") as f:
+        f.write("3,99.0,0.001,9.0\n")
+    train(_cfg(images, out, steps=4, **kw), model, progress=False)
+    rows = read_loss_csv(out / "loss.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[2]["loss"] != 99.0
+
+
+def test_tensorboard_logs(model, images, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e '.[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(_cfg(images, tmp_path / "tb", steps=2, batch_size=1, tensorboard=True, method="ti"), model, progress=False)
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2] and len(acc.Scalars("lr")) == 2
+
+
+def test_train_flags():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["imgs", "--placeholder", "<x>", "--init-word", "dog", "--model", "tiny",
+                              "--lr-scheduler", "cosine", "--lr-warmup-steps", "5", "--gradient-checkpointing",
+                              "--no-channels-last", "--validate-every", "50", "--validation-prompt", "a {}",
+                              "--validation-prompt", "{} in snow"])
+    cfg = config_from_args(args)
+    assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.gradient_checkpointing, cfg.channels_last) == \
+        ("cosine", 5, True, False)
+    assert (cfg.validate_every, cfg.validation_prompts, cfg.official) == (50, ["a {}", "{} in snow"], False)
+    assert cfg.validation_seeds == [42, 420, 501, 5456] and cfg.validation_steps == 50  # the official defaults
+
+
+def test_yaml_eval_section(tmp_path):
+    """eval: validation every validation_steps (default 100, as official), its prompts, seeds and
+    denoising steps; a seed count that does not match num_validation_images is refused."""
+    p = tmp_path / "t.yaml"
+    p.write_text("optim:\n  max_train_steps: 10\n")
+    d = load_yaml_config(p)
+    assert d["validate_every"] == 100 and d["official"] is True and "validation_prompts" not in d
+    p.write_text("eval:\n  validation_steps: 5\n  num_denoising_steps: 20\n  validation_seeds: [1, 2]\n"
+                 "  num_validation_images: 2\n  validation_prompts: ['x {}']\n")
+    d = load_yaml_config(p)
+    assert (d["validate_every"], d["validation_steps"], d["validation_seeds"], d["validation_prompts"]) == \
+        (5, 20, [1, 2], ["x {}"])
+    p.write_text("eval:\n  num_validation_images: 3\n")
+    with pytest.raises(NetiError, match="num_validation_images 3 but 4 validation_seeds"):
+        load_yaml_config(p)
+    p.write_text("eval:\n  num_validation_images: 3\n  validation_seeds: null\n")
+    assert load_yaml_config(p)["validation_seeds"] == [0, 1, 2]
+    p.write_text("eval:\n  validation_prompts: 7\n")
+    with pytest.raises(NetiError, match="eval.validation_prompts must be a list"):
+        load_yaml_config(p)
