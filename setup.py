@@ -158,11 +158,13 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "xformers": ["xformers>=0.0.27"],
         "tensorrt": ["tensorrt>=10.0"],
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        # LMS and the Beta schedule need scipy, DPM++ SDE torchsde (diffusers imports them for those only)
+        "samplers": ["scipy>=1.10", "torchsde>=0.2.6"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "scipy>=1.10", "torchsde>=0.2.6"],
         "tensorboard": ["tensorboard>=2.14"],   # neti-fast train --tensorboard
         "test": ["pytest>=8.0", "triton>=3.0", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
                  "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.27", "webuiapi>=0.9",
-                 "playwright>=1.40", "tensorboard>=2.14"],
+                 "scipy>=1.10", "torchsde>=0.2.6", "playwright>=1.40", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["neti-fast=neti_fast.cli:entry"]},
     ext_modules=[CMakeExtension("neti_fast._C")],

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from .errors import NetiError
-from .utils import (ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, SAMPLING_RANGES, SCHEDULERS, SEED_RANGE, Range,
-                    default_device, default_dtype_name, torch_dtype)
+from .utils import (ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, SAMPLERS, SAMPLING_RANGES, SCHEDULERS,
+                    SCHEDULES, SEED_RANGE, Range, default_device, default_dtype_name, torch_dtype)
 
 NO_TRUNCATION = ("none", "full")  # how the command line writes "no truncation" beside truncations
 
@@ -113,7 +113,10 @@ def add_sampling_args(p) -> None:
     p.add_argument("--steps", type=number(R["steps"]), default=50, help="denoising steps")
     p.add_argument("--guidance", type=number(R["guidance"]), default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (plain text, no {})")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm++", help="sampler (dpm++: the official NeTI one)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm++", metavar="SAMPLER[-SCHEDULE]",
+                   help=f"sampler: {', '.join(SAMPLERS)} (dpm++: DPM++ 2M, the official NeTI one); optionally on a "
+                        f"schedule: -{', -'.join(k.replace('_', '-') for k in SCHEDULES if k != 'uniform')} "
+                        "(e.g. dpm++-karras; the table: docs/samplers.md)")
     p.add_argument("--batch-size", type=number(R["batch_size"]), default=8, help="images per U-Net batch")
     p.add_argument("--height", type=number(R["height"]), default=None, help="default: the model's native size")
     p.add_argument("--width", type=number(R["width"]), default=None, help="default: the model's native size")

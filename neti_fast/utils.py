@@ -15,7 +15,6 @@ from pathlib import Path
 from .errors import NetiError
 
 METHODS = ("neti", "xti", "ti")                  # concept kinds: NeTI mapper, per-layer XTI, one TI embedding
-SCHEDULERS = ("dpm++", "ddim", "euler", "euler-a", "dpm++-karras")  # --scheduler names (engine/sampling.py)
 # Two separate vocabularies: --attention picks the cross-attention kernel inside the U-Net,
 # --backend the runtime that runs the U-Net (no name is in both).
 ATTENTIONS = ("auto", "triton", "native", "sdpa", "xformers", "math")  # --attention (sd/attention.py)
@@ -25,6 +24,64 @@ ATTENTIONS_RENAMED = {"eager": "math"}   # older --attention spellings, still ta
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
                "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 CLI_DTYPES = ("bf16", "fp16", "fp32")             # the short names the CLIs offer
+
+
+# ----------------------------------------------------------------------------- samplers
+# The one table of samplers: engine name -> the diffusers scheduler and options it is built with
+# (engine/sampling.make_scheduler), the schedule types it takes and how it draws noise. Each row is
+# the diffusers docs' "A1111 / k-diffusion equivalents" entry for that sampler (docs/samplers.md;
+# serve/a1111.py maps A1111's names onto these). Data only: nothing here imports diffusers.
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    cls: str                  # diffusers scheduler class
+    options: tuple = ()       # (key, value) pairs passed to `from_config`
+    schedules: tuple = ()     # SCHEDULES keys it takes (its class has the config option)
+    noise: str = ""           # "": deterministic; "generator": step() draws from each image's generator;
+    #                           "brownian": a torchsde Brownian tree per image, seeded with its seed
+    needs: tuple = ()         # packages beyond diffusers' own (importable names)
+    eta: bool = False         # step() takes DDIM's eta (GenerateConfig.eta)
+
+
+# schedule type (A1111's names) -> diffusers config options. "uniform" is the model's own timestep
+# spacing (official NeTI samples DPM-Solver++ on it).
+SCHEDULES = {
+    "uniform": (),
+    "karras": (("use_karras_sigmas", True),),
+    "exponential": (("use_exponential_sigmas", True),),
+    "beta": (("use_beta_sigmas", True),),            # diffusers computes it with scipy.stats
+    "sgm_uniform": (("timestep_spacing", "trailing"),),
+    "simple": (("timestep_spacing", "trailing"),),
+    "normal": (("timestep_spacing", "linspace"),),
+}
+_SIGMA = tuple(SCHEDULES)                                    # classes with use_*_sigmas and timestep_spacing
+_SPACING = ("uniform", "sgm_uniform", "simple", "normal")   # classes with timestep_spacing only
+SAMPLERS = {
+    "dpm++": SamplerSpec("DPMSolverMultistepScheduler", (), _SIGMA),                      # DPM++ 2M
+    "dpm++-2m-sde": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "sde-dpmsolver++"),), _SIGMA,
+                                "generator"),
+    "dpm++-sde": SamplerSpec("DPMSolverSDEScheduler", (), _SIGMA, "brownian", ("torchsde",)),
+    "euler": SamplerSpec("EulerDiscreteScheduler", (), _SIGMA),
+    "euler-a": SamplerSpec("EulerAncestralDiscreteScheduler", (), _SPACING, "generator"),
+    "heun": SamplerSpec("HeunDiscreteScheduler", (), _SIGMA),
+    "lms": SamplerSpec("LMSDiscreteScheduler", (), _SIGMA, needs=("scipy",)),
+    "dpm2": SamplerSpec("KDPM2DiscreteScheduler", (), _SIGMA),
+    "dpm2-a": SamplerSpec("KDPM2AncestralDiscreteScheduler", (), _SIGMA, "generator"),
+    "ddim": SamplerSpec("DDIMScheduler", (), _SPACING, "generator", eta=True),          # noise only with eta > 0
+    "plms": SamplerSpec("PNDMScheduler", (("skip_prk_steps", True),), _SPACING),
+    "unipc": SamplerSpec("UniPCMultistepScheduler", (), _SIGMA),
+    "lcm": SamplerSpec("LCMScheduler", (), _SPACING, "generator"),
+}
+
+
+def scheduler_name(sampler: str, schedule: str = "uniform") -> str:
+    """The engine's (and --scheduler's) name of a sampler on a schedule: `euler`, `dpm++-karras`."""
+    return sampler if schedule == "uniform" else f"{sampler}-{schedule.replace('_', '-')}"
+
+
+# --scheduler names (engine/sampling.py): every sampler on every schedule it takes -> (sampler, schedule)
+SCHEDULER_PARTS = {scheduler_name(n, s): (n, s) for n, spec in SAMPLERS.items() for s in spec.schedules}
+SCHEDULERS = tuple(SCHEDULER_PARTS)
 
 
 

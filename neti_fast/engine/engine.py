@@ -26,7 +26,7 @@ from ..utils import ByteLRU
 from .denoiser import TorchDenoiser
 from .kv_arena import KVArena
 from .request import GenerateConfig, Request, as_tables, check_request, check_settings, check_size, tokenize_request
-from .sampling import decode, image_generators, initial_latents, make_scheduler
+from .sampling import decode, image_generators, initial_latents, make_scheduler, step_kwargs
 
 
 @dataclass
@@ -79,20 +79,23 @@ class Engine:
             vs.append(attn.to_v(eb))
         return ks, vs
 
-    def negative(self, prompt: str) -> LayerKV:
+    def negative(self, prompt: str, clip_skip: int = 1) -> LayerKV:
         m = self.model
 
         def build():
-            enc = encode_plain(m.text_encoder, m.tokenizer, prompt)
+            enc = encode_plain(m.text_encoder, m.tokenizer, prompt, clip_skip)
             return LayerKV(*self._kv(enc, enc), time_varying=False)
-        return self.conditionings.get_or_build(("neg", prompt, m.dtype), build)
+        # clip_skip 1 keeps the key it always had: the same cache entries as before it existed
+        key = ("neg", prompt, m.dtype) + ((clip_skip,) if clip_skip != 1 else ())
+        return self.conditionings.get_or_build(key, build)
 
-    def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor) -> LayerKV:
+    def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor,
+                     clip_skip: int = 1) -> LayerKV:
         """Per-layer K / V rows for `prompt` with `table` (a Table, a MixedTable or {name: table})."""
         m = self.model
         tables = as_tables(table)
         if not tables:
-            return self.negative(prompt)  # a plain prompt is encoded like a negative one
+            return self.negative(prompt, clip_skip)  # a plain prompt is encoded like a negative one
 
         def build():
             toks = tokenize_request(m, prompt, tables)
@@ -101,11 +104,12 @@ class Engine:
             dt = m.text_encoder.dtype
             enc, enc_b = encode_rows(m.text_encoder, toks, token.reshape(S * L, K, D).to(dt),
                                      None if bypass is None else bypass.reshape(S * L, K, D).to(dt),
-                                     dedup=S == 1)  # time-varying rows are all distinct: no point sorting them
+                                     dedup=S == 1,  # time-varying rows are all distinct: no point sorting them
+                                     clip_skip=clip_skip)
             enc, enc_b = enc.view(S, L, *enc.shape[1:]), enc_b.view(S, L, *enc_b.shape[1:])
             return LayerKV(*self._kv(enc, enc_b), time_varying=S > 1)
         key = ("cond", prompt, tuple((n, t.uid) for n, t in tables.items()), truncation,
-               tuple(timesteps.tolist()), m.dtype)
+               tuple(timesteps.tolist()), m.dtype) + ((clip_skip,) if clip_skip != 1 else ())
         return self.conditionings.get_or_build(key, build)
 
     # ------------------------------------------------------------------ denoising
@@ -130,8 +134,9 @@ class Engine:
         Returns (k_tables 16 x [R, 77, C_l], v_tables, base [B'], stride [B']).
         """
         m, cfg = self.model, self.cfg
-        conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps) for r in reqs]
-        negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt) for r in reqs] if guided else []
+        conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps, r.clip_skip) for r in reqs]
+        negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt, r.clip_skip)
+                for r in reqs] if guided else []  # A1111 skips CLIP layers for the negative prompt too
         rows = negs + conds
         distinct = list({id(c): c for c in rows}.values())
         arena = self.arena(distinct[0])
@@ -164,6 +169,7 @@ class Engine:
 
         k_tables, v_tables, base, stride = self.kv_tables(reqs, ts, guided)
         gens = image_generators([r.seed for r in reqs])
+        step_kw = step_kwargs(cfg.scheduler, sched, gens, [r.seed for r in reqs], cfg.eta)
         latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, g)
                              for r, g in zip(reqs, gens)])
         latents = latents.to(m.device) * sched.init_noise_sigma
@@ -178,7 +184,7 @@ class Engine:
             if guided:
                 u, c = eps.chunk(2)
                 eps = u + cfg.guidance * (c - u)
-            latents = sched.step(eps, t, latents, generator=gens).prev_sample
+            latents = sched.step(eps, t, latents, **step_kw).prev_sample
             if on_step is not None:
                 on_step(i + 1, len(ts))
         return decode(m, latents)

@@ -12,8 +12,8 @@ import torch
 from ..sd.attention import install_processors
 from ..sd.conditioning import encode, tokenize
 from ..sd.models import NUM_LAYERS, Model
-from .request import GenerateConfig, Request, check_request, check_size, tokenize_request
-from .sampling import decode, image_generators, initial_latents, make_scheduler
+from .request import GenerateConfig, Request, check_request, check_settings, check_size, tokenize_request
+from .sampling import decode, image_generators, initial_latents, make_scheduler, step_kwargs
 from ..concepts.table import stack_rows
 
 
@@ -23,7 +23,8 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
     on its own. Returns (negative [1, 77, D], per step: 16 x (enc, enc_bypass))."""
     m = model
     negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt
-    neg = encode(m.text_encoder, tokenize(m.tokenizer, negative, None).input_ids[None])[0]
+    cs = req.clip_skip
+    neg = encode(m.text_encoder, tokenize(m.tokenizer, negative, None).input_ids[None], clip_skip=cs)[0]
     tables = req.tables
     toks = tokenize_request(m, req.prompt, tables)
     dt = m.text_encoder.dtype
@@ -32,13 +33,13 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
         layers = []
         for l in range(NUM_LAYERS):
             if not tables:
-                enc = encode(m.text_encoder, toks.input_ids[None])[0]
+                enc = encode(m.text_encoder, toks.input_ids[None], clip_skip=cs)[0]
                 layers.append((enc, enc))
                 continue
             token, bypass = stack_rows([tb.embeddings_at(t.float().view(1), torch.tensor([float(l)]), req.truncation)
                                         for tb in tables.values()], dim=1)           # [1, K, D]
             layers.append(encode(m.text_encoder, toks.input_ids[None], toks.slot[None], token.to(dt),
-                                 None if bypass is None else bypass.to(dt)))
+                                 None if bypass is None else bypass.to(dt), clip_skip=cs))
         per_step.append(layers)
     return neg, per_step
 
@@ -47,6 +48,7 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
 def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.ndarray:
     """The official NeTI inference algorithm for one image (uint8 [1, H, W, 3]); slow on purpose."""
     m, st = model, install_processors(model)
+    check_settings(cfg)
     check_request(m, req)
     h, w = check_size(m, cfg.height, cfg.width)
     f = m.vae_scale_factor
@@ -54,6 +56,7 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
     sched.set_timesteps(cfg.steps)
     neg, per_step = reference_conditioning(m, req, cfg, sched.timesteps)
     gens = image_generators([req.seed])
+    step_kw = step_kwargs(cfg.scheduler, sched, gens, [req.seed], cfg.eta)
     latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, gens[0]).to(m.device)
     latents = latents * sched.init_noise_sigma
     st.backend = "math"
@@ -65,7 +68,7 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
             st.mode, st.enc, st.enc_bypass = "layers", [e for e, _ in layers], [eb for _, eb in layers]
             c = m.unet(x, t, encoder_hidden_states=layers[0][0]).sample
             eps = u + cfg.guidance * (c - u)
-            latents = sched.step(eps, t, latents, generator=gens).prev_sample
+            latents = sched.step(eps, t, latents, **step_kw).prev_sample
     finally:
         st.mode, st.enc, st.enc_bypass, st.backend = "plain", None, None, "auto"
     return decode(m, latents)

@@ -14,7 +14,10 @@ from ..concepts.table import TableLike
 from ..errors import NetiError
 from ..sd.conditioning import markers, tokenize
 from ..sd.models import Model
-from ..utils import SAMPLING_RANGES, image_size
+from ..utils import SAMPLING_RANGES, Range, image_size
+from .sampling import scheduler_parts
+
+ETA_RANGE = Range(float, 0, 1)   # DDIM: 0 deterministic .. 1 DDPM-like
 
 
 @dataclass
@@ -23,6 +26,7 @@ class GenerateConfig:
     steps: int = 50
     guidance: float = 7.5
     scheduler: str = "dpm++"          # one of SCHEDULERS (sampling.make_scheduler)
+    eta: float | None = None          # DDIM's eta (None: 0, deterministic); only DDIM takes one
     height: int | None = None         # None: the model's native size (512 for SD 1.x)
     width: int | None = None
     negative_prompt: str = ""
@@ -41,6 +45,7 @@ class Request:
     table: Tables = None              # None (plain SD), a Table / MixedTable, or {name: table} for several
     truncation: int | None = None     # NeTI nested-dropout truncation (applies to every NeTI concept)
     negative_prompt: str | None = None  # None: GenerateConfig.negative_prompt
+    clip_skip: int = 1                # A1111's CLIP skip: 1 = CLIP's last layer; n: the n-th from last (then its final LN)
 
     @property
     def tables(self) -> dict:
@@ -83,11 +88,19 @@ def check_settings(cfg: GenerateConfig) -> None:
         value = getattr(cfg, name)
         if value is not None or name not in ("height", "width"):
             rng.check(value, name)
+    if cfg.eta is not None:
+        if not scheduler_parts(cfg.scheduler)[0].eta:
+            raise NetiError(f"applies to DDIM only, not scheduler {cfg.scheduler!r}", field="eta", value=cfg.eta)
+        ETA_RANGE.check(cfg.eta, "eta")
 
 
 def check_request(model: Model, req: Request) -> None:
-    """Validate a request before any work: concept widths, truncation, prompt (markers, length) and
-    negative prompt (plain text: no markers)."""
+    """Validate a request before any work: CLIP skip, concept widths, truncation, prompt (markers,
+    length) and negative prompt (plain text: no markers)."""
+    layers = model.text_encoder.config.num_hidden_layers
+    if isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int) or not 1 <= req.clip_skip <= layers:
+        raise NetiError(f"must be an integer from 1 (CLIP's last layer) to {layers} (this model's text encoder "
+                        f"has {layers} layers)", field="clip_skip", value=req.clip_skip)
     tables = req.tables
     for name, t in tables.items():
         t.check(model, req.truncation, f"concept {name!r}")

@@ -7,20 +7,65 @@ import torch
 
 from ..errors import NetiError
 from ..sd.models import Model
-from ..utils import SCHEDULERS
+from ..utils import SAMPLERS, SCHEDULER_PARTS, SCHEDULES, SamplerSpec, first_line
+
+
+def scheduler_parts(name: str) -> tuple[SamplerSpec, str]:
+    """A --scheduler name -> (its SAMPLERS row, its schedule), or NetiError naming `scheduler`."""
+    if name not in SCHEDULER_PARTS:
+        samplers = ", ".join(SAMPLERS)
+        schedules = ", ".join(s.replace("_", "-") for s in SCHEDULES if s != "uniform")
+        raise NetiError(f"must be SAMPLER or SAMPLER-SCHEDULE with a sampler of {samplers} and a schedule it "
+                        f"takes ({schedules})", field="scheduler", value=name)
+    sampler, schedule = SCHEDULER_PARTS[name]
+    return SAMPLERS[sampler], schedule
+
+
+def missing_packages(name: str) -> list[str]:
+    """Packages the scheduler `name` needs that are not installed (LMS and Beta: scipy; DPM++ SDE: torchsde)."""
+    import importlib.util
+    spec, schedule = scheduler_parts(name)
+    needs = spec.needs + (("scipy",) if schedule == "beta" else ())
+    return [p for p in needs if importlib.util.find_spec(p) is None]
 
 
 def make_scheduler(name: str, config: dict):
-    """dpm++ (DPM-Solver++ 2M), dpm++-karras (same on Karras sigmas), ddim, euler, euler-a (ancestral)."""
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler)
-    classes = {"dpm++": (DPMSolverMultistepScheduler, {}), "ddim": (DDIMScheduler, {}),
-               "euler": (EulerDiscreteScheduler, {}), "euler-a": (EulerAncestralDiscreteScheduler, {}),
-               "dpm++-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True})}
-    if name not in classes:
-        raise NetiError(f"must be one of {', '.join(SCHEDULERS)}", field="scheduler", value=name)
-    cls, extra = classes[name]
-    return cls.from_config(config, **extra)
+    """The diffusers scheduler of `name` (utils.SAMPLERS x SCHEDULES), built from the model's config."""
+    import diffusers
+    spec, schedule = scheduler_parts(name)
+    missing = missing_packages(name)
+    if missing:
+        raise NetiError(f"needs the {', '.join(missing)} package{'s' if len(missing) > 1 else ''} "
+                        f"(pip install {' '.join(missing)})", field="scheduler", value=name)
+    cls = getattr(diffusers, spec.cls)
+    return cls.from_config(config, **dict(spec.options), **dict(SCHEDULES[schedule]))
+
+
+def check_scheduler(name: str, config: dict, steps: int):
+    """Build the scheduler for `steps` once, so that what diffusers refuses (LCM beyond its original 50
+    steps) is a NetiError before any work; returns it, its timesteps set."""
+    sched = make_scheduler(name, config)
+    try:
+        sched.set_timesteps(steps)
+    except ValueError as e:
+        raise NetiError(f"{first_line(e)} (scheduler {name})", field="steps", value=steps) from None
+    return sched
+
+
+def step_kwargs(name: str, sched, generators: list, seeds: list[int], eta: float | None) -> dict:
+    """The extra arguments of `sched.step` for a batch: its noise comes from each image's own seed
+    (its generator, or for DPM++ SDE a Brownian tree seeded with it), so an image never depends on
+    its batch-mates; DDIM's eta (None: 0, deterministic)."""
+    spec, _ = scheduler_parts(name)
+    kw = {}
+    if spec.noise == "generator":
+        kw["generator"] = generators
+    elif spec.noise == "brownian":
+        # diffusers builds one torchsde tree per seed of a list (BatchedBrownianTree), each the size of one image
+        sched.noise_sampler_seed = list(seeds)
+    if spec.eta:
+        kw["eta"] = 0.0 if eta is None else float(eta)
+    return kw
 
 
 def image_generators(seeds: list[int]) -> list[torch.Generator]:

@@ -11,6 +11,10 @@ The official inference does this 50 x 16 times per prompt, one call each. `encod
 in one deduplicated, chunked batch (TI rows are all equal, XTI rows repeat over t), computing once
 what no row changes (`PromptState`: the causal prefix, and the first layer's shared keys).
 
+CLIP skip n (A1111's "Clip skip", diffusers' `clip_skip` n - 1): the state n - 1 layers before the
+last one stands for CLIP's last hidden state above, final layer norm and bypass included; the
+skipped layers are never run. n = 1 is the plain encoding, computed exactly as without it.
+
 Several concepts in one prompt (`{cat} ... {painting}`): each marker is a slot k with its own token
 and bypass rows; the bypass is added at every slot's position with that slot's vector.
 """
@@ -152,7 +156,7 @@ def _hooks(text_encoder, slot, token):
 
 
 def encode(text_encoder, input_ids: torch.Tensor, slot: torch.Tensor | None = None,
-           token: torch.Tensor | None = None, bypass: torch.Tensor | None = None):
+           token: torch.Tensor | None = None, bypass: torch.Tensor | None = None, clip_skip: int = 1):
     """CLIP encodings for a batch of B prompts with K concept slots.
 
     input_ids [B, 77]; slot [B, 77] long (k or -1) or bool (one concept); token / bypass [B, K, D]
@@ -170,7 +174,11 @@ def encode(text_encoder, input_ids: torch.Tensor, slot: torch.Tensor | None = No
         token = token.to(dev)
         token = token[:, None] if token.ndim == 2 else token
     with _hooks(text_encoder, slot, token) as captured:
-        enc = text_encoder(input_ids).last_hidden_state
+        if clip_skip == 1:
+            enc = text_encoder(input_ids).last_hidden_state
+        else:  # hidden_states[-1] is the last layer's output before the final LN (captured["pre_ln"])
+            h = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
+            captured["pre_ln"], enc = h, _text_model(text_encoder).final_layer_norm(h)
     if bypass is None:
         return enc, enc
     return enc, _bypassed(text_encoder, captured["pre_ln"], slot, bypass)
@@ -237,9 +245,10 @@ def _clip_blocks(layers, x: torch.Tensor, start: int, cache: list | None):
 class PromptState:
     """The part of a prompt's encoding that no concept row changes (see the comment above)."""
 
-    def __init__(self, text_encoder, tokens: PromptTokens):
+    def __init__(self, text_encoder, tokens: PromptTokens, clip_skip: int = 1):
         tm, dev = _text_model(text_encoder), text_encoder.device
         layers = _layers(text_encoder)
+        layers = layers[:len(layers) - (clip_skip - 1)]   # CLIP skip: the last clip_skip - 1 layers never run
         self.text_encoder, self.layers = text_encoder, layers
         ids, self.slot = tokens.input_ids.to(dev)[None], tokens.slot.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)
@@ -325,14 +334,14 @@ def encode_shared(text_encoder, tokens: PromptTokens, token: torch.Tensor | None
 
 
 def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor | None, bypass: torch.Tensor | None,
-                chunk: int | None = None, dedup: bool = True):
+                chunk: int | None = None, dedup: bool = True, clip_skip: int = 1):
     """One prompt encoded for N rows of concept tokens: token / bypass [N, K, D] (or [N, D]) ->
     ([N, 77, D], [N, 77, D]); a plain prompt (token None) -> ([1, 77, D], same).
 
     With `dedup`, equal rows are encoded once (torch.unique); the rest run in batches of `chunk`
     rows (default: about 64 MB of MLP activations per batch) sharing one `PromptState`.
     """
-    state = PromptState(text_encoder, tokens)
+    state = PromptState(text_encoder, tokens, clip_skip)
     if token is None:
         return encode_shared(text_encoder, tokens, None, None, state)
     N = token.shape[0]
@@ -358,6 +367,6 @@ def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor | None, 
     return enc, enc_b
 
 
-def encode_plain(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
+def encode_plain(text_encoder, tokenizer, prompt: str, clip_skip: int = 1) -> torch.Tensor:
     """Plain CLIP encoding of a prompt with no concept (negative / unconditional prompts): [1, 77, D]."""
-    return encode_rows(text_encoder, tokenize(tokenizer, prompt, None), None, None)[0]
+    return encode_rows(text_encoder, tokenize(tokenizer, prompt, None), None, None, clip_skip=clip_skip)[0]

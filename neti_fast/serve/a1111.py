@@ -1,23 +1,33 @@
 """Automatic1111's txt2img API, as neti-fast serves it: the request schema, which A1111 fields are
-accepted (and at which values), sampler names -> engine schedulers, and the `info` it returns.
+accepted (and at which values), sampler names -> engine schedulers, options, and the `info` it returns.
 
-Rules (the issue's contract):
-- every field A1111's `/sdapi/v1/txt2img` takes is known here; a field at its default or disabled
-  value is accepted, so clients that send all ~45 fields (webuiapi) work unchanged;
-- a feature neti-fast does not have, asked for (hires fix, face restoration, scripts with arguments,
-  variation seeds, ...), is a 422 naming the field: never silently ignored;
-- a field A1111 does not have either is a 422 too (a typo would otherwise be ignored).
+Rules (issue 25; A1111 builds its request models with pydantic and ignores fields it does not know):
+- a field neither A1111's txt2img nor neti-fast's has is ignored, as A1111 ignores it, and listed
+  back in `info`'s `ignored_fields` (and logged once per name per server process);
+- a field neti-fast understands is honoured: prompts, seeds, sizes, samplers and schedule types
+  (docs/samplers.md), `eta` (DDIM), `clip_skip` / `override_settings.CLIP_stop_at_last_layers`,
+  `save_images`, options that hold the server's values or name its model;
+- one that asks for a feature neti-fast lacks (hires fix, face restoration, scripts with
+  arguments, a refiner, ...) is a 422 naming the field: never silently ignored;
+- A1111 fields that only matter when such a feature is on are taken at any value (A1111 ignores
+  them then too). Errors name the API field, never a CLI flag or a server path.
 neti-fast's own fields beside A1111's: `truncation` (one value or a list: the sweep), `concept`
-(what a bare `{}` in the prompt means).
+(what a bare `{}` in the prompt means); one that cannot apply is a 422, not ignored.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..utils import SAMPLERS as ENGINE_SAMPLERS, SCHEDULER_PARTS, SCHEDULES, scheduler_name
+
+log = logging.getLogger("neti_fast.serve")
 
 
 class FieldError(Exception):
@@ -33,64 +43,110 @@ class FieldError(Exception):
 @dataclass(frozen=True)
 class Sampler:
     name: str            # A1111's sampler_name
-    aliases: tuple       # A1111's k-diffusion aliases, and neti-fast's own scheduler name
-    schedules: dict      # A1111 `scheduler` value -> engine scheduler (utils.SCHEDULERS)
+    aliases: tuple       # A1111's k-diffusion aliases
+    engine: str          # utils.SAMPLERS key: the diffusers scheduler it is built as
+    automatic: str       # the schedule A1111 (>= 1.9) gives it for scheduler "automatic"
+    eta: str = ""        # what A1111's eta means for it: "ddim" (DDIM's eta), "ancestral" (only 1 here), "" (ignored)
 
 
-# A1111 >= 1.9 splits "DPM++ 2M Karras" into sampler "DPM++ 2M" + scheduler "karras", and its
-# "automatic" schedule for DPM++ 2M is Karras; "uniform" is the plain schedule (neti-fast's and
-# official NeTI's default `dpm++`). The old combined name is kept as A1111 keeps it (an alias).
+# A1111's samplers with a diffusers equivalent (the diffusers docs' table, docs/samplers.md), in
+# A1111's order. DPM++ SDE is diffusers' DPMSolverSDEScheduler, the port of k-diffusion's
+# sample_dpmpp_sde (the docs' table names the deterministic DPMSolverSinglestepScheduler).
 SAMPLERS = (
-    Sampler("DPM++ 2M", ("k_dpmpp_2m", "dpm++"), {"automatic": "dpm++-karras", "karras": "dpm++-karras", "uniform": "dpm++"}),
-    Sampler("DPM++ 2M Karras", ("k_dpmpp_2m_ka", "dpm++-karras"), {"automatic": "dpm++-karras", "karras": "dpm++-karras"}),
-    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral", "euler-a"), {"automatic": "euler-a", "uniform": "euler-a"}),
-    Sampler("Euler", ("k_euler", "euler"), {"automatic": "euler", "uniform": "euler"}),
-    Sampler("DDIM", ("ddim",), {"automatic": "ddim", "uniform": "ddim"}),
+    Sampler("DPM++ 2M", ("k_dpmpp_2m",), "dpm++", "karras"),
+    Sampler("DPM++ SDE", ("k_dpmpp_sde",), "dpm++-sde", "karras", "ancestral"),
+    Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), "dpm++-2m-sde", "exponential", "ancestral"),
+    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "euler-a", "uniform", "ancestral"),
+    Sampler("Euler", ("k_euler",), "euler", "uniform"),
+    Sampler("LMS", ("k_lms",), "lms", "uniform"),
+    Sampler("Heun", ("k_heun",), "heun", "uniform"),
+    Sampler("DPM2", ("k_dpm_2",), "dpm2", "karras"),
+    Sampler("DPM2 a", ("k_dpm_2_a",), "dpm2-a", "karras", "ancestral"),
+    Sampler("DDIM", ("ddim",), "ddim", "uniform", "ddim"),
+    Sampler("PLMS", ("plms",), "plms", "uniform"),
+    Sampler("UniPC", ("unipc",), "unipc", "uniform"),
+    Sampler("LCM", ("k_lcm",), "lcm", "uniform"),
 )
-SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+# A1111 samplers diffusers has no scheduler for: refused by name, saying so.
+NO_EQUIVALENT = {
+    "dpm++ 2s a": "DPM++ 2S a", "k_dpmpp_2s_a": "DPM++ 2S a", "dpm++ 3m sde": "DPM++ 3M SDE",
+    "dpm++ 2m sde heun": "DPM++ 2M SDE Heun", "dpm fast": "DPM fast", "dpm adaptive": "DPM adaptive",
+    "restart": "Restart", "ddim cfg++": "DDIM CFG++",
+}
+# A1111's schedule types: name -> label; those not in utils.SCHEDULES have no diffusers equivalent.
+SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+                   "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+                   "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM",
+                   "beta": "Beta"}
 DEFAULT_SAMPLER = "Euler"   # A1111's API default (its sampler_index); `neti-fast generate`'s is "DPM++ 2M" + "uniform"
 
 
-def find_sampler(name: str) -> Sampler | None:
+def _schedule_key(text: str) -> str:
+    """A1111 accepts a schedule by name or label ("sgm_uniform", "SGM Uniform", alias "SGMUniform")."""
+    key = text.strip().lower().replace(" ", "_")
+    return "sgm_uniform" if key == "sgmuniform" else key
+
+
+def find_sampler(name: str) -> tuple[Sampler | None, str | None]:
+    """(sampler, schedule its name implies or None) for an A1111 name or alias, an old combined name
+    ("DPM++ 2M Karras", alias k_dpmpp_2m_ka) or a neti-fast scheduler name ("dpm++-karras")."""
     key = name.strip().lower()
     for s in SAMPLERS:
         if key == s.name.lower() or key in s.aliases:
-            return s
-    return None
+            return s, None
+    for s in SAMPLERS:  # A1111 < 1.9 named sampler + schedule together; A1111 >= 1.9 still takes those
+        for sched in ("karras", "exponential"):
+            if key == f"{s.name.lower()} {sched}" or (sched == "karras" and key in {a + "_ka" for a in s.aliases}):
+                return s, sched
+    if key in SCHEDULER_PARTS:
+        engine, sched = SCHEDULER_PARTS[key]
+        return next((s for s in SAMPLERS if s.engine == engine), None), sched
+    return None, None
 
 
 def resolve_sampler(sampler_name: str | None, scheduler: str | None) -> tuple[Sampler, str, str]:
-    """(sampler, A1111 schedule, engine scheduler name) or a FieldError listing what is accepted."""
-    s = find_sampler(sampler_name or DEFAULT_SAMPLER)
+    """(sampler, schedule, engine scheduler name) or a FieldError naming `sampler_name` / `scheduler`."""
+    name = sampler_name or DEFAULT_SAMPLER
+    s, implied = find_sampler(name)
     if s is None:
+        if name.strip().lower() in NO_EQUIVALENT:
+            raise FieldError("sampler_name", f"{name!r}: diffusers has no scheduler for A1111's "
+                             f"{NO_EQUIVALENT[name.strip().lower()]}, so neti-fast does not offer it")
         names = ", ".join(f'"{x.name}"' for x in SAMPLERS)
-        raise FieldError("sampler_name", f"{sampler_name!r} is not a sampler neti-fast has; accepted: {names}")
-    sched = (scheduler or "automatic").strip().lower()
-    if sched not in s.schedules:
-        accepted = ", ".join(f'"{k}"' for k in s.schedules)
-        raise FieldError("scheduler", f"{scheduler!r} is not available with sampler {s.name!r}; accepted: {accepted}")
-    return s, sched, s.schedules[sched]
+        raise FieldError("sampler_name", f"{name!r} is not a sampler neti-fast has; accepted: {names}")
+    sched = _schedule_key(scheduler) if scheduler else "automatic"
+    if sched == "automatic":
+        sched = implied or s.automatic
+    elif implied and sched != implied:
+        raise FieldError("scheduler", f"{scheduler!r} contradicts sampler_name {name!r} (which means {implied!r})")
+    if sched not in SCHEDULE_LABELS:
+        raise FieldError("scheduler", f"{scheduler!r} is not a schedule type; accepted: "
+                         + ", ".join(f'"{k}"' for k in ["automatic", *ENGINE_SAMPLERS[s.engine].schedules]))
+    if sched not in ENGINE_SAMPLERS[s.engine].schedules:
+        why = ("diffusers has no such schedule" if sched not in SCHEDULES else
+               f"diffusers' {ENGINE_SAMPLERS[s.engine].cls} does not take it")
+        raise FieldError("scheduler", f"{scheduler!r} is not available with sampler {s.name!r} ({why}); accepted: "
+                         + ", ".join(f'"{k}"' for k in ["automatic", *ENGINE_SAMPLERS[s.engine].schedules]))
+    return s, sched, scheduler_name(s.engine, sched)
 
 
 def samplers_list() -> list[dict]:
     """GET /sdapi/v1/samplers, in A1111's shape ({name, aliases, options})."""
-    out = []
-    for s in SAMPLERS:
-        opts = {"scheduler": "karras"} if s.schedules.get("automatic", "").endswith("karras") else {}
-        out.append({"name": s.name, "aliases": list(s.aliases), "options": opts})
-    return out
+    return [{"name": s.name, "aliases": list(s.aliases),
+             "options": {"scheduler": s.automatic} if s.automatic != "uniform" else {}} for s in SAMPLERS]
 
 
 def schedulers_list() -> list[dict]:
-    """GET /sdapi/v1/schedulers, in A1111's shape."""
-    return [{"name": k, "label": v, "aliases": None, "default_rho": None, "need_inner_model": None}
-            for k, v in SCHEDULE_LABELS.items()]
+    """GET /sdapi/v1/schedulers, in A1111's shape: the schedule types neti-fast has."""
+    return [{"name": k, "label": v, "aliases": ["SGMUniform"] if k == "sgm_uniform" else None,
+             "default_rho": 7.0 if k == "karras" else -1, "need_inner_model": False}
+            for k, v in SCHEDULE_LABELS.items() if k == "automatic" or k in SCHEDULES]
 
 
 # ----------------------------------------------------------------------------- request
 
 class Txt2Img(BaseModel):
-    """The fields neti-fast acts on; every other A1111 field is checked by `check_inactive`."""
+    """The fields neti-fast acts on; every other field is sorted by `check_extra`."""
     model_config = ConfigDict(extra="allow")
 
     prompt: str = ""
@@ -107,6 +163,9 @@ class Txt2Img(BaseModel):
     scheduler: str | None = None
     eta: float | None = None
     send_images: bool = True
+    save_images: bool = False                  # also write the PNGs + manifest lines into the server's output folder
+    clip_skip: int | None = Field(None, ge=1)  # SD.Next's name for CLIP_stop_at_last_layers (SillyTavern sends both)
+    override_settings: dict | None = None
     force_task_id: str | None = Field(None, max_length=128)
     # neti-fast
     truncation: int | list[int | None] | None = None   # None in a list: full (no truncation)
@@ -137,7 +196,6 @@ INACTIVE = {
     "s_min_uncond": (_zero, "negative guidance minimum sigma"),
     "script_name": (_empty, "scripts"),
     "script_args": (_empty, "scripts with arguments"),
-    "save_images": (_zero, "saving images on the server"),
     "refiner_checkpoint": (_empty, "refiner"),
     "token_merging_ratio": (_zero, "token merging"),
     "token_merging_ratio_hr": (_zero, "token merging"),
@@ -153,13 +211,18 @@ IGNORED_WHEN_OFF = {
     "refiner_switch_at", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
     "disable_extra_networks", "do_not_reload_embeddings", "comments",
 }
-# override_settings keys neti-fast can honour (by checking they already hold): key -> check(value, server)
-OVERRIDES = {
-    "sd_model_checkpoint": lambda v, srv: v in (srv.model_name, srv.model_title),
-    "CLIP_stop_at_last_layers": lambda v, srv: v in (1, None),
-    "eta_ancestral": lambda v, srv: v in (1, 1.0, None),
-    "eta_noise_seed_delta": lambda v, srv: v in (0, None),
-}
+
+_logged: set = set()
+_logged_lock = threading.Lock()
+
+
+def note_ignored(fields: list[str], where: str) -> None:
+    """Log each ignored field name once per server process (a client sends the same ones every call)."""
+    with _logged_lock:
+        new = [f for f in fields if (where, f) not in _logged]
+        _logged.update((where, f) for f in new)
+    if new:
+        log.info("%s: ignoring fields neti-fast does not know (as A1111 does): %s", where, ", ".join(new))
 
 
 def _disabled_script(args) -> bool:
@@ -168,8 +231,10 @@ def _disabled_script(args) -> bool:
     return args is None or args == [] or (isinstance(args, list) and args[0] is False)
 
 
-def check_inactive(req: Txt2Img, server) -> None:
-    """Every field outside the ones neti-fast acts on must be known to A1111 and ask for nothing."""
+def check_extra(req: Txt2Img) -> list[str]:
+    """Every field outside the ones neti-fast acts on: an A1111 feature asked for is a FieldError;
+    returns the fields ignored (unknown to A1111 and neti-fast)."""
+    ignored = []
     for key, value in (req.model_extra or {}).items():
         if key in INACTIVE:
             ok, feature = INACTIVE[key]
@@ -179,14 +244,6 @@ def check_inactive(req: Txt2Img, server) -> None:
                 fine = False
             if not fine:
                 raise FieldError(key, f"{feature} is not available in neti-fast (got {value!r}; leave it at its default)")
-        elif key == "override_settings":
-            if not isinstance(value, dict):
-                raise FieldError(key, "must be an object")
-            for k, v in value.items():
-                check = OVERRIDES.get(k)
-                if check is None or not check(v, server):
-                    raise FieldError(f"override_settings.{k}", f"neti-fast cannot apply this setting ({v!r}); "
-                                     f"it honours only {', '.join(OVERRIDES)} at the server's values")
         elif key == "alwayson_scripts":
             if not isinstance(value, dict):
                 raise FieldError(key, "must be an object")
@@ -196,18 +253,84 @@ def check_inactive(req: Txt2Img, server) -> None:
                     raise FieldError(f"alwayson_scripts.{name}", "scripts are not available in neti-fast "
                                      "(only disabled entries, with no arguments or [false], are accepted)")
         elif key not in IGNORED_WHEN_OFF:
-            raise FieldError(key, "unknown field (neither Automatic1111's txt2img nor neti-fast's)")
+            ignored.append(key)
+    return ignored
 
 
-def check_eta(eta: float | None, sampler: Sampler) -> None:
-    """A1111's eta: the ancestral noise scale (Euler a: diffusers' ancestral step is eta = 1) or
-    DDIM's (neti-fast's DDIM is eta = 0); the other samplers ignore it, in A1111 too."""
-    if eta is None:
-        return
-    if sampler.name == "Euler a" and eta != 1:
-        raise FieldError("eta", f"{eta}: neti-fast's Euler a is the standard ancestral step (eta 1)")
-    if sampler.name == "DDIM" and eta != 0:
-        raise FieldError("eta", f"{eta}: neti-fast's DDIM is deterministic (eta 0)")
+# ----------------------------------------------------------------------------- options
+
+def options(server) -> dict:
+    """GET /sdapi/v1/options: the A1111 options neti-fast has, at the server's values."""
+    return {"sd_model_checkpoint": server.model_title, "sd_checkpoint_hash": server.model_hash,
+            "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
+            "eta_noise_seed_delta": 0, "samples_format": "png", "samples_save": True}
+
+
+# override_settings keys that are a request's own settings (A1111: p.<setting> else opts.<key>)
+REQUEST_OPTIONS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_ddim": "eta"}
+
+
+def _same(key: str, value, server) -> bool:
+    """`value` is what option `key` holds here (the model: by any of its names, as A1111's aliases)."""
+    if key == "sd_model_checkpoint":
+        return value in server.model_names
+    if key == "sd_vae":
+        return value in ("Automatic", "None", None)  # neti-fast has the model's own VAE only
+    cur = options(server)[key]
+    if isinstance(cur, bool) or isinstance(value, bool):
+        return value is cur
+    if isinstance(cur, (int, float)):
+        return isinstance(value, (int, float)) and value == cur
+    return value == cur
+
+
+def check_options(values: dict, server, where: str, prefix: str = "") -> list[str]:
+    """A1111 options set (POST /sdapi/v1/options) or overridden for one request (override_settings):
+    each known one must hold the server's value (or name its model), else a FieldError naming it;
+    returns the unknown keys, which are ignored. REQUEST_OPTIONS are the caller's to apply."""
+    known, ignored = options(server), []
+    for k, v in values.items():
+        if v is None or k in REQUEST_OPTIONS and prefix:
+            continue
+        if k not in known:
+            ignored.append(prefix + k)
+        elif not _same(k, v, server):
+            what = ("one model per server: start another server for another model" if k == "sd_model_checkpoint"
+                    else f"this server's value is {known[k]!r}")
+            if k in REQUEST_OPTIONS:
+                what += f"; send `{REQUEST_OPTIONS[k]}` (or override_settings.{k}) with each request instead"
+            raise FieldError(prefix + k, f"neti-fast cannot change this setting to {v!r} ({what})")
+    note_ignored(ignored, where)
+    return ignored
+
+
+def request_settings(req: Txt2Img, sampler: Sampler, server) -> tuple[int, float | None, list[str]]:
+    """(clip_skip, engine eta, ignored fields) of a request: its fields and override_settings merged
+    as A1111 does (the request's own field first), each checked."""
+    ov = req.override_settings or {}
+    if not isinstance(ov, dict):
+        raise FieldError("override_settings", "must be an object")
+    ignored = check_options(ov, server, "txt2img", "override_settings.")
+    clip = ov.get("CLIP_stop_at_last_layers")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int)):
+        raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be an integer (got {clip!r})")
+    if req.clip_skip is not None and clip is not None and req.clip_skip != clip:
+        raise FieldError("clip_skip", f"{req.clip_skip} disagrees with override_settings.CLIP_stop_at_last_layers {clip}")
+    clip_skip = req.clip_skip or clip or 1
+    eta = req.eta if req.eta is not None else ov.get("eta_ddim") if sampler.eta == "ddim" else None
+    eta_field = "eta" if req.eta is not None else "override_settings.eta_ddim"
+    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float))):
+        raise FieldError(eta_field, f"must be a number (got {eta!r})")
+    if sampler.eta == "ddim":
+        if eta is not None and not 0 <= eta <= 1:
+            raise FieldError(eta_field, f"{eta}: DDIM's eta is from 0 (deterministic) to 1")
+        return clip_skip, None if eta is None else float(eta), ignored
+    ancestral = ov.get("eta_ancestral")
+    if sampler.eta == "ancestral":  # diffusers' ancestral / SDE steps are A1111's at eta 1
+        for field, v in (("eta", req.eta), ("override_settings.eta_ancestral", ancestral)):
+            if v is not None and v != 1:
+                raise FieldError(field, f"{v}: neti-fast's {sampler.name} is the standard stochastic step (eta 1)")
+    return clip_skip, None, ignored   # other samplers ignore eta, in A1111 too
 
 
 def truncations(value) -> list:
@@ -225,10 +348,14 @@ def truncations(value) -> list:
 # ----------------------------------------------------------------------------- response
 
 def infotext(prompt: str, negative: str, steps: int, sampler: str, schedule: str, cfg: float, seed: int,
-             width: int, height: int, model: str, truncation) -> str:
+             width: int, height: int, model: str, truncation, clip_skip: int = 1, eta: float | None = None) -> str:
     """A1111's per-image generation-parameters text (what its UI shows and PNG info holds)."""
     parts = [f"Steps: {steps}", f"Sampler: {sampler}", f"Schedule type: {SCHEDULE_LABELS.get(schedule, schedule)}",
              f"CFG scale: {cfg:g}", f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
+    if eta is not None:
+        parts.append(f"Eta DDIM: {eta:g}")
+    if clip_skip != 1:
+        parts.append(f"Clip skip: {clip_skip}")
     if truncation is not None:
         parts.append(f"NeTI truncation: {truncation}")
     head = prompt + (f"\nNegative prompt: {negative}" if negative else "")
@@ -236,10 +363,13 @@ def infotext(prompt: str, negative: str, steps: int, sampler: str, schedule: str
 
 
 def info_json(*, req: Txt2Img, prompts: list, seeds: list, truncs: list, width: int, height: int, sampler: Sampler,
-              schedule: str, engine_scheduler: str, model: str, concepts: list) -> str:
-    """The `info` string A1111 returns: JSON of the settings, the seeds used included."""
+              schedule: str, engine_scheduler: str, model: str, concepts: list, clip_skip: int = 1,
+              eta: float | None = None, ignored: list = (), saved: list = ()) -> str:
+    """The `info` string A1111 returns: JSON of the settings, the seeds used included; neti-fast's
+    keys beside A1111's: truncations, the engine scheduler, concepts, the fields it ignored and the
+    files `save_images` wrote (relative to the server's output folder)."""
     texts = [infotext(p, req.negative_prompt, req.steps, sampler.name, schedule, req.cfg_scale, s, width, height,
-                      model, t) for p, s, t in zip(prompts, seeds, truncs)]
+                      model, t, clip_skip, eta) for p, s, t in zip(prompts, seeds, truncs)]
     return json.dumps({
         "prompt": req.prompt, "all_prompts": prompts, "negative_prompt": req.negative_prompt,
         "all_negative_prompts": [req.negative_prompt] * len(prompts), "seed": seeds[0] if seeds else req.seed,
@@ -250,7 +380,7 @@ def info_json(*, req: Txt2Img, prompts: list, seeds: list, truncs: list, width: 
         "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
         "seed_resize_from_h": -1, "denoising_strength": None, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": "neti-fast",
+        "clip_skip": clip_skip, "eta": eta, "is_using_inpainting_conditioning": False, "version": "neti-fast",
         "truncation": truncs[0] if truncs else None, "all_truncations": truncs, "engine_scheduler": engine_scheduler,
-        "concepts": concepts,
+        "concepts": concepts, "ignored_fields": list(ignored), "saved_files": list(saved),
     })

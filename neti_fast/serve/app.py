@@ -39,6 +39,7 @@ class ServeConfig:
     max_wait_ms: float = 50.0            # how long the oldest waiting image waits for batch-mates
     api_key: str | None = None
     state_dir: str = "neti-fast-serve"   # uploads, training runs and trained concepts
+    outputs: str | None = None           # where save_images writes (PNGs + manifest.jsonl); None: state_dir/outputs
     max_upload_mb: int = 256             # concept uploads (a full SD table with truncations is ~100-300 MB)
     cache_mb: int = 2048                 # prepared conditionings (the engine's cache)
     concept_cache_mb: int = 1024         # loaded concept tables
@@ -79,6 +80,13 @@ class Server:
         self.dtype = model.dtype
         self.model_name = cfg.model
         self.model_title = f"{cfg.model} [neti-fast]"
+        # A1111 lists a checkpoint with a short hash of its file; a model here may be a folder or a hub
+        # id, so the hash names the model (an identifier for clients, not a checksum of its weights)
+        import hashlib
+        self.model_hash = hashlib.sha256(cfg.model.encode()).hexdigest()[:10]
+        self.model_names = (self.model_title, self.model_name, self.model_hash)  # what selects it (A1111's aliases)
+        self.outputs = Path(cfg.outputs) if cfg.outputs else Path(cfg.state_dir) / "outputs"
+        self._save_lock = threading.Lock()
         # Slot tokens are added to the tokenizer on first use; adding them now means request
         # validation (HTTP threads) and the engine (worker thread) only ever read the tokenizer.
         for k in range(16):
@@ -107,10 +115,17 @@ class Server:
         """Validate everything and build the job (no engine work). Returns (job, info dict)."""
         from ..engine.request import Request, check_request, check_size
         from .batcher import Job, Shape
+        from ..engine.sampling import check_scheduler
         m = self.model
-        a1111.check_inactive(req, self)
+        ignored = a1111.check_extra(req)
         sampler, schedule, engine_sched = a1111.resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler)
-        a1111.check_eta(req.eta, sampler)
+        clip_skip, eta, ignored_ov = a1111.request_settings(req, sampler, self)
+        ignored += ignored_ov
+        a1111.note_ignored([f for f in ignored if not f.startswith("override_settings.")], "txt2img")
+        try:
+            check_scheduler(engine_sched, m.scheduler_config, req.steps)
+        except NetiError as e:  # a scheduler needing a package the server lacks is the client's choice of sampler
+            raise FieldError("sampler_name" if e.field == "scheduler" else e.field, e.detail()) from None
         try:
             h, w = check_size(m, req.height, req.width)
         except NetiError as e:
@@ -129,11 +144,14 @@ class Server:
         with self.validate_lock:  # the engine's one request check; its field is the API's field
             for t in truncs:
                 try:
-                    check_request(m, Request(prompt, 0, tables or None, t, req.negative_prompt))
+                    check_request(m, Request(prompt, 0, tables or None, t, req.negative_prompt, clip_skip))
                 except NetiError as e:
-                    raise FieldError(e.field or "prompt", e.detail()) from None
-        requests = [Request(prompt, s, tables or None, t, req.negative_prompt) for t in truncs for s in seeds]
-        shape = Shape(req.steps, h, w, engine_sched, float(req.cfg_scale))
+                    field = e.field or "prompt"
+                    if field == "clip_skip" and req.clip_skip is None:
+                        field = "override_settings.CLIP_stop_at_last_layers"
+                    raise FieldError(field, e.detail()) from None
+        requests = [Request(prompt, s, tables or None, t, req.negative_prompt, clip_skip) for t in truncs for s in seeds]
+        shape = Shape(req.steps, h, w, engine_sched, float(req.cfg_scale), eta)
         job = Job(shape, requests, client)
         if req.force_task_id:
             if req.force_task_id in self.batcher.jobs and not self.batcher.jobs[req.force_task_id].finished:
@@ -141,8 +159,34 @@ class Server:
             job.id = req.force_task_id
         info = dict(req=req, prompts=[req.prompt] * len(requests), seeds=[r.seed for r in requests],
                     truncs=[r.truncation for r in requests], width=w, height=h, sampler=sampler, schedule=schedule,
-                    engine_scheduler=engine_sched, model=self.model_name, concepts=list(tables))
+                    engine_scheduler=engine_sched, model=self.model_name, concepts=list(tables), clip_skip=clip_skip,
+                    eta=eta, ignored=ignored)
         return job, info
+
+    def save_outputs(self, images: list, info: dict) -> list[str]:
+        """save_images: each PNG written (atomically) into the output folder and recorded in its
+        manifest.jsonl, the format `neti-fast generate` / `run` write (jobs/manifest.py). Returns the
+        file names, relative to the folder; numbering goes on from the files already there."""
+        from ..jobs import manifest, outputs
+        from ..utils import dtype_name
+        req = info["req"]
+        with self._save_lock:  # concurrent requests: distinct numbers, whole manifest lines
+            taken = [p.name.split("-", 1)[0] for p in self.outputs.glob("*.png")] if self.outputs.is_dir() else []
+            n = max([int(x) for x in taken if x.isdigit()] or [-1]) + 1
+            entries = []
+            for img, prompt, seed, trunc in zip(images, info["prompts"], info["seeds"], info["truncs"]):
+                name = outputs.image_name(n, prompt, trunc, seed, digits=5)
+                n += 1
+                outputs.save_png(self.outputs / name, img)
+                entries.append({"file": name, "line": None, "prompt": prompt, "concept": req.concept, "seed": seed,
+                                "truncation": trunc, "negative_prompt": req.negative_prompt, "steps": req.steps,
+                                "guidance": float(req.cfg_scale), "scheduler": info["engine_scheduler"],
+                                "height": info["height"], "width": info["width"], "model": self.model_name,
+                                "dtype": dtype_name(self.dtype), "status": "done", "sampler_name": info["sampler"].name,
+                                "schedule": info["schedule"], "clip_skip": info["clip_skip"], "eta": info["eta"],
+                                "concepts": info["concepts"]})
+            manifest.append(self.outputs / manifest.MANIFEST, entries)
+        return [e["file"] for e in entries]
 
     # ------------------------------------------------------------------ uploads
     def add_upload(self, filename: str, data: bytes, name: str | None) -> list[str]:

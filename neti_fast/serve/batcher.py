@@ -3,7 +3,7 @@
 Every request becomes a Job of images (one `engine.Request` each: prompt, seed, concepts,
 truncation). A worker thread takes the oldest waiting image, waits until `max_wait_ms` after its
 arrival (or until `max_batch` compatible images wait), and runs every waiting image whose Shape
-(steps, size, scheduler, guidance: what one denoising loop must share) matches, up to `max_batch`,
+(steps, size, scheduler, guidance, eta: what one denoising loop must share) matches, up to `max_batch`,
 as one `Engine.generate_batch` - whatever their prompts, concepts and truncations. The packing is
 the engine's (`Engine.kv_tables`); this module only decides who rides together.
 
@@ -37,6 +37,7 @@ class Shape:
     width: int
     scheduler: str
     guidance: float
+    eta: float | None = None            # DDIM's eta (one per denoising loop)
 
 
 @dataclass(eq=False)  # identity: a job is hashed and compared as itself
@@ -191,7 +192,8 @@ class Batcher:
     def _generate(self, items: list[_Item]):
         shape = items[0].job.shape
         self.engine.cfg = replace(self.base_cfg, steps=shape.steps, height=shape.height, width=shape.width,
-                                  scheduler=shape.scheduler, guidance=shape.guidance, batch_size=self.max_batch)
+                                  scheduler=shape.scheduler, guidance=shape.guidance, eta=shape.eta,
+                                  batch_size=self.max_batch)
         jobs = list(dict.fromkeys(it.job for it in items))
         now = time.monotonic()
         for j in jobs:

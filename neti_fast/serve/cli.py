@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
                    help="required on every route but /health (default: $NETI_FAST_API_KEY)")
     p.add_argument("--state-dir", default="neti-fast-serve",
                    help="where uploads, training runs and trained concepts go (default ./neti-fast-serve)")
+    p.add_argument("--outputs", default=None, metavar="DIR",
+                   help="where requests with save_images write their PNGs and manifest.jsonl (default STATE_DIR/outputs)")
     p.add_argument("--max-upload-mb", type=count(), default=256, help="largest concept upload (default 256)")
     p.add_argument("--cache-mb", type=megabytes(), default=2048, help="memory for prepared conditionings (default 2048)")
     p.add_argument("--concept-cache-mb", type=megabytes(), default=1024, help="memory for loaded concept tables (default 1024)")
@@ -38,7 +40,8 @@ def config_from_args(args):
     device, dtype = torch_setup(args)
     return ServeConfig(model=args.model, concepts=args.concepts, host=args.host, port=args.port, device=device,
                        dtype=str(dtype).replace("torch.", ""), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                       api_key=args.api_key or None, state_dir=args.state_dir, max_upload_mb=args.max_upload_mb,
+                       api_key=args.api_key or None, state_dir=args.state_dir, outputs=args.outputs,
+                       max_upload_mb=args.max_upload_mb,
                        cache_mb=args.cache_mb, concept_cache_mb=args.concept_cache_mb)
 
 

@@ -49,6 +49,8 @@ async def txt2img(request: Request):
             keep = [i for i, im in enumerate(job.images) if im is not None]
             info.update({k: [info[k][i] for i in keep] for k in ("prompts", "seeds", "truncs")})
             job.images = [job.images[i] for i in keep]
+        if req.save_images:  # as A1111 does: also into the server's output folder (+ its manifest line)
+            info["saved"] = await run_in_threadpool(server.save_outputs, job.images, info)
         images = await run_in_threadpool(lambda: [png_b64(i) for i in job.images]) if req.send_images else []
         return {"images": images, "parameters": req.model_dump(), "info": a1111.info_json(**info)}
     finally:
@@ -102,30 +104,28 @@ async def schedulers():
 @router.get("/sdapi/v1/sd-models")
 async def sd_models(request: Request):
     server = request.app.state.server
-    return [{"title": server.model_title, "model_name": server.model_name, "hash": None, "sha256": None,
-             "filename": server.model_name, "config": None}]
-
-
-def _options(server) -> dict:
-    return {"sd_model_checkpoint": server.model_title, "sd_checkpoint_hash": None, "CLIP_stop_at_last_layers": 1,
-            "samples_format": "png", "eta_ancestral": 1.0, "eta_noise_seed_delta": 0}
+    return [{"title": server.model_title, "model_name": server.model_name, "hash": server.model_hash,
+             "sha256": None, "filename": server.model_name, "config": None}]
 
 
 @router.get("/sdapi/v1/options")
 async def options(request: Request):
-    return _options(request.app.state.server)
+    return a1111.options(request.app.state.server)
 
 
 @router.post("/sdapi/v1/options")
 async def set_options(request: Request):
-    server = request.app.state.server
-    body = await json_body(request)
-    for k, v in body.items():
-        check = a1111.OVERRIDES.get(k)
-        if check is None or not check(v, server):
-            raise FieldError(k, f"neti-fast cannot change this setting to {v!r} (one model per server: "
-                             "start another server for another model)")
+    """A1111 sets options server-wide; neti-fast has one model and fixed options: a POST that keeps
+    them (Open WebUI posts back the whole dict it read) or selects the model by any of its names is
+    accepted, one that changes a value is a 422 naming the key, unknown keys are ignored (logged)."""
+    a1111.check_options(await json_body(request), request.app.state.server, "options")
     return None
+
+
+@router.post("/sdapi/v1/img2img")
+async def img2img():
+    """Not yet: clients that probe it (Open WebUI's image edits, webuiapi.img2img) get a clear 501."""
+    return error_response("img2img is not available in neti-fast yet (txt2img only)", "init_images", 501)
 
 
 @router.get("/sdapi/v1/cmd-flags")

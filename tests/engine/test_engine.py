@@ -126,3 +126,20 @@ def test_bad_prompts(tiny_model, make_concept):
     wide = precompute(make_concept("ti", dim=768), progress=False)
     with pytest.raises(NetiError, match="768"):
         eng.generate([Request("a photo of {}", 0, wide)])
+
+
+def test_clip_skip(max_diff, tiny_model, make_concept):
+    """clip_skip 2 (A1111's CLIP skip) changes the image, prompt and negative prompt alike, equals the
+    reference path with it, and leaves a batch-mate at clip_skip 1 as it is alone; 1 is the default."""
+    from neti_fast.concepts.table import Table
+    a = Table(make_concept(seed=3), name="a")
+    cfg = GenerateConfig(steps=3, scheduler="euler", batch_size=8, negative_prompt="blurry")
+    eng = Engine(tiny_model, cfg)
+    one, two = Request("a photo of {}", 5, a), Request("a photo of {}", 5, a, clip_skip=2)
+    batch = eng.generate_batch([one, two])
+    assert max_diff(batch[0], eng.generate_batch([Request("a photo of {}", 5, a)])[0]) <= 1
+    assert max_diff(batch[0], batch[1]) > 10
+    assert max_diff(generate_reference(tiny_model, two, cfg)[0], batch[1]) <= 1
+    with pytest.raises(NetiError) as e:
+        eng.generate_batch([Request("a photo", 1, clip_skip=3)])  # tiny's CLIP has 2 layers
+    assert e.value.field == "clip_skip"

@@ -81,3 +81,27 @@ def test_slot_ids_are_cached_per_tokenizer(tiny_model, monkeypatch):
     assert calls == []
     assert int(first.slot.max()) == 0 and int(again.slot.max()) == 0 and bool(again.mask.any())
     assert torch.equal(first.input_ids[first.mask], again.input_ids[again.mask])
+
+
+def test_clip_skip_is_a1111s_and_diffusers_arithmetic(tiny_model):
+    """CLIP skip n: hidden state -n, then the final layer norm (A1111's CLIP_stop_at_last_layers n,
+    diffusers' encode_prompt clip_skip n - 1: hidden_states[-(clip_skip + 1)]); the batched path, the
+    row-by-row path and a concept's bypass all use that state; n = 1 is the plain encoding."""
+    from neti_fast.sd.conditioning import _text_model, encode_plain
+    te, tok = tiny_model.text_encoder, tiny_model.tokenizer
+    ids = tokenize(tok, "a photo of a dog", None).input_ids[None]
+    out = te(ids, output_hidden_states=True)
+    ln = _text_model(te).final_layer_norm
+    diffusers_skip_1 = ln(out.hidden_states[-(1 + 1)])                     # diffusers clip_skip=1 == A1111 2
+    assert torch.equal(encode_plain(te, tok, "a photo of a dog", clip_skip=1), out.last_hidden_state)
+    torch.testing.assert_close(encode_plain(te, tok, "a photo of a dog", clip_skip=2), diffusers_skip_1)
+    torch.testing.assert_close(encode(te, ids, clip_skip=2)[0], diffusers_skip_1)
+    assert not torch.allclose(diffusers_skip_1, out.last_hidden_state, atol=1e-3)  # the skip changes it
+    toks = tokenize(tok, "a photo of {} on a beach", ["c"])
+    g = torch.Generator().manual_seed(1)
+    token, bypass = torch.randn(3, 1, tiny_model.text_dim, generator=g), torch.randn(3, 1, tiny_model.text_dim, generator=g)
+    fast = encode_rows(te, toks, token, bypass, clip_skip=2)
+    ref = encode(te, toks.input_ids.expand(3, -1), toks.slot.expand(3, -1), token, bypass, clip_skip=2)
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast[1], encode_rows(te, toks, token, bypass)[1], atol=1e-3)

@@ -49,7 +49,8 @@ def alone(server, body: dict) -> list[np.ndarray]:
     job, _ = server.prepare(Txt2Img.model_validate(body), "")
     e, s = server.engine, job.shape
     saved = e.cfg
-    e.cfg = replace(saved, steps=s.steps, height=s.height, width=s.width, scheduler=s.scheduler, guidance=s.guidance)
+    e.cfg = replace(saved, steps=s.steps, height=s.height, width=s.width, scheduler=s.scheduler, guidance=s.guidance,
+                    eta=s.eta)
     try:
         return [e.generate_batch([r])[0] for r in job.requests]
     finally:

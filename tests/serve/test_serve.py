@@ -80,7 +80,10 @@ def test_listing_routes(client, srv):
     assert set(emb["loaded"]) == set(NETI) | {"tee"}
     assert emb["loaded"]["cat"]["shape"] == 32 and emb["loaded"]["tee"]["method"] == "ti"
     names = {s["name"] for s in client.get("/sdapi/v1/samplers").json()}
-    assert {"DPM++ 2M", "DPM++ 2M Karras", "Euler", "Euler a", "DDIM"} <= names
+    assert {"DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a", "DDIM",
+            "PLMS", "UniPC", "LCM"} == names
+    scheds = {s["name"] for s in client.get("/sdapi/v1/schedulers").json()}
+    assert scheds == {"automatic", "uniform", "karras", "exponential", "beta", "sgm_uniform", "simple", "normal"}
     assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny"
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == srv.model_title
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
@@ -97,24 +100,38 @@ def test_listing_routes(client, srv):
 # ----------------------------------------------------------------------------- samplers
 
 def test_sampler_mapping():
+    """A1111's names (and its >= 1.9 "automatic" defaults, old combined names, aliases, labels) ->
+    the engine scheduler; what diffusers lacks is refused naming the field and the value."""
     from neti_fast.serve.a1111 import FieldError, resolve_sampler
     want = {("DPM++ 2M", "uniform"): "dpm++", ("DPM++ 2M", "karras"): "dpm++-karras",
             ("DPM++ 2M", "automatic"): "dpm++-karras", ("DPM++ 2M Karras", None): "dpm++-karras",
-            ("Euler", None): "euler", ("Euler a", "automatic"): "euler-a", ("DDIM", None): "ddim",
-            ("k_euler_a", None): "euler-a", (None, None): "euler"}  # A1111's API default
+            ("k_dpmpp_2m_ka", None): "dpm++-karras", ("DPM++ 2M SDE", None): "dpm++-2m-sde-exponential",
+            ("DPM++ 2M SDE", "Karras"): "dpm++-2m-sde-karras", ("DPM++ SDE", "automatic"): "dpm++-sde-karras",
+            ("Euler", None): "euler", ("Euler", "karras"): "euler-karras", ("Euler a", "automatic"): "euler-a",
+            ("Euler a", "normal"): "euler-a-normal", ("Euler a", "Normal"): "euler-a-normal",
+            ("Heun", None): "heun", ("LMS", "Beta"): "lms-beta", ("DPM2", None): "dpm2-karras",
+            ("DPM2 a", "Exponential"): "dpm2-a-exponential", ("DDIM", None): "ddim", ("DDIM", "normal"): "ddim-normal",
+            ("PLMS", None): "plms", ("UniPC", "SGM Uniform"): "unipc-sgm-uniform", ("UniPC", "SGMUniform"): "unipc-sgm-uniform",
+            ("LCM", "simple"): "lcm-simple", ("k_euler_a", None): "euler-a", ("dpm++-karras", None): "dpm++-karras",
+            (None, None): "euler"}  # A1111's API default
     for (name, sched), engine in want.items():
         assert resolve_sampler(name, sched)[2] == engine, (name, sched)
-    with pytest.raises(FieldError) as e:
-        resolve_sampler("Heun", None)
-    assert e.value.field == "sampler_name" and '"Euler a"' in e.value.message
-    with pytest.raises(FieldError) as e:
-        resolve_sampler("Euler", "karras")
-    assert e.value.field == "scheduler" and '"automatic"' in e.value.message
+    refused = [(("DPM++ 2S a", None), "sampler_name", "DPM++ 2S a"), (("DPM adaptive", None), "sampler_name", "DPM adaptive"),
+               (("Bogus", None), "sampler_name", '"Euler a"'), (("Euler a", "karras"), "scheduler", "EulerAncestral"),
+               (("DDIM", "karras"), "scheduler", "DDIMScheduler"), (("Euler", "kl_optimal"), "scheduler", "no such schedule"),
+               (("Euler", "Align Your Steps"), "scheduler", "no such schedule"), (("Euler", "wavy"), "scheduler", "not a schedule"),
+               (("DPM++ 2M Karras", "exponential"), "scheduler", "contradicts")]
+    for (name, sched), field, says in refused:
+        with pytest.raises(FieldError) as e:
+            resolve_sampler(name, sched)
+        assert e.value.field == field and says in e.value.message, (name, sched, e.value.message)
+        assert repr(sched if field == "scheduler" else name) in e.value.message  # the value is named
 
 
 def test_every_sampler_runs_and_differs(client):
     imgs = {}
-    for name, sched in (("DPM++ 2M", "uniform"), ("DPM++ 2M", "karras"), ("Euler", None), ("Euler a", None), ("DDIM", None)):
+    for name, sched in (("DPM++ 2M", "uniform"), ("DPM++ 2M", "karras"), ("Euler", None), ("Euler a", None),
+                        ("Heun", None), ("UniPC", "karras"), ("Euler", "normal")):
         r = post(client, sampler_name=name, scheduler=sched, steps=3)
         assert r.status_code == 200, r.text
         imgs[(name, sched)] = decode_png(r.json()["images"][0]).tobytes()
@@ -149,9 +166,22 @@ BAD = [
     ({"subseed_strength": 0.5}, "subseed_strength"),
     ({"styles": ["cinematic"]}, "styles"),
     ({"override_settings": {"sd_model_checkpoint": "v1-5.ckpt"}}, "override_settings.sd_model_checkpoint"),
-    ({"sampler_name": "Heun"}, "sampler_name"),
-    ({"sampler_name": "Euler", "scheduler": "karras"}, "scheduler"),
-    ({"sampler_name": "DDIM", "eta": 0.5}, "eta"),
+    ({"alwayson_scripts": {"ADetailer": {"args": [True, True, {"ad_model": "face_yolov8n.pt"}]}}},
+     "alwayson_scripts.ADetailer"),  # SillyTavern's face fix
+    ({"refiner_checkpoint": "sd_xl_refiner"}, "refiner_checkpoint"),
+    ({"sampler_name": "DPM++ 2S a"}, "sampler_name"),
+    ({"sampler_name": "Euler a", "scheduler": "karras"}, "scheduler"),
+    ({"sampler_name": "DDIM", "eta": 1.5}, "eta"),
+    ({"sampler_name": "DDIM", "override_settings": {"eta_ddim": -1}}, "override_settings.eta_ddim"),
+    ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
+    ({"sampler_name": "Euler a", "override_settings": {"eta_ancestral": 0.5}}, "override_settings.eta_ancestral"),
+    ({"sampler_name": "LCM", "steps": 80}, "steps"),   # diffusers' LCM takes at most its original 50 steps
+    ({"clip_skip": 3}, "clip_skip"),                   # tiny's CLIP has 2 layers
+    ({"override_settings": {"CLIP_stop_at_last_layers": 5}}, "override_settings.CLIP_stop_at_last_layers"),
+    ({"clip_skip": 2, "override_settings": {"CLIP_stop_at_last_layers": 1}}, "clip_skip"),
+    ({"override_settings": {"samples_format": "jpg"}}, "override_settings.samples_format"),
+    ({"override_settings": {"sd_vae": "kl-f8-anime.ckpt"}}, "override_settings.sd_vae"),
+    ({"override_settings": []}, "override_settings"),
     ({"steps": "many"}, "steps"),
     ({"steps": 0}, "steps"),
     ({"width": 60}, "width"),
@@ -165,7 +195,6 @@ BAD = [
     ({"truncation": 0}, "truncation"),
     ({"truncation": 500}, "truncation"),
     ({"prompt": "cat " * 80}, "prompt"),
-    ({"hires_fix_typo": True}, "hires_fix_typo"),
     ({"negative_prompt": "blurry, dog"}, "negative_prompt"),  # A1111's negative embeddings: not supported
 ]
 
