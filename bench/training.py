@@ -21,8 +21,9 @@ optimizer steps alternate round by round (so drift of the machine does not enter
 
 All variants compute the same loss and gradients (up to rounding; tests/bench/test_training.py
 checks `official` against the trainer). Per variant: seconds per optimizer step (median over
---repeats rounds, after a warm-up round; --grad-accum micro-batches of --batch-size each, default
-1 x 2), steps/s, the ratio to `official`, and memory:
+--repeats rounds, after a warm-up round, and the fastest round; --grad-accum micro-batches of
+--batch-size each, default 1 x 2), steps/s, the ratio to `official` (of the medians, and of the
+fastest rounds: the better estimate on a busy machine), and memory:
   counted activations  bytes of the tensors saved for backward during one micro-batch (autograd's
                        saved-tensor hooks; storages counted once; parameters excluded): what the
                        backward pass keeps alive at its start. With checkpointing the backward
@@ -224,8 +225,9 @@ def measure_model(model_name: str, resolution: int, batch: int, accum: int, repe
     ref = statistics.median(times["official"]) if "official" in times else None
     for v in variants:
         s = statistics.median(times[v])
-        rows.append({"variant": v, "s_per_step": s, "steps_per_s": 1 / s, "times": times[v],
-                     "vs_official": (ref / s) if ref else None, **mem.get(v, {})})
+        rows.append({"variant": v, "s_per_step": s, "s_per_step_min": min(times[v]), "steps_per_s": 1 / s,
+                     "times": times[v], "vs_official": (ref / s) if ref else None,
+                     "vs_official_min": (min(times["official"]) / min(times[v])) if ref else None, **mem.get(v, {})})
     return {"model": model_name, "resolution": resolution, "batch_size": batch, "grad_accum": accum,
             "rows": rows}
 
@@ -324,10 +326,12 @@ def format_table(res: dict) -> str:
     for r in res["models"]:
         lines.append(f"{r['model']} at {r['resolution']}x{r['resolution']}, batch {r['batch_size']} x "
                      f"accumulation {r['grad_accum']} (CPU: {res['threads']} threads)")
-        lines.append(f"  {'variant':<15}{'s/step':>9}{'steps/s':>9}{'vs official':>13}{'activations':>14}")
+        lines.append(f"  {'variant':<15}{'s/step':>9}{'(min)':>9}{'steps/s':>9}{'vs official':>13}{'(of mins)':>11}"
+                     f"{'activations':>14}")
         for row in r["rows"]:
-            lines.append(f"  {row['variant']:<15}{row['s_per_step']:>9.3f}{row['steps_per_s']:>9.3f}"
-                         f"{row['vs_official']:>12.2f}x{_gib(row['counted_activation_bytes']):>14}")
+            lines.append(f"  {row['variant']:<15}{row['s_per_step']:>9.3f}{row['s_per_step_min']:>9.3f}"
+                         f"{row['steps_per_s']:>9.3f}{row['vs_official']:>12.2f}x{row['vs_official_min']:>10.2f}x"
+                         f"{_gib(row['counted_activation_bytes']):>14}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .errors import NetiError
-from .utils import (ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, SAMPLERS, SAMPLING_RANGES, SCHEDULERS,
+from .utils import (ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, SAMPLERS, SAMPLING_RANGES, scheduler_problem,
                     SCHEDULES, SEED_RANGE, Range, default_device, default_dtype_name, torch_dtype)
 
 NO_TRUNCATION = ("none", "full")  # how the command line writes "no truncation" beside truncations
@@ -107,13 +107,20 @@ def seeds_of(args) -> list[int]:
     return parse_seeds(args.seeds or ["0"])
 
 
+def _scheduler(text: str) -> str:
+    problem = scheduler_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def add_sampling_args(p) -> None:
     """--steps / --guidance / --negative-prompt / --scheduler / --batch-size / --height / --width."""
     R = SAMPLING_RANGES
     p.add_argument("--steps", type=number(R["steps"]), default=50, help="denoising steps")
     p.add_argument("--guidance", type=number(R["guidance"]), default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (plain text, no {})")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm++", metavar="SAMPLER[-SCHEDULE]",
+    p.add_argument("--scheduler", type=_scheduler, default="dpm++", metavar="SAMPLER[-SCHEDULE]",
                    help=f"sampler: {', '.join(SAMPLERS)} (dpm++: DPM++ 2M, the official NeTI one); optionally on a "
                         f"schedule: -{', -'.join(k.replace('_', '-') for k in SCHEDULES if k != 'uniform')} "
                         "(e.g. dpm++-karras; the table: docs/samplers.md)")

@@ -84,6 +84,15 @@ SCHEDULER_PARTS = {scheduler_name(n, s): (n, s) for n, spec in SAMPLERS.items() 
 SCHEDULERS = tuple(SCHEDULER_PARTS)
 
 
+def scheduler_problem(name: str) -> str | None:
+    """None for a --scheduler name, else what a valid one looks like (one line, not all the names)."""
+    if name in SCHEDULER_PARTS:
+        return None
+    schedules = ", ".join(s.replace("_", "-") for s in SCHEDULES if s != "uniform")
+    return (f"must be SAMPLER or SAMPLER-SCHEDULE with a sampler of {', '.join(SAMPLERS)} and a schedule it "
+            f"takes ({schedules}); docs/samplers.md")
+
+
 
 @dataclass(frozen=True)
 class Range:

@@ -273,3 +273,10 @@ def test_help_is_fast_and_loads_no_heavy_library():
     seconds, heavy = r.stdout.split()[0], r.stdout.split()[1:]
     assert heavy == [], f"--help imported {heavy}"
     assert float(seconds) < 10, seconds
+
+
+def test_scheduler_flag_error_is_short(cli, one_line_error):
+    """A bad --scheduler names the shape of a valid one, not the ~80 sampler x schedule names."""
+    code, _, err = cli("generate", "--model", "tiny", "--prompt", "x", "--out", "o", "--scheduler", "warp-9")
+    one_line_error(code, err, "--scheduler", "'warp-9'", "SAMPLER-SCHEDULE", "docs/samplers.md")
+    assert len(err) < 400 and "dpm2-a-karras" not in err

@@ -7,16 +7,14 @@ import torch
 
 from ..errors import NetiError
 from ..sd.models import Model
-from ..utils import SAMPLERS, SCHEDULER_PARTS, SCHEDULES, SamplerSpec, first_line
+from ..utils import SAMPLERS, SCHEDULER_PARTS, SCHEDULES, SamplerSpec, first_line, scheduler_problem
 
 
 def scheduler_parts(name: str) -> tuple[SamplerSpec, str]:
     """A --scheduler name -> (its SAMPLERS row, its schedule), or NetiError naming `scheduler`."""
-    if name not in SCHEDULER_PARTS:
-        samplers = ", ".join(SAMPLERS)
-        schedules = ", ".join(s.replace("_", "-") for s in SCHEDULES if s != "uniform")
-        raise NetiError(f"must be SAMPLER or SAMPLER-SCHEDULE with a sampler of {samplers} and a schedule it "
-                        f"takes ({schedules})", field="scheduler", value=name)
+    problem = scheduler_problem(name)
+    if problem:
+        raise NetiError(problem, field="scheduler", value=name)
     sampler, schedule = SCHEDULER_PARTS[name]
     return SAMPLERS[sampler], schedule
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import NetiError
 from ..options import parse_seeds
-from ..utils import SAMPLING_RANGES, SCHEDULERS, ByteLRU, image_size
+from ..utils import SAMPLING_RANGES, ByteLRU, image_size, scheduler_problem
 
 KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
         "height", "width")
@@ -136,8 +136,8 @@ def _parse_line(n: int, obj: dict, defaults: dict, base: Path) -> tuple[Line | N
     for key in ("steps", "guidance"):
         if not SAMPLING_RANGES[key].ok(val[key]):
             problems.append(f"{key} must be {SAMPLING_RANGES[key].describe()}, got {val[key]!r}")
-    if val["scheduler"] not in SCHEDULERS:
-        problems.append(f"scheduler {val['scheduler']!r}: must be one of {', '.join(SCHEDULERS)}")
+    if scheduler_problem(val["scheduler"]):
+        problems.append(f"scheduler {val['scheduler']!r}: {scheduler_problem(val['scheduler'])}")
     if not isinstance(val["negative_prompt"], str):
         problems.append(f"negative_prompt must be a string, got {_jtype(val['negative_prompt'])}")
     for key in ("height", "width"):     # None: the model's size; multiples of its VAE factor: check_size
