@@ -8,7 +8,6 @@ generation to /sdapi/v1/txt2img), so its body is checked on img2img with init_im
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import numpy as np
