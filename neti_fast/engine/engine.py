@@ -26,7 +26,8 @@ from ..utils import ByteLRU
 from .denoiser import TorchDenoiser
 from .kv_arena import KVArena
 from .request import GenerateConfig, Request, as_tables, check_request, check_settings, check_size, tokenize_request
-from .sampling import decode, image_generators, initial_latents, make_scheduler, step_kwargs
+from .img2img import batch_start, overlay, start_latents
+from .sampling import decode, image_generators, make_scheduler, step_kwargs
 
 
 @dataclass
@@ -156,23 +157,29 @@ class Engine:
 
     @torch.no_grad()
     def generate_batch(self, reqs: list[Request], progress: bool = False, on_step=None) -> np.ndarray:
-        """Images for `reqs` in one U-Net batch. `on_step(done, total)` is called after every step."""
+        """Images for `reqs` in one U-Net batch. `on_step(done, total, latents)` is called after every
+        step with the batch's latents (the serving queue's progress preview and interrupt)."""
         m, cfg = self.model, self.cfg
         check_settings(cfg)
         for r in reqs:
             check_request(m, r)
         h, w = check_size(m, cfg.height, cfg.width)
-        f = m.vae_scale_factor
+        for r in reqs:
+            if r.init is not None:
+                r.init.check(h, w)
         sched = self.make_scheduler()
-        ts = sched.timesteps
+        start = batch_start(reqs, cfg.steps) * sched.order
+        img2img = any(r.init is not None for r in reqs)
+        if img2img and hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)  # k-diffusion-style schedulers index their sigmas from here
+        ts = sched.timesteps[start:]
         guided = cfg.guidance != 1.0
 
         k_tables, v_tables, base, stride = self.kv_tables(reqs, ts, guided)
         gens = image_generators([r.seed for r in reqs])
         step_kw = step_kwargs(cfg.scheduler, sched, gens, [r.seed for r in reqs], cfg.eta)
-        latents = torch.cat([initial_latents(r.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, g)
-                             for r, g in zip(reqs, gens)])
-        latents = latents.to(m.device) * sched.init_noise_sigma
+        latents, blend = start_latents(m, sched, ts, reqs, gens, (m.unet.config.in_channels, h // m.vae_scale_factor,
+                                                                   w // m.vae_scale_factor))
         ts_dev = ts.to(m.device)  # the U-Net's t, on the device once: no host-to-device copy per step
         # sample b's K/V row at step i, for every step at once: [steps, B] (stride 0: constant rows)
         row_idx = base[None] + torch.arange(len(ts), device=m.device)[:, None] * stride[None]
@@ -185,7 +192,17 @@ class Engine:
                 u, c = eps.chunk(2)
                 eps = u + cfg.guidance * (c - u)
             latents = sched.step(eps, t, latents, **step_kw).prev_sample
+            if blend is not None:
+                latents = blend(sched, i, latents)
             if on_step is not None:
-                on_step(i + 1, len(ts))
-        return decode(m, latents)
+                on_step(i + 1, len(ts), latents)
+        return self.finish(latents, reqs)
 
+    def finish(self, latents: torch.Tensor, reqs: list[Request]) -> np.ndarray:
+        """Latents (finished or partly denoised: an interrupted job's) -> images, with an inpainted
+        image's original pasted back outside its mask."""
+        images = decode(self.model, latents)
+        for i, r in enumerate(reqs):
+            if r.init is not None:
+                images[i] = overlay(images[i], r.init)
+        return images

@@ -15,6 +15,7 @@ from ..errors import NetiError
 from ..sd.conditioning import markers, tokenize
 from ..sd.models import Model
 from ..utils import SAMPLING_RANGES, Range, image_size
+from .img2img import Init
 from .sampling import scheduler_parts
 
 ETA_RANGE = Range(float, 0, 1)   # DDIM: 0 deterministic .. 1 DDPM-like
@@ -46,6 +47,7 @@ class Request:
     truncation: int | None = None     # NeTI nested-dropout truncation (applies to every NeTI concept)
     negative_prompt: str | None = None  # None: GenerateConfig.negative_prompt
     clip_skip: int = 1                # A1111's CLIP skip: 1 = CLIP's last layer; n: the n-th from last (then its final LN)
+    init: Init | None = None          # img2img / inpainting input (img2img.py); None: txt2img
 
     @property
     def tables(self) -> dict:

@@ -86,3 +86,15 @@ def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
     x = model.vae.decode(latents.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
     x = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return (x * 255).round().astype("uint8")
+
+
+# SD 1.x latent channel -> RGB in [-1, 1], a least-squares fit of the VAE decoder's mean colour
+# (A1111's "Approx cheap" preview); rows: latent channels 0-3, columns R, G, B.
+LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+def preview(latents: torch.Tensor) -> np.ndarray:
+    """A cheap look at latents being denoised: one fixed linear map per latent pixel, no VAE
+    (uint8 [B, h, w, 3] at latent resolution, 1/8 of the image's side)."""
+    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu(), torch.tensor(LATENT_RGB))
+    return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()

@@ -1,4 +1,4 @@
-"""Automatic1111's txt2img API, as neti-fast serves it: the request schema, which A1111 fields are
+"""Automatic1111's txt2img and img2img API, as neti-fast serves it: the request schema, which A1111 fields are
 accepted (and at which values), sampler names -> engine schedulers, options, and the `info` it returns.
 
 Rules (issue 25; A1111 builds its request models with pydantic and ignores fields it does not know):
@@ -172,6 +172,23 @@ class Txt2Img(BaseModel):
     concept: str | None = None
 
 
+class Img2Img(Txt2Img):
+    """A1111's img2img: txt2img's fields (checked the same way) and the init images, strength, mask."""
+    init_images: list[str] = Field(min_length=1)   # base64 (a data: URL prefix is taken too)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    resize_mode: int = 0                       # img2img.RESIZE_MODES; 3 (latent upscale) is refused
+    mask: str | None = None                    # base64; white = repaint (inpainting_mask_invert: black)
+    mask_blur: int | None = Field(None, ge=0)  # sets mask_blur_x and mask_blur_y (A1111)
+    mask_blur_x: int = Field(4, ge=0)
+    mask_blur_y: int = Field(4, ge=0)
+    inpainting_fill: int = 0                   # img2img.FILLS
+    inpaint_full_res: bool = True              # A1111's "only masked": refused with a mask (whole picture only)
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    include_init_images: bool = False
+
+
 def _zero(v) -> bool:
     return v is None or v == 0 or v is False
 
@@ -210,6 +227,7 @@ IGNORED_WHEN_OFF = {
     "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "subseed",
     "refiner_switch_at", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
     "disable_extra_networks", "do_not_reload_embeddings", "comments",
+    "image_cfg_scale",   # instruct-pix2pix ("edit") models only
 }
 
 _logged: set = set()
@@ -255,6 +273,54 @@ def check_extra(req: Txt2Img) -> list[str]:
         elif key not in IGNORED_WHEN_OFF:
             ignored.append(key)
     return ignored
+
+
+def decode_image(text, field: str):
+    """A base64 image (with or without a data: URL prefix) -> PIL image, or a FieldError naming `field`."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    if not isinstance(text, str) or not text:
+        raise FieldError(field, "must be a base64-encoded image")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(text, validate=False)))
+        img.load()
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
+        raise FieldError(field, f"is not a base64-encoded image ({type(e).__name__})") from None
+    return img
+
+
+def init_inputs(req: Img2Img, width: int, height: int) -> list:
+    """img2img.Init per init image (A1111: one serves the whole batch, several set batch_size),
+    each field checked: a value neti-fast cannot honour is a FieldError naming it."""
+    from ..engine.img2img import prepare_init
+    from ..errors import NetiError
+    if req.resize_mode == 3:
+        raise FieldError("resize_mode", "3 (latent upscale) is not available in neti-fast; use 0, 1 or 2")
+    if req.initial_noise_multiplier not in (None, 1, 1.0):
+        raise FieldError("initial_noise_multiplier", f"{req.initial_noise_multiplier}: only 1 is available in neti-fast")
+    if req.include_init_images:
+        raise FieldError("include_init_images", "is not available in neti-fast (leave it false)")
+    if len(req.init_images) > req.batch_size:
+        raise FieldError("init_images", f"{len(req.init_images)} images for batch_size {req.batch_size}: A1111 takes "
+                         "one image for the whole batch, or up to batch_size (each its own image)")
+    mask = None
+    if req.mask:
+        mask = decode_image(req.mask, "mask")
+        if req.inpaint_full_res:
+            raise FieldError("inpaint_full_res", "\"only masked\" inpainting is not available in neti-fast; send "
+                             "false (whole picture)")
+    blur = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
+    images = [decode_image(b64, f"init_images.{i}") for i, b64 in enumerate(req.init_images)]
+    try:
+        return [prepare_init(img, width, height, req.denoising_strength, req.resize_mode, mask, blur,
+                             req.inpainting_fill, bool(req.inpainting_mask_invert)) for img in images]
+    except NetiError as e:
+        raise FieldError(e.field or "init_images", e.detail()) from None
 
 
 # ----------------------------------------------------------------------------- options
@@ -310,7 +376,7 @@ def request_settings(req: Txt2Img, sampler: Sampler, server) -> tuple[int, float
     ov = req.override_settings or {}
     if not isinstance(ov, dict):
         raise FieldError("override_settings", "must be an object")
-    ignored = check_options(ov, server, "txt2img", "override_settings.")
+    ignored = check_options(ov, server, "img2img" if isinstance(req, Img2Img) else "txt2img", "override_settings.")
     clip = ov.get("CLIP_stop_at_last_layers")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int)):
         raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be an integer (got {clip!r})")
@@ -378,7 +444,8 @@ def info_json(*, req: Txt2Img, prompts: list, seeds: list, truncs: list, width: 
         "sampler_name": sampler.name, "scheduler": schedule, "cfg_scale": req.cfg_scale, "steps": req.steps,
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None, "sd_model_name": model,
         "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1, "denoising_strength": None, "extra_generation_params": {},
+        "seed_resize_from_h": -1, "denoising_strength": getattr(req, "denoising_strength", None),
+        "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": clip_skip, "eta": eta, "is_using_inpainting_conditioning": False, "version": "neti-fast",
         "truncation": truncs[0] if truncs else None, "all_truncations": truncs, "engine_scheduler": engine_scheduler,

@@ -112,7 +112,9 @@ class Server:
 
     # ------------------------------------------------------------------ txt2img
     def prepare(self, req: a1111.Txt2Img, client: str):
-        """Validate everything and build the job (no engine work). Returns (job, info dict)."""
+        """Validate everything and build the job (no engine work). Returns (job, info dict). An
+        Img2Img request is a txt2img one plus its init images (a1111.init_inputs), and its schedule's
+        start (Shape.start: what lets it share a U-Net batch)."""
         from ..engine.request import Request, check_request, check_size
         from .batcher import Job, Shape
         from ..engine.sampling import check_scheduler
@@ -121,7 +123,9 @@ class Server:
         sampler, schedule, engine_sched = a1111.resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler)
         clip_skip, eta, ignored_ov = a1111.request_settings(req, sampler, self)
         ignored += ignored_ov
-        a1111.note_ignored([f for f in ignored if not f.startswith("override_settings.")], "txt2img")
+        img2img = isinstance(req, a1111.Img2Img)
+        a1111.note_ignored([f for f in ignored if not f.startswith("override_settings.")],
+                           "img2img" if img2img else "txt2img")
         try:
             check_scheduler(engine_sched, m.scheduler_config, req.steps)
         except NetiError as e:  # a scheduler needing a package the server lacks is the client's choice of sampler
@@ -130,6 +134,16 @@ class Server:
             h, w = check_size(m, req.height, req.width)
         except NetiError as e:
             raise FieldError(e.field, e.detail()) from None
+        inits, start = [None], 0
+        if img2img:
+            from ..engine.img2img import schedule_start
+            try:
+                start = schedule_start(req.steps, req.denoising_strength)
+            except NetiError as e:
+                raise FieldError("denoising_strength", e.detail()) from None
+            inits = a1111.init_inputs(req, w, h)
+            if len(inits) > 1:
+                req.batch_size = len(inits)   # A1111: several init images are the batch
         truncs = a1111.truncations(req.truncation)
         n_seeds = req.batch_size * req.n_iter
         if n_seeds * len(truncs) > self.cfg.max_images:
@@ -150,8 +164,9 @@ class Server:
                     if field == "clip_skip" and req.clip_skip is None:
                         field = "override_settings.CLIP_stop_at_last_layers"
                     raise FieldError(field, e.detail()) from None
-        requests = [Request(prompt, s, tables or None, t, req.negative_prompt, clip_skip) for t in truncs for s in seeds]
-        shape = Shape(req.steps, h, w, engine_sched, float(req.cfg_scale), eta)
+        requests = [Request(prompt, s, tables or None, t, req.negative_prompt, clip_skip, inits[i % len(inits)])
+                    for t in truncs for i, s in enumerate(seeds)]
+        shape = Shape(req.steps, h, w, engine_sched, float(req.cfg_scale), eta, start)
         job = Job(shape, requests, client)
         if req.force_task_id:
             if req.force_task_id in self.batcher.jobs and not self.batcher.jobs[req.force_task_id].finished:

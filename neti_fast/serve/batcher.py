@@ -1,9 +1,10 @@
 """The one request queue: concurrent users' images packed into shared engine batches.
 
 Every request becomes a Job of images (one `engine.Request` each: prompt, seed, concepts,
-truncation). A worker thread takes the oldest waiting image, waits until `max_wait_ms` after its
+truncation, init image). A worker thread takes the oldest waiting image, waits until `max_wait_ms` after its
 arrival (or until `max_batch` compatible images wait), and runs every waiting image whose Shape
-(steps, size, scheduler, guidance, eta: what one denoising loop must share) matches, up to `max_batch`,
+(steps, size, scheduler, guidance, eta and where the schedule starts: what one denoising loop must
+share; init images, masks and strengths of one start need not) matches, up to `max_batch`,
 as one `Engine.generate_batch` - whatever their prompts, concepts and truncations. The packing is
 the engine's (`Engine.kv_tables`); this module only decides who rides together.
 
@@ -13,7 +14,11 @@ shares its batch never changes it. That is what makes the two failure rules chea
   alone and its batch-mates still get the same images;
 - a cancelled job (its client went away) has its waiting images dropped; a running batch whose
   jobs are all cancelled stops at its next step, one with live batch-mates finishes and the
-  cancelled job's images are discarded. Nothing waits on a gone client.
+  cancelled job's images are discarded. Nothing waits on a gone client;
+- an interrupted job (A1111's /interrupt) is answered at the next step with its images as far as
+  they are denoised (decoded from the batch's latents), as A1111 answers; its batch-mates go on.
+While a job runs, `Job.preview` holds the batch's latest latents and the job's first row in them:
+/progress draws its `current_image` from them only when asked (engine.sampling.preview).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class Shape:
     scheduler: str
     guidance: float
     eta: float | None = None            # DDIM's eta (one per denoising loop)
+    start: int = 0                      # the step the schedule starts at (img2img: N - int(N x strength))
 
 
 @dataclass(eq=False)  # identity: a job is hashed and compared as itself
@@ -57,6 +63,7 @@ class Job:
     running_images: int = 0             # images of this job in the batch now running
     step: int = 0
     steps: int = 0
+    preview: tuple | None = None        # (the running batch's latents, this job's first row), per step
     on_done: object = None              # called (from the worker thread) once the job is finished
 
     def __post_init__(self):
@@ -65,7 +72,7 @@ class Job:
 
     def release(self) -> None:
         """Drop the images and requests (the answer is sent): the job stays listed for /progress only."""
-        self.images, self.requests = [], []
+        self.images, self.requests, self.preview = [], [], None
 
     @property
     def progress(self) -> float:
@@ -128,14 +135,17 @@ class Batcher:
         job._finish(ConnectionAbortedError("the client went away"))  # (a batch running it drops its images)
 
     def interrupt(self, job: Job) -> None:
-        """Stop `job` as A1111's interrupt does: its waiting images are dropped, a batch of only it
-        stops at the next step, and its client gets the images finished so far."""
+        """Stop `job` as A1111's interrupt does: its waiting images are dropped; if it has images in
+        the running batch, the worker answers it at the next step with them partly denoised (a batch
+        of only it then stops), else it is answered now with the images finished so far."""
         with self._cv:
             if job.finished:
                 return
             job.cancelled = job.interrupted = True
             self._pending = [it for it in self._pending if it.job is not job]
-        job._finish()
+            running = job.running_images > 0
+        if not running:
+            job._finish()
 
     def queued_images(self) -> int:
         with self._cv:
@@ -201,21 +211,36 @@ class Batcher:
             j.running_images = sum(1 for it in items if it.job is j)
             j.step, j.steps = 0, shape.steps
 
-        def on_step(done: int, total: int) -> None:
+        reqs = [it.job.requests[it.index] for it in items]
+        first = {}
+        for row, it in enumerate(items):
+            first.setdefault(it.job, row)
+
+        def on_step(done: int, total: int, latents) -> None:
             for j in jobs:
-                j.step, j.steps = done, total
+                j.step, j.steps, j.preview = done, total, (latents, first[j])
+                if j.interrupted and not j.finished:
+                    self._answer_partial(j, items, reqs, latents)
             if all(j.cancelled for j in jobs):
                 raise Abandoned
         try:
-            return self.engine.generate_batch([it.job.requests[it.index] for it in items], on_step=on_step)
+            return self.engine.generate_batch(reqs, on_step=on_step)
         finally:
             for j in jobs:
-                j.running_images = 0
+                j.running_images, j.preview = 0, None
+
+    def _answer_partial(self, job: Job, items: list[_Item], reqs: list, latents) -> None:
+        """An interrupted job's rows of the batch, decoded as far as they are denoised."""
+        rows = [r for r, it in enumerate(items) if it.job is job]
+        images = self.engine.finish(latents[rows], [reqs[r] for r in rows])
+        for r, img in zip(rows, images):
+            job.images[items[r].index] = img
+        job._finish()
 
     def _deliver(self, items: list[_Item], images) -> None:
         for it, img in zip(items, images):
             job = it.job
-            if job.cancelled or job.finished:
+            if job.finished or (job.cancelled and not job.interrupted):
                 continue
             job.images[it.index] = img
             job.done_images += 1
@@ -226,6 +251,14 @@ class Batcher:
         items = [it for it in items if not it.job.cancelled]
         if not items:
             return
+        try:
+            self._run_items(items)
+        finally:  # interrupted after its last step (or its batch failed): answered with what it has
+            for job in dict.fromkeys(it.job for it in items):
+                if job.interrupted:
+                    job._finish()
+
+    def _run_items(self, items: list[_Item]) -> None:
         jobs = list(dict.fromkeys(it.job for it in items))
         self.batch_sizes.append(len(items))
         self.batch_jobs.append(len(jobs))

@@ -1,4 +1,4 @@
-"""Automatic1111's HTTP API: txt2img, progress, interrupt and the listings its clients read."""
+"""Automatic1111's HTTP API: txt2img, img2img, progress, interrupt and the listings its clients read."""
 from __future__ import annotations
 
 import asyncio
@@ -18,10 +18,20 @@ router = APIRouter()
 
 @router.post("/sdapi/v1/txt2img")
 async def txt2img(request: Request):
+    return await _generate(request, a1111.Txt2Img)
+
+
+@router.post("/sdapi/v1/img2img")
+async def img2img(request: Request):
+    return await _generate(request, a1111.Img2Img)
+
+
+async def _generate(request: Request, model):
+    """One txt2img / img2img request: validated (Server.prepare), queued, answered as A1111 does."""
     server = request.app.state.server
     body = await json_body(request)
     try:
-        req = a1111.Txt2Img.model_validate(body)
+        req = model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         loc = err.get("loc", ())
@@ -52,7 +62,10 @@ async def txt2img(request: Request):
         if req.save_images:  # as A1111 does: also into the server's output folder (+ its manifest line)
             info["saved"] = await run_in_threadpool(server.save_outputs, job.images, info)
         images = await run_in_threadpool(lambda: [png_b64(i) for i in job.images]) if req.send_images else []
-        return {"images": images, "parameters": req.model_dump(), "info": a1111.info_json(**info)}
+        params = req.model_dump()
+        if isinstance(req, a1111.Img2Img):  # as A1111: the images are not echoed back
+            params.update(init_images=None, mask=None)
+        return {"images": images, "parameters": params, "info": a1111.info_json(**info)}
     finally:
         job.release()  # recent jobs stay listed for /progress, without their images
 
@@ -76,7 +89,13 @@ async def progress(request: Request, id_task: str | None = None, skip_current_im
              "job_timestamp": "0", "job_no": 0, "sampling_step": job.step, "sampling_steps": job.steps,
              "finished": job.finished, "images_done": job.done_images, "images": job.total}
     text = "queued" if job.started is None else ("done" if job.finished else "running")
-    return {"progress": p, "eta_relative": eta, "state": state, "current_image": None, "textinfo": text}
+    shown = job.preview  # (latents, row): one read, the worker replaces it every step
+    current = None
+    if shown is not None and not skip_current_image and not job.finished:
+        from ..engine.sampling import preview
+        latents, row = shown
+        current = await run_in_threadpool(lambda: png_b64(preview(latents[row:row + 1])[0]))
+    return {"progress": p, "eta_relative": eta, "state": state, "current_image": current, "textinfo": text}
 
 
 @router.post("/sdapi/v1/interrupt")
@@ -120,12 +139,6 @@ async def set_options(request: Request):
     accepted, one that changes a value is a 422 naming the key, unknown keys are ignored (logged)."""
     a1111.check_options(await json_body(request), request.app.state.server, "options")
     return None
-
-
-@router.post("/sdapi/v1/img2img")
-async def img2img():
-    """Not yet: clients that probe it (Open WebUI's image edits, webuiapi.img2img) get a clear 501."""
-    return error_response("img2img is not available in neti-fast yet (txt2img only)", "init_images", 501)
 
 
 @router.get("/sdapi/v1/cmd-flags")

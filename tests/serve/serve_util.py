@@ -35,6 +35,21 @@ def make_server(model, tmp: Path, **kw):
     return Server(ServeConfig(model="tiny", concepts=str(concepts), state_dir=str(tmp / "state"), **kw), model=model)
 
 
+def png_b64(img: np.ndarray) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def smooth_image(seed: int = 0) -> np.ndarray:
+    """A smooth random SIZE x SIZE RGB image (an init image for img2img)."""
+    from PIL import Image, ImageFilter
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3))
+    return np.asarray(img)
+
+
 def decode_png(b64: str) -> np.ndarray:
     from PIL import Image
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
@@ -45,8 +60,8 @@ def alone(server, body: dict) -> list[np.ndarray]:
     server's own engine, in the caller's thread: call it only while the server is idle."""
     from dataclasses import replace
 
-    from neti_fast.serve.a1111 import Txt2Img
-    job, _ = server.prepare(Txt2Img.model_validate(body), "")
+    from neti_fast.serve.a1111 import Img2Img, Txt2Img
+    job, _ = server.prepare((Img2Img if "init_images" in body else Txt2Img).model_validate(body), "")
     e, s = server.engine, job.shape
     saved = e.cfg
     e.cfg = replace(saved, steps=s.steps, height=s.height, width=s.width, scheduler=s.scheduler, guidance=s.guidance,

@@ -2,18 +2,18 @@
 engine and webuiapi make, replayed with the request bodies those clients build (read from their public
 code: SillyTavern src/endpoints/stable-diffusion.js + public/scripts/extensions/stable-diffusion/index.js,
 Open WebUI backend/open_webui/routers/images.py, webuiapi/webuiapi.py), each answered with what the
-client parses, or with a documented refusal (README, "Automatic1111 API"). img2img is not served yet:
-its route answers 501 naming `init_images`."""
+client parses, or with a documented refusal (README, "Automatic1111 API"). img2img: webuiapi's
+img2img() body, plain and inpainting; SillyTavern posts txt2img only (its server forwards every A1111
+generation to /sdapi/v1/txt2img), so its body is checked on img2img with init_images added."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import numpy as np
 import pytest
 
-from serve_util import SIZE, STEPS, alone, decode_png, make_server
+from serve_util import SIZE, STEPS, alone, decode_png, make_server, png_b64, smooth_image
 
 from fastapi.testclient import TestClient  # noqa: E402  (serve_util skips without the serve extra)
 
@@ -230,14 +230,101 @@ def test_webuiapi_ddim_eta_is_applied(client, max_diff):
     assert max_diff(*ims) > 4  # measured 8 at 2 steps; same-noise float differences stay within 2
 
 
-def test_webuiapi_img2img_is_a_documented_501(client):
-    """WebUIApi.img2img() posts init_images: not served yet, a 501 naming the field (not a 404/405)."""
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.new("RGB", (SIZE, SIZE)).save(buf, format="PNG")
-    r = client.post("/sdapi/v1/img2img", json={"init_images": [base64.b64encode(buf.getvalue()).decode()],
-                                               "prompt": "a photo", "denoising_strength": 0.75})
-    assert r.status_code == 501 and r.json()["field"] == "init_images" and "img2img" in r.json()["error"]
+def webuiapi_img2img_body(image: np.ndarray, **kw) -> dict:
+    """WebUIApi.img2img()'s payload at its defaults (webuiapi 0.9.17): its own img2img fields (mask
+    blur 4, fill 0, "only masked" True, image_cfg_scale 1.5, eta 1.0) beside txt2img's."""
+    body = {"init_images": [png_b64(image)], "resize_mode": 0, "denoising_strength": 0.75, "mask_blur": 4,
+            "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0,
+            "initial_noise_multiplier": 1, "prompt": "a photo of {ball}", "styles": [], "seed": 41, "subseed": -1,
+            "subseed_strength": 0, "seed_resize_from_h": 0, "seed_resize_from_w": 0, "batch_size": 1, "n_iter": 1,
+            "steps": STEPS, "cfg_scale": 7.0, "image_cfg_scale": 1.5, "width": SIZE, "height": SIZE,
+            "restore_faces": False, "tiling": False, "do_not_save_samples": False, "do_not_save_grid": False,
+            "negative_prompt": "", "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1,
+            "override_settings": {}, "override_settings_restore_afterwards": True, "sampler_name": "Euler a",
+            "scheduler": "automatic", "sampler_index": "Euler a", "include_init_images": False, "script_name": None,
+            "script_args": [], "send_images": True, "save_images": False, "alwayson_scripts": {}}
+    body.update(kw)
+    return body
+
+
+def test_webuiapi_img2img(client, srv, max_diff):
+    """img2img() with its defaults: 200, the image of the engine's own img2img for that seed and
+    strength, A1111's info (denoising_strength) and parameters (init images not echoed)."""
+    image = smooth_image(1)
+    body = webuiapi_img2img_body(image, batch_size=2)
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    info = json.loads(out["info"])
+    assert info["denoising_strength"] == 0.75 and info["all_seeds"] == [41, 42] and info["ignored_fields"] == []
+    assert out["parameters"]["init_images"] is None and out["parameters"]["denoising_strength"] == 0.75
+    want = alone(srv, body)
+    got = [decode_png(b) for b in out["images"]]
+    for g, w in zip(got, want):
+        assert max_diff(g, w) <= TOL
+    txt = decode_png(client.post("/sdapi/v1/txt2img", json=webuiapi_body(prompt="a photo of {ball}", seed=41)).json()["images"][0])
+    assert max_diff(got[0], txt) > 10 and max_diff(got[0], got[1]) > 10   # the init image and the seed both count
+    # a data: URL is the same image; a lower strength stays nearer the init image
+    same = client.post("/sdapi/v1/img2img", json={**body, "batch_size": 1,
+                                                    "init_images": ["data:image/png;base64," + png_b64(image)]})
+    assert max_diff(decode_png(same.json()["images"][0]), got[0]) <= TOL
+    low = decode_png(client.post("/sdapi/v1/img2img", json={**body, "batch_size": 1, "steps": 4,
+                                                            "denoising_strength": 0.25}).json()["images"][0])
+    assert np.abs(low.astype(int) - image).mean() < np.abs(got[0].astype(int) - image).mean()
+
+
+def test_webuiapi_inpainting(client, srv, max_diff):
+    """img2img(mask_image=...): "only masked" (webuiapi's default) is refused naming the field; whole
+    picture inpainting keeps the pixels away from the mask exactly and repaints under it."""
+    image = smooth_image(2)
+    m = np.zeros((SIZE, SIZE, 3), np.uint8)
+    m[16:48, 16:48] = 255
+    body = webuiapi_img2img_body(image, mask=png_b64(m))
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 422 and r.json()["field"] == "inpaint_full_res"
+    for fill in (0, 1, 3):
+        r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": False, "inpainting_fill": fill})
+        assert r.status_code == 200, r.text
+        got = decode_png(r.json()["images"][0])
+        far = np.ones((SIZE, SIZE), bool)
+        far[16 - 10:48 + 10, 16 - 10:48 + 10] = False   # mask_blur 4: the edge blends over ~2.5 x 4 px
+        assert np.array_equal(got[far], image[far])
+        assert max_diff(got[24:40, 24:40], image[24:40, 24:40]) > 10
+        assert max_diff(got, alone(srv, {**body, "inpaint_full_res": False, "inpainting_fill": fill})[0]) <= TOL
+    r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": False, "inpainting_fill": 2})
+    assert r.status_code == 422 and r.json()["field"] == "inpainting_fill"
+
+
+@pytest.mark.parametrize("change,field", [({"resize_mode": 3}, "resize_mode"), ({"init_images": ["not an image"]}, "init_images.0"),
+                                          ({"init_images": []}, "init_images"), ({"denoising_strength": 0.1}, "denoising_strength"),
+                                          ({"denoising_strength": 1.5}, "denoising_strength"),
+                                          ({"initial_noise_multiplier": 0.9}, "initial_noise_multiplier"),
+                                          ({"mask": "bad", "inpaint_full_res": False}, "mask")])
+def test_img2img_refusals_name_the_field(client, change, field):
+    r = client.post("/sdapi/v1/img2img", json={**webuiapi_img2img_body(smooth_image(3)), **change})
+    assert r.status_code == 422 and r.json()["field"] == field, r.text
+    assert "\n" not in r.json()["error"] and "/" not in r.json()["error"].replace("1/2", "")
+
+
+def test_img2img_batching_shapes(srv):
+    """What may share a U-Net batch: the schedule's start, not the strength or the image."""
+    from neti_fast.serve.a1111 import Img2Img
+    shape = lambda **kw: srv.prepare(Img2Img.model_validate(webuiapi_img2img_body(smooth_image(kw.pop("img", 4)), steps=4, **kw)), "")[0].shape
+    assert shape(denoising_strength=0.5) == shape(denoising_strength=0.55, img=5)   # int(4 x s) = 2 both
+    assert shape(denoising_strength=0.5) != shape(denoising_strength=0.75)
+    assert shape(denoising_strength=1.0).start == 0
+
+
+def test_sillytavern_body_on_img2img(client, srv, max_diff):
+    """SillyTavern's fields (hires fix off, clip skip twice, DDIM "normal") with init_images added:
+    Img2Img takes every txt2img field the same way."""
+    body = sillytavern_body(init_images=[png_b64(smooth_image(6))], denoising_strength=0.5)
+    for k in ("url", "auth"):
+        body.pop(k)
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["denoising_strength"] == 0.5
+    assert max_diff(decode_png(r.json()["images"][0]), alone(srv, body)[0]) <= TOL
 
 
 # ----------------------------------------------------------------------------- request semantics

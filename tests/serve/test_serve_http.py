@@ -156,9 +156,14 @@ def test_disconnect_mid_run_stops_the_batch(live):
     assert left.cancelled and b.abandoned == abandoned + 1 and left.step < 150
 
 
-def test_interrupt(live):
-    """POST /sdapi/v1/interrupt stops the caller's job: it answers 200 with the images it finished
-    (none: its one batch stopped at the next step), and the server goes on."""
+def test_progress_preview_and_interrupt(live):
+    """While it runs, /progress shows the job's latents through the cheap linear preview (1/8 of the
+    side; none with skip_current_image); POST /sdapi/v1/interrupt then answers the job with its
+    image partly denoised (as A1111), and its batch stops at the next step."""
+    import base64
+    import io
+
+    from PIL import Image
     b = live.server.batcher
     abandoned = b.abandoned
     out = {}
@@ -173,13 +178,20 @@ def test_interrupt(live):
     while "to-interrupt" not in b.jobs or b.jobs["to-interrupt"].step < 1:
         assert time.monotonic() - t0 < 30, "the job never started"
         time.sleep(0.02)
+    p = httpx.get(f"{live.url}/sdapi/v1/progress", params={"id_task": "to-interrupt"}, timeout=10).json()
+    preview = Image.open(io.BytesIO(base64.b64decode(p["current_image"])))
+    assert preview.size == (SIZE // 8, SIZE // 8) and np.asarray(preview).std() > 0
+    assert httpx.get(f"{live.url}/sdapi/v1/progress", timeout=10,
+                     params={"id_task": "to-interrupt", "skip_current_image": True}).json()["current_image"] is None
     r = httpx.post(f"{live.url}/sdapi/v1/interrupt", timeout=10)
     assert r.json()["interrupted"] == ["to-interrupt"]
     t.join(30)
-    assert out["r"].status_code == 200 and out["r"].json()["images"] == []
-    assert json.loads(out["r"].json()["info"])["all_seeds"] == []
+    assert out["r"].status_code == 200 and len(out["r"].json()["images"]) == 1
+    partial = decode_png(out["r"].json()["images"][0])
+    assert partial.shape == (SIZE, SIZE, 3) and partial.std() > 0
+    assert json.loads(out["r"].json()["info"])["all_seeds"] == [8]
     t0 = time.monotonic()
-    while b.abandoned == abandoned:  # the worker stops the batch at its next step (the answer came first)
+    while b.abandoned == abandoned:  # the worker stops the batch at the step it answered the job
         assert time.monotonic() - t0 < 10, "the interrupted batch did not stop"
         time.sleep(0.02)
     assert b.jobs["to-interrupt"].step < 150
