@@ -146,7 +146,8 @@ def test_list_flags_accumulate_and_no_truncation():
 def test_grid_column_labels_fit_their_column(tmp_path):
     from PIL import ImageDraw
 
-    from neti_fast.jobs.outputs import _wrap, truncation_label, write_grid
+    from neti_fast.images import _wrap, write_grid
+    from neti_fast.jobs.outputs import truncation_label
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = [truncation_label(t) for t in (None, 8, 128)]
     assert draw.textlength(labels[0]) > 64 - 8  # the label that used to run into its neighbour at 64 px
