@@ -174,3 +174,22 @@ def test_job_img2img_bad_fields_are_reported_by_line(cli, tmp_path):
             assert n in bad[ln], (ln, n, bad[ln])
         assert str(d) not in bad[ln]   # named as written in the job file
     assert not out.exists() or not list(out.glob("*.png"))
+
+
+def test_init_source_prepares_what_it_checked(tmp_path):
+    """The Init a line runs with is the server's for that file (prepare_init at its mask defaults),
+    and a file changed after the job was checked is refused, not used under the old hash."""
+    from neti_fast.errors import NetiError
+    from neti_fast.jobs.jobfile import init_source
+    smooth(1, (80, 64)).save(tmp_path / "a.png")
+    src = init_source("a.png", 0.5, 1, None, base=tmp_path)
+    assert (src.image_path, src.strength, src.resize_mode) == (str(tmp_path / "a.png"), 0.5, 1)
+    src.check()
+    init = src.prepare(SIZE, SIZE)
+    want = prepare_init(Image.open(tmp_path / "a.png"), SIZE, SIZE, 0.5, 1)
+    assert np.array_equal(init.image, want.image) and init.mask is None and init.strength == 0.5
+    smooth(2, (80, 64)).save(tmp_path / "a.png")
+    with pytest.raises(NetiError, match="changed while the job ran") as e:
+        src.prepare(SIZE, SIZE)
+    assert e.value.field == "init_image"
+    assert init_source(None) is None
