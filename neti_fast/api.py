@@ -53,7 +53,7 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
                        truncations=(None,), cfg: GenerateConfig | None = None, overwrite: bool = False,
                        model_name: str | None = None, concept_name: str | None = None,
                        engine: Engine | None = None, progress: bool = True, backend: str = "auto",
-                       export_dir: str | Path | None = None, on_summary=None) -> dict:
+                       export_dir: str | Path | None = None, on_summary=None, init=None) -> dict:
     """Generate into `out`: one PNG per (prompt, truncation, seed), a grid per prompt, manifest.jsonl;
     with several truncations also a sweep grid per seed (rows prompts, columns truncations, labelled):
     the paper's reconstruction-vs-editability figure.
@@ -65,6 +65,8 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
     with the older manifest.json resume too. Every request is checked before any work (and before
     an exported backend is built: `backend`, `export_dir` as for `generate`). Returns the manifest
     entries {file: entry}; `on_summary(summary)` gets the run's counts (made, skipped...: job.json's body).
+    `init`: img2img for every image, a `jobs.jobfile.InitSource` (`init_source(path, strength, resize_mode,
+    mask)`: the files are checked and hashed with the rest, and recorded in the manifest).
     """
     from .jobs import runner
     from .jobs.jobfile import Concepts, Line, check_lines
@@ -74,7 +76,7 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
     truncations = list(dict.fromkeys(truncations))
     lines = [Line(line=pi + 1, prompt=prompt, concept=concept_name, paths=None, seeds=list(seeds),
                   truncations=truncations, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
-                  negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width)
+                  negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width, init=init)
              for pi, prompt in enumerate(prompts)]
     concepts = Concepts(loaded=table)
     problems = check_lines(model, lines, concepts)  # before an engine is built (an export takes minutes)

@@ -81,8 +81,12 @@ def _read_prompts(args) -> list[str]:
 def cmd_generate(args):
     from .api import generate_to_folder, load_concepts, load_model
     from .engine.request import GenerateConfig
+    from .jobs.jobfile import init_source
     prompts = _read_prompts(args)
     seeds = options.seeds_of(args)
+    init = init_source(args.init_image, args.strength, args.resize_mode, args.mask)
+    if init is not None:
+        init.check()   # before the model loads (checked again, with the steps, with every request)
     tables = load_concepts(args.concept or [], args.placeholder, args.layer_mix, args.time_mix)
     truncs = options.dedup(args.truncation) if args.truncation else [None]
     device, dtype = options.torch_setup(args)
@@ -94,7 +98,7 @@ def cmd_generate(args):
     summary = {}
     generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, cfg,
                        overwrite=args.overwrite, model_name=args.model, concept_name=described or None,
-                       backend=args.backend, export_dir=args.export_dir, on_summary=summary.update)
+                       backend=args.backend, export_dir=args.export_dir, on_summary=summary.update, init=init)
     sweeps = (f", {len(seeds)} sweep-s*.png (rows prompts, columns truncations)" if len(truncs) > 1 else "")
     print(f"{args.out}: {summary['done']} images made, {summary['skipped']} already there; "
           f"{len(prompts)} grid-*.png (rows truncations, columns seeds){sweeps}; manifest.jsonl")
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "none (or full) = no truncation, e.g. --truncation none 8 16; several also "
                                      "write a sweep grid per seed (rows prompts, columns truncations)")
     options.add_sampling_args(p)
+    options.add_img2img_args(p)
     options.add_runtime_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")

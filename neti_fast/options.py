@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 from .errors import NetiError
-from .utils import (ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, SAMPLERS, SAMPLING_RANGES, scheduler_problem,
-                    SCHEDULES, SEED_RANGE, Range, default_device, default_dtype_name, torch_dtype)
+from .utils import (ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, DEFAULT_STRENGTH, RESIZE_MODE_RANGE, SAMPLERS,
+                    SAMPLING_RANGES, scheduler_problem, SCHEDULES, SEED_RANGE, STRENGTH_RANGE, Range, default_device,
+                    default_dtype_name, torch_dtype)
 
 NO_TRUNCATION = ("none", "full")  # how the command line writes "no truncation" beside truncations
 
@@ -127,6 +128,20 @@ def add_sampling_args(p) -> None:
     p.add_argument("--batch-size", type=number(R["batch_size"]), default=8, help="images per U-Net batch")
     p.add_argument("--height", type=number(R["height"]), default=None, help="default: the model's native size")
     p.add_argument("--width", type=number(R["width"]), default=None, help="default: the model's native size")
+
+
+def add_img2img_args(p) -> None:
+    """--init-image / --strength / --resize-mode / --mask (None when not given: each needs --init-image)."""
+    p.add_argument("--init-image", default=None, metavar="PATH",
+                   help="img2img: start every image from this one (resized to --width x --height)")
+    p.add_argument("--strength", type=number(STRENGTH_RANGE), default=None, metavar="S",
+                   help=f"img2img: A1111's denoising strength, the last int(steps x S) steps are run (default "
+                        f"{DEFAULT_STRENGTH}; 1: all of them, from the image's latent with the seed's noise)")
+    p.add_argument("--resize-mode", type=number(RESIZE_MODE_RANGE), default=None, metavar="{0,1,2}",
+                   help="img2img: A1111's resize mode, 0 just resize (default), 1 crop and resize, 2 resize and fill")
+    p.add_argument("--mask", default=None, metavar="PATH",
+                   help="inpainting: a mask of the init image's size, white = repaint (blurred 4 px, the masked "
+                        "area filled from around it: the server's defaults); the rest is kept")
 
 
 def add_runtime_args(p) -> None:

@@ -108,7 +108,7 @@ class Range:
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a number"
         if self.lo is not None and self.hi is not None:
-            return f"{what} from {self.lo:g} to {self.hi:g}"
+            return f"{what} > {self.lo:g} and <= {self.hi:g}" if self.lo_open else f"{what} from {self.lo:g} to {self.hi:g}"
         if self.lo is not None:
             return f"{what} {'>' if self.lo_open else '>='} {self.lo:g}"
         return f"{what} <= {self.hi:g}" if self.hi is not None else what
@@ -152,6 +152,11 @@ SAMPLING_RANGES = {
     "cache_mb": Range(int, 0),
 }
 SEED_RANGE = Range(int, 0, 2**63 - 1)   # torch.Generator.manual_seed takes any int64 >= 0
+# img2img (engine/img2img.py): A1111's denoising_strength, the fraction of the schedule run (0 would run
+# nothing), and its resize_mode 0 just resize, 1 crop and resize, 2 resize and fill
+STRENGTH_RANGE = Range(float, 0, 1, lo_open=True)
+DEFAULT_STRENGTH = 0.75
+RESIZE_MODE_RANGE = Range(int, 0, 2)
 
 def torch_dtype(name: str):
     """"fp16" / "float16" / ... -> torch.float16; NetiError for anything else."""

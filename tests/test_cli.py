@@ -280,3 +280,86 @@ def test_scheduler_flag_error_is_short(cli, one_line_error):
     code, _, err = cli("generate", "--model", "tiny", "--prompt", "x", "--out", "o", "--scheduler", "warp-9")
     one_line_error(code, err, "--scheduler", "'warp-9'", "SAMPLER-SCHEDULE", "docs/samplers.md")
     assert len(err) < 400 and "dpm2-a-karras" not in err
+
+
+# ----------------------------------------------------------------------------- img2img
+
+def _img2img_files(folder):
+    """A smooth 96x64 init image (not the run's shape: resize modes matter), a square one and a mask."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for name, (w, h) in (("wide.png", (96, 64)), ("square.png", (64, 64))):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3)).save(folder / name)
+    m = np.zeros((64, 64), np.uint8)
+    m[8:40, 20:56] = 255
+    Image.fromarray(m).save(folder / "mask.png")
+    return folder
+
+
+def test_generate_img2img_equals_the_servers(cli, one_line_error, tmp_path, tiny_model):
+    """`generate --init-image` makes the server's img2img image for the same seed and strength,
+    exactly: the init image is prepared by the server's code (a1111.init_inputs -> prepare_init, at
+    its defaults: resize_mode 0, mask blur 4, fill 0) and runs in a batch of one either way."""
+    pytest.importorskip("pydantic")
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    from neti_fast.engine.engine import Engine
+    from neti_fast.engine.request import GenerateConfig, Request
+    from neti_fast.serve.a1111 import Img2Img, init_inputs
+    d = _img2img_files(tmp_path / "in")
+    b64 = lambda p: base64.b64encode(p.read_bytes()).decode()
+    for i, (flags, body) in enumerate((
+            (["--init-image", d / "wide.png", "--strength", "0.6", "--resize-mode", "2"],
+             {"init_images": [b64(d / "wide.png")], "denoising_strength": 0.6, "resize_mode": 2}),
+            (["--init-image", d / "square.png", "--mask", d / "mask.png"],   # default strength 0.75
+             {"init_images": [b64(d / "square.png")], "mask": b64(d / "mask.png"), "inpaint_full_res": False}))):
+        out = tmp_path / f"out{i}"
+        code, _, err = cli("generate", "--model", "tiny", "--prompt", "a photo of a dog", "--seeds", "3",
+                           "--steps", "4", "--out", out, *flags)
+        assert code == 0, err
+        with Image.open(out / "000-a-photo-of-a-dog_full_s3.png") as im:
+            got = np.asarray(im.convert("RGB"))
+        init = init_inputs(Img2Img.model_validate({"prompt": "a photo of a dog", **body}), 64, 64)[0]
+        want = Engine(tiny_model, GenerateConfig(steps=4, batch_size=1)).generate_batch(
+            [Request("a photo of a dog", 3, init=init)])[0]
+        assert np.array_equal(got, want)
+        entry = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+        assert entry["init_image"] == str(flags[1]) and entry["strength"] == body.get("denoising_strength", 0.75)
+        assert ("mask_sha256" in entry) == ("mask" in body)
+    # resume: the same command is recognised; another strength or a changed init image is refused
+    code, stdout, err = cli("generate", "--model", "tiny", "--prompt", "a photo of a dog", "--seeds", "3", "--steps",
+                            "4", "--out", out, *flags)
+    assert code == 0 and "0 images made, 1 already there" in stdout, err
+    code, _, err = cli("generate", "--model", "tiny", "--prompt", "a photo of a dog", "--seeds", "3", "--steps",
+                       "4", "--out", out, *flags, "--strength", "0.5")
+    one_line_error(code, err, "different settings (strength)", "--overwrite")
+    Image.open(d / "wide.png").crop((0, 0, 64, 64)).save(d / "square.png")
+    code, _, err = cli("generate", "--model", "tiny", "--prompt", "a photo of a dog", "--seeds", "3", "--steps",
+                       "4", "--out", out, *flags)
+    one_line_error(code, err, "different settings (init_image_sha256)")
+
+
+def test_generate_img2img_bad_input_is_one_line(cli, one_line_error, tmp_path):
+    d = _img2img_files(tmp_path / "in")
+    (d / "notes.png").write_text("not an image")
+    out = tmp_path / "o"
+    gen = ["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "4", "--out", out]
+    for flags, needles in (
+            (["--init-image", d / "gone.png"], ("--init-image", "gone.png", "cannot read")),
+            (["--init-image", d / "notes.png"], ("--init-image", "not an image")),
+            (["--init-image", d / "square.png", "--mask", d / "wide.png"], ("--mask", "96x64", "64x64")),
+            (["--init-image", d / "square.png", "--mask", d / "gone.png"], ("--mask", "cannot read")),
+            (["--strength", "0.5"], ("--strength 0.5", "no init image")),
+            (["--mask", d / "mask.png"], ("--mask", "no init image")),
+            (["--init-image", d / "square.png", "--strength", "0.1"], ("--strength 0.1", "4 steps", "no step")),
+            (["--init-image", d / "square.png", "--strength", "1.5"], ("argument --strength", "> 0 and <= 1")),
+            (["--init-image", d / "square.png", "--strength", "0"], ("argument --strength", "> 0 and <= 1")),
+            (["--init-image", d / "square.png", "--resize-mode", "3"], ("argument --resize-mode", "from 0 to 2"))):
+        code, _, err = cli(*gen, *flags)
+        one_line_error(code, err, *needles)
+        assert not out.exists(), flags

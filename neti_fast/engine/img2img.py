@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import NetiError
+from ..utils import DEFAULT_STRENGTH, STRENGTH_RANGE
 
 if TYPE_CHECKING:
     import torch
@@ -29,13 +30,16 @@ if TYPE_CHECKING:
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}   # A1111's resize_mode
 # inpainting_fill: what the masked area starts from (A1111's values); 2 ("latent noise") is not offered
 FILLS = {0: "fill", 1: "original", 3: "latent nothing"}
+# A1111's API defaults for a mask, which the server's img2img and `neti-fast generate --mask` / job files share
+MASK_BLUR = 4          # px, both axes
+INPAINTING_FILL = 0    # fill: the masked area starts from the colours around it
 
 
 @dataclass
 class Init:
     """One image's img2img input, at the run's size."""
     image: np.ndarray                  # uint8 [H, W, 3]: what the VAE encodes (masked area filled)
-    strength: float = 0.75             # A1111's denoising_strength: the fraction of the schedule run
+    strength: float = DEFAULT_STRENGTH  # A1111's denoising_strength: the fraction of the schedule run
     mask: np.ndarray | None = None     # float32 [H, W] in [0, 1], 1 = repaint (blurred); None: plain img2img
     original: np.ndarray | None = None  # uint8 [H, W, 3]: pasted back outside the mask (None: `image`)
     latent_nothing: bool = False       # inpainting_fill 3: the masked latents start at zero
@@ -44,8 +48,7 @@ class Init:
         if self.image.shape != (height, width, 3):
             raise NetiError(f"is {self.image.shape[1]}x{self.image.shape[0]}, the run is {width}x{height}",
                             field="init_image")
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not 0 < self.strength <= 1:
-            raise NetiError("must be a number > 0 and <= 1", field="strength", value=self.strength)
+        STRENGTH_RANGE.check(self.strength, "strength")
 
 
 def schedule_start(steps: int, strength: float) -> int:
@@ -130,7 +133,7 @@ def fill_masked(image, mask: np.ndarray):
     return out.convert("RGB")
 
 
-def prepare_init(image, width: int, height: int, strength: float = 0.75, resize_mode: int = 0, mask=None,
+def prepare_init(image, width: int, height: int, strength: float = DEFAULT_STRENGTH, resize_mode: int = 0, mask=None,
                  mask_blur: tuple[float, float] = (4, 4), fill: int = 1, invert: bool = False) -> Init:
     """A PIL init image (and mask image) -> an Init at width x height, as A1111 prepares them for
     "whole picture" inpainting: the mask thresholded, inverted if asked, blurred, resized like the

@@ -6,6 +6,11 @@ Keys: prompt (required), concept (a concept / table / bundle file, or {"name": p
 `{name}` concepts in one prompt; relative paths are relative to the job file's folder), seeds ("0-63", "0,3,7" or a list),
 truncation (K, null or a list), steps, guidance, negative_prompt, scheduler, height, width. Missing
 keys take the command-line values.
+img2img: init_image (an image file, relative to the job file's folder like concept), strength (A1111's
+denoising_strength, > 0 and <= 1, default 0.75), resize_mode (0 just resize, default; 1 crop and resize;
+2 resize and fill), mask (inpainting: an image of the init image's size, white = repaint, with the
+server's defaults: blur 4, fill 0). Images share a U-Net batch only when their strengths leave the
+same number of steps (`Img.group`); the manifest records the files' SHA-256, so resume sees a changed one.
 
 `neti-fast generate` builds the same `Line`s from its flags (with its concepts already loaded), so
 both commands share the planner, the manifest and resume.
@@ -16,13 +21,110 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import NetiError
 from ..options import parse_seeds
-from ..utils import SAMPLING_RANGES, ByteLRU, image_size, scheduler_problem
+from ..utils import (DEFAULT_STRENGTH, RESIZE_MODE_RANGE, SAMPLING_RANGES, STRENGTH_RANGE, ByteLRU, image_size,
+                     scheduler_problem)
 
+if TYPE_CHECKING:   # annotations only: the engine loads torch, not at --help time
+    from ..engine.img2img import Init
+
+INIT_KEYS = ("init_image", "strength", "resize_mode", "mask")
 KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
-        "height", "width")
+        "height", "width", *INIT_KEYS)
+
+
+@dataclass
+class InitSource:
+    """A line's img2img input: the files as written (what the manifest records) and resolved, and
+    their SHA-256 once `check`ed (what makes its images reproducible: resume compares them)."""
+    image: str                          # as written
+    image_path: str                     # resolved (a job file: against its folder; the CLI: as given)
+    strength: float = DEFAULT_STRENGTH
+    resize_mode: int = 0
+    mask: str | None = None
+    mask_path: str | None = None
+    image_sha256: str | None = None     # set by check()
+    mask_sha256: str | None = None
+
+    def check(self, seen: dict | None = None) -> None:
+        """Read and decode the files, record their hashes; a mask must be the init image's size.
+        NetiError naming init_image / mask. `seen`: path -> (sha256, size), shared by the lines of a job."""
+        seen = {} if seen is None else seen
+
+        def probe(path, written, field):
+            key = str(Path(path).resolve())
+            if key not in seen:
+                img, sha = _read_image(path, written, field)
+                seen[key] = (sha, img.size)
+            return seen[key]
+        self.image_sha256, size = probe(self.image_path, self.image, "init_image")
+        if self.mask is not None:
+            self.mask_sha256, msize = probe(self.mask_path, self.mask, "mask")
+            if msize != size:
+                raise NetiError(f"is {msize[0]}x{msize[1]}, the init image is {size[0]}x{size[1]}: a mask must be "
+                                "the init image's size", field="mask", value=self.mask)
+
+    def prepare(self, height: int, width: int) -> "Init":
+        """The engine's Init at the run's size, made as the server makes it (img2img.prepare_init, with
+        A1111's mask defaults); NetiError if a file is not what `check` read."""
+        from ..engine.img2img import INPAINTING_FILL, MASK_BLUR, prepare_init
+        image, _ = _read_image(self.image_path, self.image, "init_image", self.image_sha256)
+        mask = None if self.mask is None else _read_image(self.mask_path, self.mask, "mask", self.mask_sha256)[0]
+        return prepare_init(image, width, height, self.strength, self.resize_mode, mask, (MASK_BLUR, MASK_BLUR),
+                            INPAINTING_FILL)
+
+    def manifest_fields(self) -> dict:
+        """What the manifest records of it (manifest.SETTINGS compares them on resume)."""
+        e = {"init_image": self.image, "init_image_sha256": self.image_sha256, "strength": self.strength,
+             "resize_mode": self.resize_mode}
+        if self.mask is not None:
+            from ..engine.img2img import INPAINTING_FILL, MASK_BLUR
+            e.update(mask=self.mask, mask_sha256=self.mask_sha256, mask_blur=MASK_BLUR, inpainting_fill=INPAINTING_FILL)
+        return e
+
+
+def _read_image(path: str, written: str, field: str, sha256: str | None = None):
+    """(PIL image, its file's SHA-256), or NetiError naming `field` (and the path as written)."""
+    import hashlib
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise NetiError(f"cannot read it ({e.strerror or e})", field=field, value=written) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise NetiError("changed while the job ran; re-run to make its images from the new file", field=field,
+                        value=written)
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise NetiError(f"is not an image file PIL can read ({type(e).__name__})", field=field, value=written) from None
+    return img, digest
+
+
+def init_source(init_image=None, strength=None, resize_mode=None, mask=None, base: Path | None = None) -> InitSource | None:
+    """A line's (or the flags') img2img input, each value checked; None values are not given (None
+    without init_image: txt2img). Paths are resolved against `base` (None: as given). NetiError
+    naming the key at fault."""
+    if init_image is None:
+        for field, v in (("strength", strength), ("resize_mode", resize_mode), ("mask", mask)):
+            if v is not None:
+                raise NetiError("applies to img2img, and no init image was given", field=field, value=v)
+        return None
+    for field, v in (("init_image", init_image), ("mask", mask)):
+        if v is not None and not (isinstance(v, str) and v):
+            raise NetiError(f"must be an image file's path, got {_jtype(v)}", field=field)
+    strength = STRENGTH_RANGE.check(DEFAULT_STRENGTH if strength is None else strength, "strength")
+    resize_mode = RESIZE_MODE_RANGE.check(0 if resize_mode is None else resize_mode, "resize_mode")
+    where = (lambda p: p) if base is None else (lambda p: str(base / p))
+    return InitSource(init_image, where(init_image), float(strength), resize_mode, mask,
+                      None if mask is None else where(mask))
 
 
 @dataclass
@@ -41,6 +143,7 @@ class Line:
     height: int | None
     width: int | None
     failed: str | None = None       # why the concept could not be loaded
+    init: InitSource | None = None  # img2img input (None: txt2img)
 
 
 @dataclass
@@ -54,9 +157,15 @@ class Img:
 
     @property
     def group(self) -> tuple:
-        """What one U-Net batch must share; prompt, concept, truncation and negative prompt need not."""
+        """What one U-Net batch must share; prompt, concept, truncation, negative prompt and init
+        image need not: the last item is the step the schedule starts at (one loop, one schedule;
+        the server's batcher groups by the same Shape.start)."""
         L = self.line
-        return (L.steps, float(L.guidance), L.scheduler, self.height, self.width)
+        start = 0
+        if L.init is not None:
+            from ..engine.img2img import schedule_start
+            start = schedule_start(L.steps, L.init.strength)
+        return (L.steps, float(L.guidance), L.scheduler, self.height, self.width, start)
 
     def manifest_entry(self, model_name: str, dtype: str) -> dict:
         """What the manifest records for this image (its `manifest.SETTINGS` decide resume)."""
@@ -64,6 +173,7 @@ class Img:
         return {"file": self.file, "line": L.line, "prompt": L.prompt, "concept": L.concept, "seed": self.seed,
                 "truncation": self.truncation, "negative_prompt": L.negative_prompt, "steps": L.steps,
                 "guidance": L.guidance, "scheduler": L.scheduler, "height": self.height, "width": self.width,
+                **(L.init.manifest_fields() if L.init is not None else {}),
                 "model": model_name, "dtype": dtype, "status": "done"}
 
 
@@ -121,7 +231,11 @@ def _parse_line(n: int, obj: dict, defaults: dict, base: Path) -> tuple[Line | N
             problems.append(f"unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     # null means "not given" except for truncation (null = full) and concept (null = none)
     given = {k for k in obj if obj[k] is not None or k in ("truncation", "concept")}
-    val = {k: obj[k] if k in given else defaults[k] for k in KEYS}
+    val = {k: obj[k] if k in given else defaults[k] for k in KEYS if k not in INIT_KEYS}
+    try:   # no command-line defaults: img2img is per line
+        init = init_source(*(obj.get(k) for k in INIT_KEYS), base=base)
+    except NetiError as e:
+        problems.append(e.render())
     if "prompt" not in obj:
         problems.append('no "prompt"')
     elif not isinstance(obj["prompt"], str):
@@ -147,7 +261,7 @@ def _parse_line(n: int, obj: dict, defaults: dict, base: Path) -> tuple[Line | N
         return None, problems
     return Line(n, obj["prompt"], obj.get("concept"), out["concept"],
                 out["seeds"], out["truncation"], val["steps"], val["guidance"], val["scheduler"],
-                val["negative_prompt"], val["height"], val["width"]), []
+                val["negative_prompt"], val["height"], val["width"], init=init), []
 
 
 def parse_job(path: str | Path, defaults: dict) -> tuple[list[Line], list[tuple[int, str]]]:
@@ -242,8 +356,9 @@ def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int,
     """Model-dependent checks of every line (the engine's one request check: prompt, concepts,
     truncation, negative prompt, size), each problem named by the line's key; a line whose concept
     file cannot be loaded is marked failed instead (not an error of the job file)."""
+    from ..engine.img2img import schedule_start
     from ..engine.request import Request, check_request, check_size
-    errors = []
+    errors, seen = [], {}
     for L in lines:
         problems = []
 
@@ -254,6 +369,12 @@ def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int,
             check_size(model, L.height, L.width)
         except NetiError as e:
             note(e)
+        if L.init is not None:   # the files readable (and hashed), the strength leaving a step to run
+            for check in (lambda: L.init.check(seen), lambda: schedule_start(L.steps, L.init.strength)):
+                try:
+                    check()
+                except NetiError as e:
+                    note(e)
         try:
             tables = concepts.for_line(L)
             concepts.trim()

@@ -25,9 +25,11 @@ from ..utils import atomic_write
 
 MANIFEST = "manifest.jsonl"
 LEGACY_MANIFEST = "manifest.json"      # `generate` before the JSON-lines format
-# an existing image is the same image when these agree
+# an existing image is the same image when these agree (a key an entry lacks counts as null: txt2img
+# entries have no img2img keys; an init image or mask is compared by its path as written and its content)
 SETTINGS = ("prompt", "concept", "seed", "truncation", "negative_prompt", "steps", "guidance", "scheduler",
-            "height", "width", "model", "dtype")
+            "height", "width", "init_image", "init_image_sha256", "strength", "resize_mode", "mask", "mask_sha256",
+            "mask_blur", "inpainting_fill", "model", "dtype")
 
 
 def is_done(entry) -> bool:
@@ -164,8 +166,8 @@ def differences(old: dict, new: dict) -> list[str]:
 
 
 def _norm(key: str, v):
-    # JSON has one number type: 7.5 and 7.5, 7 and 7.0 (guidance) are the same setting
-    if key == "guidance" and isinstance(v, (int, float)) and not isinstance(v, bool):
+    # JSON has one number type: 7.5 and 7.5, 7 and 7.0 (guidance, strength) are the same setting
+    if key in ("guidance", "strength") and isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
     return v
 

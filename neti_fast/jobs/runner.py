@@ -7,8 +7,9 @@ Order of work:
      sizes) and report every bad line at once; a concept file that cannot be loaded is not a
      validation error: its request is recorded as failed and the job goes on;
   2. flatten into images (line, truncation, seed) and pack them into a fixed plan of batches: images
-     that share (steps, guidance, scheduler, height, width) in file order, cut every --batch-size. The
-     plan depends only on the job, never on what is already done, so a resumed or sharded run runs
+     that share (steps, guidance, scheduler, height, width, the img2img schedule's start) in file
+     order, cut every --batch-size. The plan depends only on the job, never on what is already done,
+     so a resumed or sharded run runs
      exactly the batches of an uninterrupted one (CPU float results depend on batch composition;
      same batches -> byte-identical images);
   3. batches with an image still missing are run (whole) and only the missing images written (a PNG
@@ -141,6 +142,7 @@ def execute(plan: Plan, model, cfg, concepts: Concepts, *, overwrite: bool = Fal
     engine = engine or Engine(model, cfg)
     base_cfg, base_denoiser = engine.cfg, engine.denoiser  # restored at the end (a caller's engine)
     denoisers: dict = {}
+    inits: dict = {}   # line number -> its prepared img2img Init, kept while its images' batches run
     state = plan.state
     n_mine = sum(state[im.file] != "done" for b in mine for im in b)
     bar = tqdm(total=n_mine, desc=desc if d.world == 1 else f"{desc} rank {d.rank}/{d.world}", unit="img",
@@ -152,7 +154,7 @@ def execute(plan: Plan, model, cfg, concepts: Concepts, *, overwrite: bool = Fal
     try:
         for b in mine:
             no = batch_no[id(b)]
-            steps, guidance, scheduler, h, w = b[0].group
+            steps, guidance, scheduler, h, w, _ = b[0].group
             engine.cfg = dataclasses.replace(cfg, steps=steps, guidance=guidance, scheduler=scheduler,
                                              height=h, width=w)
             if denoiser_for is not None:
@@ -167,14 +169,22 @@ def execute(plan: Plan, model, cfg, concepts: Concepts, *, overwrite: bool = Fal
                     lost[L.line] = str(e)
             # the engine keys conditionings on Table.uid, so a reloaded table never hits a stale one
             concepts.trim(keep=set().union(*(concepts.keys(im.line) for im in b)))
+            ready = {}
+            for L in {id(im.line): im.line for im in b}.values():
+                if L.init is not None and L.line not in lost:
+                    try:   # a line's images are consecutive: its Init is made once, for its first batch
+                        ready[L.line] = inits[L.line] if L.line in inits else L.init.prepare(h, w)
+                    except NetiError as e:  # checked at validation, changed or gone since: only its images fail
+                        lost[L.line] = e.render()
+            inits = ready
             entries = []
             for im in b:
                 if im.line.line in lost and state[im.file] != "done":
                     entries.append({**im.manifest_entry(plan.model_name, plan.dtype), "status": "failed",
                                     "reason": lost[im.line.line]})
             b = [im for im in b if im.line.line not in lost]
-            reqs = [Request(im.line.prompt, im.seed, tables[im.line.line], im.truncation, im.line.negative_prompt)
-                    for im in b]
+            reqs = [Request(im.line.prompt, im.seed, tables[im.line.line], im.truncation, im.line.negative_prompt,
+                            init=inits.get(im.line.line)) for im in b]
             pixels = engine.generate_batch(reqs) if reqs else []
             for im, img in zip(b, pixels):
                 st = state[im.file]

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..utils import SAMPLERS as ENGINE_SAMPLERS, SCHEDULER_PARTS, SCHEDULES, scheduler_name
+from ..engine.img2img import INPAINTING_FILL, MASK_BLUR
+from ..utils import DEFAULT_STRENGTH, SAMPLERS as ENGINE_SAMPLERS, SCHEDULER_PARTS, SCHEDULES, scheduler_name
 
 log = logging.getLogger("neti_fast.serve")
 
@@ -175,13 +176,13 @@ class Txt2Img(BaseModel):
 class Img2Img(Txt2Img):
     """A1111's img2img: txt2img's fields (checked the same way) and the init images, strength, mask."""
     init_images: list[str] = Field(min_length=1)   # base64 (a data: URL prefix is taken too)
-    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    denoising_strength: float = Field(DEFAULT_STRENGTH, ge=0.0, le=1.0)
     resize_mode: int = 0                       # img2img.RESIZE_MODES; 3 (latent upscale) is refused
     mask: str | None = None                    # base64; white = repaint (inpainting_mask_invert: black)
     mask_blur: int | None = Field(None, ge=0)  # sets mask_blur_x and mask_blur_y (A1111)
-    mask_blur_x: int = Field(4, ge=0)
-    mask_blur_y: int = Field(4, ge=0)
-    inpainting_fill: int = 0                   # img2img.FILLS
+    mask_blur_x: int = Field(MASK_BLUR, ge=0)
+    mask_blur_y: int = Field(MASK_BLUR, ge=0)
+    inpainting_fill: int = INPAINTING_FILL     # img2img.FILLS
     inpaint_full_res: bool = True              # A1111's "only masked": refused with a mask (whole picture only)
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
