@@ -88,6 +88,7 @@ def main(args) -> None:
 
 def _main_ray(args, cfg) -> None:
     import dataclasses
+    import signal
     import time
 
     from .ray_app import run
@@ -97,10 +98,15 @@ def _main_ray(args, cfg) -> None:
     n = f"{rc.autoscale[0]}-{rc.autoscale[1]}" if rc.autoscale else str(rc.replicas)
     print(f"neti-fast serve: {cfg.model} on Ray Serve, {n} replica(s) on {cfg.device}; state folder "
           f"{cfg.state_dir} (shared by the replicas); http://{cfg.host}:{cfg.port}/", flush=True)
+    def stop(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop: the same clean shutdown as Ctrl-C
     run(cfg, rc, blocking=False)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        import ray
         from ray import serve
         serve.shutdown()
+        ray.shutdown()

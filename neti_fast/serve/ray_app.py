@@ -42,12 +42,13 @@ REPLICA_HEADER = "x-neti-replica"        # which replica answered (tests, logs, 
 
 def ray_missing() -> str | None:
     """None when Ray Serve is importable, else the one-line message naming the extra."""
-    import importlib.util
+    import importlib
     try:
-        found = importlib.util.find_spec("ray.serve") is not None
-    except ImportError:   # no `ray` at all
-        found = False
-    return None if found else '--replicas / --autoscale need Ray Serve: pip install -e ".[ray]"'
+        for name in ("ray", "ray.serve"):  # real imports: both are used right after anyway
+            importlib.import_module(name)
+    except ImportError:
+        return '--replicas / --autoscale need Ray Serve: pip install -e ".[ray]"'
+    return None
 
 
 @dataclass
@@ -133,6 +134,12 @@ async def call_asgi(app, call: HttpCall) -> HttpReply:
     return out
 
 
+def _error(status: int, message: str) -> HttpReply:
+    """The app's error shape ({"error", "field"}: http.error_response), for what the ingress answers itself."""
+    headers = [(b"content-type", b"application/json")] + ([(b"retry-after", b"5")] if status == 503 else [])
+    return HttpReply(status, headers, json.dumps({"error": message, "field": None}).encode())
+
+
 # ----------------------------------------------------------------------------- deployments
 
 class NetiReplica:
@@ -160,8 +167,11 @@ class NetiReplica:
         self.loads += 1
         loop = asyncio.get_running_loop()
         for name in key.split(","):
-            if name in self.server.store.entries:
-                await loop.run_in_executor(None, self.server.store.get, name)
+            try:
+                if name in self.server.store.entries:
+                    await loop.run_in_executor(None, self.server.store.get, name)
+            except NetiError:  # a file gone bad: the request itself gets the store's one-line error
+                log.warning("concept %s: could not be loaded ahead of its request", name)
         return key
 
     def names(self) -> list[str]:
@@ -185,6 +195,8 @@ class NetiReplica:
         reply = await call_asgi(self.app, call)
         if call.path == "/sdapi/v1/refresh-embeddings" and reply.status < 300:
             self.server.mark_refreshed()
+        if call.path == "/health" and reply.status == 200:
+            reply.body = json.dumps({**json.loads(reply.body), "replica": self.info()}).encode()
         reply.replica, reply.hit = self.id, hit
         return reply
 
@@ -226,8 +238,11 @@ class NetiIngress:
 
     async def _concept_names(self) -> list[str]:
         if time.monotonic() - self._names_at > self.names_ttl:
-            self._names = await self.replicas.names.remote()
-            self._names_at = time.monotonic()
+            try:
+                self._names = await self.replicas.names.remote()
+                self._names_at = time.monotonic()
+            except Exception as e:  # a replica gone meanwhile: route on the names known so far
+                log.warning("could not list the concepts (%s)", type(e).__name__)
         return self._names
 
     async def _route(self, call: HttpCall) -> tuple[str, bool]:
@@ -259,19 +274,18 @@ class NetiIngress:
                 log.warning("a replica stopped during %s %s (%s)", call.method, call.path, type(e).__name__)
                 if not retryable or attempt == self.retries:
                     self.failed += 1
-                    msg = ("the replica serving this request stopped before answering; send it again"
-                           if not retryable else f"{attempt + 1} replicas stopped while serving this request")
-                    body = json.dumps({"error": msg, "field": None}).encode()
-                    return HttpReply(503, [(b"content-type", b"application/json"), (b"retry-after", b"5")], body)
+                    return _error(503, "the replica serving this request stopped before answering; send it again"
+                                  if not retryable else f"{attempt + 1} replicas stopped while serving this request")
                 self.retried += 1
+            except Exception as e:  # a bug in a replica outside the app's own handlers (traceback: its log)
+                log.error("%s %s failed in a replica", call.method, call.path, exc_info=e)
+                return _error(500, f"internal error ({type(e).__name__}); the replica's log has the details")
         if key:
             self.routing.add(key, reply)
         if call.path == "/health" and reply.status == 200:   # the cluster's view beside the replica's
             d = json.loads(reply.body)
-            d.update(replica=reply.replica, routing=self.routing.describe(), retried=self.retried,
-                     failed=self.failed)
+            d.update(routing=self.routing.describe(), retried=self.retried, failed=self.failed)
             reply.body = json.dumps(d).encode()
-            reply.headers = [(k, v) for k, v in reply.headers if k.lower() != b"content-length"]
         return reply
 
     async def __call__(self, request):

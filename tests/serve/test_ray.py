@@ -104,6 +104,7 @@ def test_routed_by_concept_and_same_images(cluster, max_diff):
     routing = health["routing"]
     assert routing["requests"] >= 20 and routing["hits"] >= 16
     assert all(len(per) == 1 for per in routing["by_key"].values()), routing["by_key"]
+    assert health["replica"]["keyed"] >= 1 and health["replica"]["loads"] <= health["replica"]["keyed"]
     print(f"\nrouting hit rate {routing['hit_rate']} ({routing['hits']}/{routing['requests']}); "
           f"startup {cluster['startup_s']:.1f} s")
 
@@ -179,3 +180,15 @@ def test_replica_killed_mid_run(cluster, max_diff):
             break
         assert time.monotonic() < deadline, dep
         time.sleep(1)
+
+
+def test_serve_run_args():
+    """`serve run neti_fast.serve.ray_app:app key=value` / a config file's args: strings, checked."""
+    from neti_fast.errors import NetiError
+    from neti_fast.serve.ray_app import app
+    assert app({"model": "tiny", "replicas": "3", "max_batch": "4"}) is not None
+    assert app({"model": "tiny", "autoscale": "1 4"}) is not None
+    with pytest.raises(NetiError, match="bogus: not a neti-fast serve setting"):
+        app({"model": "tiny", "bogus": "1"})
+    with pytest.raises(NetiError, match="--autoscale 3 1"):
+        app({"model": "tiny", "autoscale": "3 1"})
