@@ -157,13 +157,19 @@ def test_replica_killed_mid_run(cluster, max_diff):
     from ray import serve
     url, local = cluster["url"], cluster["local"]
     steps = 12
+    t0 = time.monotonic()
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body(NETI[0], 1, steps), timeout=120)
+    alone_s = time.monotonic() - t0
+    victim = r.headers["x-neti-replica"]
+    if alone_s < 0.5:  # a fast machine: enough steps that a batch of 4 is still running when the kill comes
+        steps = min(200, int(steps * 0.5 / alone_s) + 1)
+        alone_s = 0.5
     bodies = [body(c, 50 + s, steps) for c in NETI for s in range(2)]
-    victim = httpx.post(f"{url}/sdapi/v1/txt2img", json=body(NETI[0], 1), timeout=120).headers["x-neti-replica"]
     name = next(n["name"] for n in ray.util.list_named_actors(all_namespaces=True) if n["name"].endswith(victim))
     out: list = []
     runner = threading.Thread(target=lambda: out.extend(post_all(url, bodies)))
     runner.start()
-    time.sleep(1.0)  # the batches are running (12 steps of 4 images take a few seconds here)
+    time.sleep(alone_s / 2)  # each replica's batch of 4 images takes longer than one image alone
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     runner.join(320)
     assert len(out) == len(bodies)
