@@ -134,10 +134,10 @@ async def call_asgi(app, call: HttpCall) -> HttpReply:
     return out
 
 
-def _error(status: int, message: str) -> HttpReply:
+def _error(status: int, message: str, field: str | None = None) -> HttpReply:
     """The app's error shape ({"error", "field"}: http.error_response), for what the ingress answers itself."""
     headers = [(b"content-type", b"application/json")] + ([(b"retry-after", b"5")] if status == 503 else [])
-    return HttpReply(status, headers, json.dumps({"error": message, "field": None}).encode())
+    return HttpReply(status, headers, json.dumps({"error": message, "field": field}).encode())
 
 
 # ----------------------------------------------------------------------------- deployments
@@ -228,8 +228,9 @@ class RoutingStats:
 class NetiIngress:
     """Every HTTP request: its concept set computed, then forwarded to a replica that holds it."""
 
-    def __init__(self, replicas, retries: int = 2, names_ttl_s: float = 2.0):
+    def __init__(self, replicas, retries: int = 2, max_body_mb: int = 257, names_ttl_s: float = 2.0):
         self.replicas, self.retries, self.names_ttl = replicas, retries, names_ttl_s
+        self.max_body = max_body_mb * 2**20   # a body is held whole here before a replica gets it
         self._names: list[str] = []
         self._names_at = 0.0
         self.routing = RoutingStats()
@@ -290,10 +291,18 @@ class NetiIngress:
 
     async def __call__(self, request):
         from starlette.responses import Response
-        call = HttpCall(request.method, request.url.path, request.url.query.encode(),
-                        [(k.lower(), v) for k, v in request.headers.raw], await request.body(),
-                        request.client.host if request.client else "")
-        reply = await self.forward(call)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                reply = _error(413, f"body: larger than this server's limit of {self.max_body // 2**20} MB", "body")
+                break
+            chunks.append(chunk)
+        else:
+            call = HttpCall(request.method, request.url.path, request.url.query.encode(),
+                            [(k.lower(), v) for k, v in request.headers.raw], b"".join(chunks),
+                            request.client.host if request.client else "")
+            reply = await self.forward(call)
         resp = Response(reply.body, status_code=reply.status)
         resp.raw_headers = [(k, v) for k, v in reply.headers if k.lower() != b"content-length"] + \
             [(b"content-length", str(len(reply.body)).encode()), (REPLICA_HEADER.encode(), reply.replica.encode())]
@@ -323,7 +332,9 @@ def build(cfg, rc: RayConfig):
                                health_check_period_s=2, health_check_timeout_s=30, **scale)
     ingress = serve.deployment(NetiIngress, name="NetiIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=max(1000, rc.max_ongoing * 4))
-    return ingress.bind(replica.bind(asdict(cfg), rc.concept_sets), rc.retries)
+    from .training import MAX_IMAGE_BYTES, MAX_IMAGES
+    max_body_mb = max(cfg.max_upload_mb, MAX_IMAGES * MAX_IMAGE_BYTES // 2**20) + 1  # + the form's own bytes
+    return ingress.bind(replica.bind(asdict(cfg), rc.concept_sets), rc.retries, max_body_mb)
 
 
 def app(args: dict):
