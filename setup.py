@@ -162,9 +162,12 @@ setup(
         "samplers": ["scipy>=1.10", "torchsde>=0.2.6"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "scipy>=1.10", "torchsde>=0.2.6"],
         "tensorboard": ["tensorboard>=2.14"],   # neti-fast train --tensorboard
+        # neti-fast serve --replicas / --autoscale (neti_fast/serve/ray_app.py); with the serve extra
+        "ray": ["ray[serve]>=2.40", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "scipy>=1.10",
+                "torchsde>=0.2.6"],
         "test": ["pytest>=8.0", "triton>=3.0", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
                  "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.27", "webuiapi>=0.9",
-                 "scipy>=1.10", "torchsde>=0.2.6", "playwright>=1.40", "tensorboard>=2.14"],
+                 "scipy>=1.10", "torchsde>=0.2.6", "playwright>=1.40", "tensorboard>=2.14", "ray[serve]>=2.40"],
     },
     entry_points={"console_scripts": ["neti-fast=neti_fast.cli:entry"]},
     ext_modules=[CMakeExtension("neti_fast._C")],

@@ -1,4 +1,5 @@
 """The command line end to end on `tiny`, resume, and bad input (one-line errors, nothing lost)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -172,7 +173,7 @@ def _numeric_flags():
             if a.type in (int, float):
                 bare.append(f"{cmd} {a.option_strings}")
             elif hasattr(a.type, "range"):
-                found.append((cmd, a.option_strings[0], a.type.range))
+                found.append((cmd, a.option_strings[0], a.type.range, a.nargs if isinstance(a.nargs, int) else 1))
     return found, bare
 
 
@@ -192,15 +193,15 @@ def _bad_values(rng):
 def test_every_numeric_flag_refuses_impossible_values(cli, one_line_error, tmp_path, monkeypatch):
     flags, bare = _numeric_flags()
     assert not bare, f"numeric flags without a range (use options.number / count / megabytes): {bare}"
-    names = {(c, f) for c, f, _ in flags}
+    names = {(c, f) for c, f, _, _ in flags}
     assert {("generate", "--steps"), ("generate", "--guidance"), ("generate", "--batch-size"), ("run", "--steps"),
             ("train", "--lr"), ("serve", "--port"), ("bench", "--batch-sizes"), ("eval", "--batch-size")} <= names
     monkeypatch.chdir(tmp_path)
     tried = 0
-    for cmd, flag, rng in flags:
+    for cmd, flag, rng, nargs in flags:
         assert cmd in REQUIRED, cmd
         for bad in _bad_values(rng):
-            code, _, err = cli(cmd, *REQUIRED[cmd], flag, bad)
+            code, _, err = cli(cmd, *REQUIRED[cmd], flag, *[bad] * nargs)  # nargs: --autoscale MIN MAX
             one_line_error(code, err, f"argument {flag}", bad if bad != "abc" else "'abc'", rng.describe())
             assert list(tmp_path.iterdir()) == [], (cmd, flag, bad)
             tried += 1
@@ -363,3 +364,21 @@ def test_generate_img2img_bad_input_is_one_line(cli, one_line_error, tmp_path):
         code, _, err = cli(*gen, *flags)
         one_line_error(code, err, *needles)
         assert not out.exists(), flags
+
+
+def test_serve_replicas_flags_are_one_line(cli, one_line_error, tmp_path, monkeypatch):
+    """--replicas / --autoscale: without Ray one line naming the extra; bad combinations one line each
+    (all before a model is loaded or Ray started)."""
+    pytest.importorskip("fastapi")
+    monkeypatch.chdir(tmp_path)
+    base = ("serve", "--model", "tiny", "--state-dir", "s")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+        code, _, err = cli(*base, "--replicas", "2")
+        one_line_error(code, err, "--replicas", 'pip install -e ".[ray]"')
+    code, _, err = cli(*base, "--replicas", "2", "--autoscale", "1", "2")
+    one_line_error(code, err, "--replicas", "--autoscale")
+    if importlib.util.find_spec("ray") is not None:
+        code, _, err = cli(*base, "--autoscale", "3", "1")
+        one_line_error(code, err, "--autoscale 3 1", "MIN <= MAX")
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,8 @@ Modules, one idea each:
                txt2img validation, and the FastAPI app factory (error handlers, API key)
   routes_a1111.py  A1111's routes;  routes_neti.py  neti-fast's (info, uploads, training, health);
   routes_page.py   the page at /;  http.py  JSON errors, request bodies, the API key middleware
+  ray_app.py   `serve --replicas N` / `serve run`: N replicas of that app on Ray Serve, routed by
+               concept set (model multiplexing), sharing the state folder (the optional extra `ray`)
   cli.py       the `serve` subcommand (FastAPI / uvicorn are the optional extra `serve`)
   static/      the page served at /
 

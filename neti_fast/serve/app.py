@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,13 +96,9 @@ class Server:
         self.state_dir = Path(cfg.state_dir)
         self.store = ConceptStore(model, cfg.concepts, cfg.concept_cache_mb)
         self.store.scan()
-        for origin in ("uploads", "trained"):  # what earlier runs of this server added
-            folder = self.state_dir / origin
-            for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-                try:
-                    self.store.add_file(path, path.stem, "upload" if origin == "uploads" else origin)
-                except NetiError as e:
-                    self.store.skipped[path.name] = str(e)
+        self._state_lock = threading.Lock()   # an upload is renamed and listed before a sync looks
+        self._stamp = self._shared_stamp()
+        self.load_state()  # what earlier runs of this server (or other replicas) added
         gcfg = GenerateConfig(cache_mb=cfg.cache_mb, batch_size=cfg.max_batch, attention=cfg.attention)
         self.engine = Engine(model, gcfg)
         self.batcher = Batcher(self.engine, cfg.max_batch, cfg.max_wait_ms)
@@ -203,8 +200,52 @@ class Server:
             manifest.append(self.outputs / manifest.MANIFEST, entries)
         return [e["file"] for e in entries]
 
+    # ------------------------------------------------------------------ state shared by replicas
+    REFRESHED = "concepts.refreshed"  # touched after a rescan of --concepts: the other replicas rescan too
+
+    def load_state(self) -> None:
+        """List the uploads and trained concepts of state_dir not listed yet."""
+        with self._state_lock:
+            for origin in ("uploads", "trained"):
+                folder = self.state_dir / origin
+                for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+                    if path.name.startswith(".") or path.name in self.store.skipped:
+                        continue  # .name: an upload being written
+                    try:
+                        self.store.add_file(path, path.stem, "upload" if origin == "uploads" else origin)
+                    except NetiError as e:
+                        self.store.skipped[path.name] = str(e)
+
+    def _shared_stamp(self) -> tuple:
+        def mtime(p: Path):
+            try:
+                return p.stat().st_mtime_ns
+            except OSError:
+                return None
+        return tuple(mtime(self.state_dir / n) for n in ("uploads", "trained", self.REFRESHED))
+
+    def sync_shared(self) -> None:
+        """Replicas sharing one state_dir (neti_fast.serve.ray_app): take in what another replica
+        added or rescanned. Three stat calls when nothing changed, so it runs before every request."""
+        stamp = self._shared_stamp()
+        if stamp == self._stamp:
+            return
+        if stamp[2] != self._stamp[2]:
+            self.store.scan()
+        self._stamp = stamp  # before reading: a change made meanwhile is seen next time
+        self.load_state()
+
+    def mark_refreshed(self) -> None:
+        """This replica rescanned --concepts (/sdapi/v1/refresh-embeddings): the others follow."""
+        from ..utils import atomic_write
+        atomic_write(self.state_dir / self.REFRESHED, lambda tmp: Path(tmp).write_text(str(time.time())))
+
     # ------------------------------------------------------------------ uploads
     def add_upload(self, filename: str, data: bytes, name: str | None) -> list[str]:
+        with self._state_lock:
+            return self._add_upload(filename, data, name)
+
+    def _add_upload(self, filename: str, data: bytes, name: str | None) -> list[str]:
         import uuid
 
         from ..utils import atomic_write

@@ -31,6 +31,12 @@ def add_parser(sub) -> None:
     p.add_argument("--max-upload-mb", type=count(), default=256, help="largest concept upload (default 256)")
     p.add_argument("--cache-mb", type=megabytes(), default=2048, help="memory for prepared conditionings (default 2048)")
     p.add_argument("--concept-cache-mb", type=megabytes(), default=1024, help="memory for loaded concept tables (default 1024)")
+    p.add_argument("--replicas", type=count(), default=None, metavar="N",
+                   help="serve with N model replicas on Ray Serve (each its own GPU and batcher), requests "
+                        "routed to a replica that holds their concepts; needs the `ray` extra and a --state-dir "
+                        "every node shares (default: one process, no Ray)")
+    p.add_argument("--autoscale", type=count(0), nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="Ray Serve autoscaling between MIN and MAX replicas (instead of --replicas)")
     p.set_defaults(func=main)
 
 
@@ -45,6 +51,14 @@ def config_from_args(args):
                        cache_mb=args.cache_mb, concept_cache_mb=args.concept_cache_mb)
 
 
+def ray_config_from_args(args, cfg):
+    from .ray_app import RayConfig, check_ray_config
+    rc = RayConfig(replicas=args.replicas or 1, autoscale=tuple(args.autoscale) if args.autoscale else None,
+                   gpus_per_replica=1.0 if cfg.device.startswith("cuda") else 0.0)
+    check_ray_config(rc)
+    return rc
+
+
 def main(args) -> None:
     try:
         import fastapi  # noqa: F401
@@ -52,8 +66,16 @@ def main(args) -> None:
     except ImportError:
         raise NetiError('needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
     from .app import Server, check_config, create_app
+    if args.replicas is not None and args.autoscale is not None:
+        raise NetiError("--replicas / --autoscale: give one of them (a fixed count, or MIN MAX)")
+    if args.replicas is not None or args.autoscale is not None:
+        from .ray_app import ray_missing
+        if (why := ray_missing()) is not None:
+            raise NetiError(why)
     cfg = config_from_args(args)
     check_config(cfg)  # before the (slow) model load
+    if args.replicas is not None or args.autoscale is not None:
+        return _main_ray(args, cfg)
     server = Server(cfg)
     names = server.store.names()
     print(f"neti-fast serve: {cfg.model} on {cfg.device}, {len(names)} concept(s)"
@@ -62,3 +84,29 @@ def main(args) -> None:
     for name, why in server.store.skipped.items():
         print(f"  skipped {name}: {why}")
     uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning")
+
+
+def _main_ray(args, cfg) -> None:
+    import dataclasses
+    import signal
+    import time
+
+    from .ray_app import run
+    if cfg.device.startswith("cuda:"):  # Ray gives each replica its own GPU, seen there as cuda
+        cfg = dataclasses.replace(cfg, device="cuda")
+    rc = ray_config_from_args(args, cfg)
+    n = f"{rc.autoscale[0]}-{rc.autoscale[1]}" if rc.autoscale else str(rc.replicas)
+    print(f"neti-fast serve: {cfg.model} on Ray Serve, {n} replica(s) on {cfg.device}; state folder "
+          f"{cfg.state_dir} (shared by the replicas); http://{cfg.host}:{cfg.port}/", flush=True)
+    def stop(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop: the same clean shutdown as Ctrl-C
+    run(cfg, rc, blocking=False)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        import ray
+        from ray import serve
+        serve.shutdown()
+        ray.shutdown()

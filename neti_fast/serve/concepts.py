@@ -28,6 +28,26 @@ def clean_name(text: str) -> str:
     return name or "concept"
 
 
+def mark_words(text: str, names) -> str:
+    """Each concept name written as a word -> `{name}` (existing markers left alone)."""
+    names = sorted(names, key=len, reverse=True)  # longest first: "cat-2" before "cat"
+    if not names:
+        return text
+    word = re.compile(r"(?<![\w{.+-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w}.+-])")
+    parts = re.split(r"(\{[^{}]*\})", text)
+    return "".join(p if p.startswith("{") else word.sub(r"{\1}", p) for p in parts)
+
+
+def concept_key(prompt: str, concept: str | None, names) -> str:
+    """The concepts a txt2img request names, as one sorted, comma-joined id: what a router sends to the
+    replica that already holds them (neti_fast.serve.ray_app). A hint only: unknown names stay out."""
+    from ..sd.conditioning import markers
+    known = set(names)
+    used = {concept if m == "" else m for m in markers(mark_words(prompt, known))}
+    used.add(concept)
+    return ",".join(sorted(n for n in used if n in known))
+
+
 def _load(path: Path):
     """`table.load_any`, with any reader's exception on a corrupt file (safetensors raises its own
     type) turned into the one-line NetiError a client / the listing gets."""
@@ -84,7 +104,13 @@ class ConceptStore:
                     self.skipped[path.name] = str(e)
 
     def add_file(self, path: Path, name: str, origin: str) -> list[str]:
-        """Load `path` (a concept, table or bundle), check it fits the model, list it. Returns the names."""
+        """Load `path` (a concept, table or bundle), check it fits the model, list it. Returns the names.
+        A file already listed is not read again (replicas sharing a state folder each pick up what
+        another added, and its writer may list it too)."""
+        with self._lock:
+            same = [n for n, e in self.entries.items() if e.path == path]
+        if same:
+            return same
         got = _load(path)
         tables = got if isinstance(got, dict) else {name: got}
         with self._lock:
@@ -131,13 +157,7 @@ class ConceptStore:
 
     # ------------------------------------------------------------------ prompts
     def _mark_words(self, text: str) -> str:
-        """Each concept name written as a word -> `{name}` (existing markers left alone)."""
-        names = sorted(self.names(), key=len, reverse=True)  # longest first: "cat-2" before "cat"
-        if not names:
-            return text
-        word = re.compile(r"(?<![\w{.+-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w}.+-])")
-        parts = re.split(r"(\{[^{}]*\})", text)
-        return "".join(p if p.startswith("{") else word.sub(r"{\1}", p) for p in parts)
+        return mark_words(text, self.names())
 
     def check_negative(self, negative: str) -> None:
         """The engine encodes negative prompts as plain text: a concept named there (A1111's negative

@@ -44,7 +44,7 @@ async def start_training(request: Request, images: list[UploadFile] = File(...),
 @router.get("/neti/train/{job_id}")
 async def training_status(request: Request, job_id: str):
     server = request.app.state.server
-    job = server.trainer.jobs.get(job_id)
+    job = server.trainer.job(job_id)
     if job is None:
         raise FieldError("job_id", f"{job_id!r}: no such training run", 404)
     return job.describe()
@@ -55,7 +55,7 @@ async def training_validation(request: Request, job_id: str):
     """The run's latest validation grid (rows the prompts, columns the seeds)."""
     from fastapi.responses import Response
     server = request.app.state.server
-    job = server.trainer.jobs.get(job_id)
+    job = server.trainer.job(job_id)
     if job is None:
         raise FieldError("job_id", f"{job_id!r}: no such training run", 404)
     if job.validation_path is None:

@@ -13,7 +13,10 @@ seeds, 25 steps; `GET /neti/train/{id}/validation.png`).
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
+import re
 import threading
 import time
 import uuid
@@ -26,6 +29,9 @@ from .a1111 import FieldError
 log = logging.getLogger("neti_fast.serve")
 
 MIN_IMAGES, MAX_IMAGES = 1, 8
+STATUS = "status.json"
+LOCK = ".training.lock"  # flock-ed while a run goes on: one run per state folder, whichever replica has it
+JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 MAX_IMAGE_BYTES = 20 * 2**20
 
 
@@ -52,6 +58,19 @@ class TrainJob:
         d["progress"] = 1.0 if self.state == "done" else (self.step / self.steps if self.steps else 0.0)
         return d
 
+    def save(self, run_dir: Path) -> None:
+        """status.json in the run's folder: what another replica sharing the state folder answers."""
+        from ..utils import atomic_write
+        d = asdict(self)
+        d["validation_path"] = self.validation_path.name if self.validation_path else None
+        atomic_write(run_dir / STATUS, lambda tmp: Path(tmp).write_text(json.dumps(d)))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "TrainJob":
+        d = json.loads((run_dir / STATUS).read_text())
+        d["validation_path"] = run_dir / d["validation_path"] if d.get("validation_path") else None
+        return cls(**d)
+
 
 def train_defaults(model_spec: str) -> dict:
     from ..training.config import TrainConfig
@@ -70,6 +89,36 @@ class Trainer:
         self._running: TrainJob | None = None
         self._model = None
         self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+
+    def _take_lock(self) -> int | None:
+        """The state folder's training lock (flock: the kernel drops it if this process dies), or None."""
+        import fcntl
+        path = self.state_dir / "train" / LOCK
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            os.close(fd)
+            return None
+
+    def job(self, job_id: str) -> TrainJob | None:
+        """A run by id: this process's, or one another replica sharing the state folder runs / ran."""
+        if job_id in self.jobs or not JOB_ID.match(job_id):
+            return self.jobs.get(job_id)
+        run_dir = self.state_dir / "train" / job_id
+        try:
+            job = TrainJob.read(run_dir)
+        except (OSError, ValueError, TypeError):
+            return None
+        if job.state == "running":  # its replica died if nobody holds the lock any more
+            fd = self._take_lock()
+            if fd is not None:
+                os.close(fd)
+                job.state, job.error = "failed", "the replica running it stopped"
+        return job
 
     def start(self, images: list[tuple[str, bytes]], placeholder: str, init_word: str, steps: int | None,
               method: str = "neti") -> TrainJob:
@@ -91,13 +140,21 @@ class Trainer:
             if self._running is not None:
                 raise FieldError("train", f"a training run is going on ({self._running.placeholder}, "
                                  f"step {self._running.step}/{self._running.steps}); one at a time per device", 409)
+            lock = self._take_lock()
+            if lock is None:
+                raise FieldError("train", "a training run is going on on another replica; one at a time", 409)
             job = TrainJob(uuid.uuid4().hex[:12], placeholder, init_word, steps)
-            self.jobs[job.id], self._running = job, job
+            self.jobs[job.id], self._running, self._lock_fd = job, job, lock
         run_dir = self.state_dir / "train" / job.id
-        img_dir = run_dir / "images"
-        img_dir.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(decoded):
-            img.save(img_dir / f"image-{i:02d}.png")
+        try:
+            img_dir = run_dir / "images"
+            img_dir.mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(decoded):
+                img.save(img_dir / f"image-{i:02d}.png")
+            job.save(run_dir)
+        except BaseException:
+            self._release()
+            raise
         self._thread = threading.Thread(target=self._train, args=(job, run_dir, method, defaults),
                                         name="neti-fast-train", daemon=True)
         self._thread.start()
@@ -119,9 +176,14 @@ class Trainer:
                               validation_steps=25)
             t0 = time.perf_counter()
 
+            saved = [0.0]
+
             def on_step(step, loss, _trainable):
                 job.step, job.loss = step, float(loss)
                 job.eta_s = round((time.perf_counter() - t0) / step * (job.steps - step), 1)
+                if time.monotonic() - saved[0] > 2.0:  # a status file for other replicas, not every step
+                    job.save(run_dir)
+                    saved[0] = time.monotonic()
 
             def on_validation(step, grid):
                 job.validation_path, job.validation_step = grid, step
@@ -145,8 +207,18 @@ class Trainer:
             job.error, job.state = f"training failed: {type(e).__name__}: {e}", "failed"
         finally:
             job.finished = time.time()
-            with self._lock:
-                self._running = None
+            try:
+                job.save(run_dir)
+            except NetiError:
+                log.warning("training %s: cannot write its status file", job.id)
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._running = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+                self._lock_fd = None
 
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:

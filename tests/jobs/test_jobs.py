@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,6 +257,56 @@ def test_torchrun_two_processes(tmp_path, job_b):
     assert "all ranks" in r.stderr  # rank 0's bar showed the merged count
     assert manifest(out) == manifest(ref)  # one entry per image, same order and content
     assert r.stdout.count("images made") == 1  # rank 0 alone reports
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (its child processes, read from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == parent else []
+        except (OSError, IndexError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    return None
+
+
+def test_torchrun_rank_lost_then_resumed(tmp_path, job_b):
+    """A rank killed mid-job (a node lost): torchrun stops the run; the same command again finishes
+    it, each image made exactly once, the same bytes and manifest as one uninterrupted process."""
+    import signal
+    job, ref, files = job_b
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "neti_fast", *_job_b_args(job, out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("*.png")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no image after 300 s"
+            time.sleep(0.02)
+        pid = _rank_pid(proc.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(120) != 0  # torchrun ends the other rank and fails
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    before = sorted(p.name for p in out.glob("*.png"))
+    assert 0 < len(before) < 12
+    r = subprocess.run(cmd, check=False, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "job.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["written"] + summary["skipped"] + summary["verified_unrecorded"] == 12
+    assert summary["written"] < 12  # what the first run made was kept
+    assert sorted(p.name for p in out.glob("*.png")) == files
+    for f in files:
+        assert (out / f).read_bytes() == (ref / f).read_bytes(), f
+    assert manifest(out) == manifest(ref)
 
 
 DDP_SCRIPT = r'''
