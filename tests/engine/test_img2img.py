@@ -53,6 +53,12 @@ def test_img2img_equals_diffusers(max_diff, tiny_model, pipe, init_image, streng
     assert max_diff(other, ours) > 10
 
 
+# On the random tiny model the blended DPM++ steps amplify float-order differences (~50x a step at
+# the end): at 8 steps the summation order of the machine's kernels alone moves the repainted area by
+# up to 6/255 against diffusers; at 4 it stays within 1/255, and the effects checked are > 10/255.
+INPAINT_STEPS = 4
+
+
 def test_inpainting_equals_the_diffusers_blend(max_diff, tiny_model, pipe, init_image):
     """After every step the unmasked latents are the init latents noised to the next timestep
     (clean after the last), done here in diffusers' step callback with the init latent and noise
@@ -73,16 +79,16 @@ def test_inpainting_equals_the_diffusers_blend(max_diff, tiny_model, pipe, init_
     keep = 1 - torch.from_numpy(lat_mask)[None, None]
 
     def blend(p, i, t, kw):
-        ts = p.scheduler.timesteps[schedule_start(STEPS, 0.6):]
+        ts = p.scheduler.timesteps[schedule_start(INPAINT_STEPS, 0.6):]
         proper = init_lat if i == len(ts) - 1 else p.scheduler.add_noise(init_lat, noise, ts[i + 1:i + 2])
         return {"latents": keep * proper + (1 - keep) * kw["latents"]}
-    ref = _u8(pipe(PROMPT, image=init_image, strength=0.6, num_inference_steps=STEPS, callback_on_step_end=blend,
+    ref = _u8(pipe(PROMPT, image=init_image, strength=0.6, num_inference_steps=INPAINT_STEPS, callback_on_step_end=blend,
                    generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0])
-    ours = Engine(tiny_model, GenerateConfig(steps=STEPS)).generate([Request(PROMPT, 3, init=init)])[0]
+    ours = Engine(tiny_model, GenerateConfig(steps=INPAINT_STEPS)).generate([Request(PROMPT, 3, init=init)])[0]
     inside = m > 0
     assert max_diff(ref[inside], ours[inside]) <= TOL
     assert np.array_equal(ours[~inside], np.asarray(init_image)[~inside])
-    plain = Engine(tiny_model, GenerateConfig(steps=STEPS)).generate(
+    plain = Engine(tiny_model, GenerateConfig(steps=INPAINT_STEPS)).generate(
         [Request(PROMPT, 3, init=prepare_init(init_image, SIZE, SIZE, 0.6))])[0]
     assert max_diff(plain[inside], ours[inside]) > 10   # the pinned surroundings change the repainted area
     assert max_diff(plain[~inside], np.asarray(init_image)[~inside]) > 10   # ...which plain img2img would not keep
