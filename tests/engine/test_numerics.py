@@ -14,6 +14,7 @@ import torch
 
 import neti_fast.engine.engine as P
 import neti_fast.engine.reference as R
+import neti_fast.engine.sampling as S
 from neti_fast.concepts.table import precompute
 
 STEPS = 4
@@ -30,7 +31,7 @@ def record(monkeypatch):
     """Every scheduler step's model output (the guided noise prediction) and the final latents; the
     initial noise drawn in float32 whatever the model dtype, so float64 runs start from the same."""
     from diffusers import DPMSolverMultistepScheduler
-    real_step, real_decode, real_latents = DPMSolverMultistepScheduler.step, P.decode, P.initial_latents
+    real_step, real_decode, real_latents = DPMSolverMultistepScheduler.step, P.decode, S.initial_latents
     got = {"eps": [], "latents": []}
 
     def step(self, model_output, *a, **k):
@@ -46,6 +47,8 @@ def record(monkeypatch):
     monkeypatch.setattr(DPMSolverMultistepScheduler, "step", step)
     for mod in (P, R):
         monkeypatch.setattr(mod, "decode", decode)
+    # the reference imports initial_latents; the engine's img2img.start_latents reads it from sampling
+    for mod in (R, S):
         monkeypatch.setattr(mod, "initial_latents", latents)
     return got
 

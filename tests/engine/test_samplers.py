@@ -75,9 +75,10 @@ def test_every_sampler_image_independent_of_batch_mates(max_diff, tiny_model, ma
     eng = Engine(tiny_model, GenerateConfig(steps=3, scheduler=sampler, batch_size=8, eta=eta))
     reqs = [Request("a photo of {}", 3, a), Request("a photo of {}", 4, a), Request("a dog", 5)]
     batch = eng.generate_batch(reqs)
-    # DDIM at eta 1 scales the U-Net's float-order differences by its larger noise coefficient
-    # (measured: 2 levels); noise drawn for another image moves an image by more than 10
-    tol = 2 if eta else TOL
+    # DDIM at eta 1 scales the U-Net's float-order differences by its larger noise coefficient, and
+    # DPM2's second evaluation per step compounds them (measured: 2 levels each, with the native CPU
+    # attention kernel); noise drawn for another image moves an image by more than 10
+    tol = 2 if eta or sampler == "dpm2" else TOL
     for r, img in zip(reqs, batch):
         assert max_diff(eng.generate_batch([r])[0], img) <= tol
     assert max_diff(batch[0], batch[1]) > 10  # the seeds really differ
