@@ -41,23 +41,23 @@ async def start_training(request: Request, images: list[UploadFile] = File(...),
     return job.describe()
 
 
-@router.get("/neti/train/{job_id}")
-async def training_status(request: Request, job_id: str):
-    server = request.app.state.server
-    job = server.trainer.job(job_id)
+def _train_job(request: Request, job_id: str):
+    job = request.app.state.server.trainer.job(job_id)
     if job is None:
         raise FieldError("job_id", f"{job_id!r}: no such training run", 404)
-    return job.describe()
+    return job
+
+
+@router.get("/neti/train/{job_id}")
+async def training_status(request: Request, job_id: str):
+    return _train_job(request, job_id).describe()
 
 
 @router.get("/neti/train/{job_id}/validation.png")
 async def training_validation(request: Request, job_id: str):
     """The run's latest validation grid (rows the prompts, columns the seeds)."""
     from fastapi.responses import Response
-    server = request.app.state.server
-    job = server.trainer.job(job_id)
-    if job is None:
-        raise FieldError("job_id", f"{job_id!r}: no such training run", 404)
+    job = _train_job(request, job_id)
     if job.validation_path is None:
         raise FieldError("job_id", "no validation grid yet (one comes at each quarter of the run)", 404)
     data = await run_in_threadpool(job.validation_path.read_bytes)
