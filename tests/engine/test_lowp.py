@@ -69,7 +69,9 @@ def setup(tiny_model, make_concept):
     table = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=2), progress=False)
     reqs = [Request("a photo of {}", 0, table), Request("a photo of {} in a forest", 1, table, 8)]
     ref32 = reference_eps0(tiny_model, reqs)
-    other = reference_eps0(tiny_model, [Request("a photo of {}", 0, table, 4), Request("a photo of {} in a forest", 1, table, 16)])
+    # truncations 2 / 4: fp16's bound is CPU-dependent (AMD EPYC 0.063, under 1/2.2 of this effect;
+    # the 4 / 16 pair's 0.109 was only 1.7x it there)
+    other = reference_eps0(tiny_model, [Request("a photo of {}", 0, table, 2), Request("a photo of {} in a forest", 1, table, 4)])
     return table, reqs, ref32, (other - ref32).abs().max().item()
 
 
