@@ -438,16 +438,18 @@ def encode_plain(text_encoder, tokenizer, prompt: str, clip_skip: int = 1, synta
 def encode_tokens(text_encoder, tokens: PromptTokens, token=None, bypass=None, clip_skip: int = 1):
     """The straightforward `encode` of every chunk (each a 77-token CLIP call), emphasized and
     concatenated: ([B, 77 k, D], same) for B rows (the reference path's text encoding)."""
+    B = 1 if token is None else token.shape[0]
     encs, encs_b = [], []
     for i in range(tokens.chunks):
         c = tokens.chunk(i)
-        has = bool(c.mask.any())
-        e, eb = encode(text_encoder, c.input_ids[None], c.slot[None] if has else None,
+        has = token is not None and bool(c.mask.any())
+        b = B if has else 1
+        e, eb = encode(text_encoder, c.input_ids[None].expand(b, -1), c.slot[None].expand(b, -1) if has else None,
                        token if has else None, bypass if has else None, clip_skip)
         if c.weight is not None:
             e, eb = emphasize(e, c.weight), (emphasize(e, c.weight) if eb is e else emphasize(eb, c.weight))
-        encs.append(e)
-        encs_b.append(eb)
+        encs.append(e.expand(B, -1, -1))
+        encs_b.append(eb.expand(B, -1, -1))
     return torch.cat(encs, dim=1), torch.cat(encs_b, dim=1)
 
 
