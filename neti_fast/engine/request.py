@@ -34,6 +34,7 @@ class GenerateConfig:
     batch_size: int = 8               # images per U-Net batch (each is two rows with guidance)
     attention: str = "auto"           # one of ATTENTIONS (sd/attention.py)
     cache_mb: int = 2048              # bound on cached prepared conditionings
+    prompt_syntax: str = "plain"      # what the CLI / API / job files give their requests (Request.prompt_syntax)
 
 
 Tables = Union[TableLike, dict, None]   # one concept, {name: concept} for several `{name}`s, or none
