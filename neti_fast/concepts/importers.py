@@ -143,11 +143,14 @@ _PARAMETER_NAMES = {"weight", "bias", "embeddings", "embedding", "state_dict", "
 
 
 def _looks_like_ti(key: str, shape) -> bool:
-    """diffusers' learned_embeds.safetensors holds one tensor named after its token, [D] or [n, D]
-    (n vectors, at most a prompt's 75). Another model's single weight (`linear.weight`, `bias`) is not one."""
+    """diffusers' learned_embeds.safetensors holds one tensor named after its token, [D] or [n, D].
+    Another model's single weight (`linear.weight`, `bias`, a `proj` matrix) is not one: a matrix of
+    n > 1 rows is read as n vectors only under a token written `<...>`, as multi-vector ones are named."""
     if "." in key or "/" in key or key.lower() in _PARAMETER_NAMES or not key.strip():
         return False
-    return len(shape) == 1 or (len(shape) == 2 and 1 <= shape[0] <= MAX_VECTORS)
+    if len(shape) == 2 and 1 < shape[0] <= MAX_VECTORS:
+        return key.startswith("<") and key.endswith(">")
+    return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
 
 
 def _import_safetensors(path: Path, placeholder: str | None) -> Concept:

@@ -276,6 +276,7 @@ def _parse_line(n: int, obj: dict, defaults: dict, base: Path) -> tuple[Line | N
 def parse_job(path: str | Path, defaults: dict) -> tuple[list[Line], list[tuple[int, str]]]:
     """Every line of the job: (good lines, [(line number, what is wrong)])."""
     path = Path(path)
+    defaults = {"prompt_syntax": "plain", **defaults}  # callers from before the key existed
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
