@@ -55,8 +55,9 @@ class MixedTable:
     def __post_init__(self):
         multi = [p.name for p in self.parts if p.vectors != 1]
         if multi:
-            raise NetiError(f"mix {self.name!r}: {', '.join(multi)} {'is a' if len(multi) == 1 else 'are'} "
-                            "multi-vector embedding(s); only single-vector concepts can be mixed")
+            what = "is a multi-vector embedding" if len(multi) == 1 else "are multi-vector embeddings"
+            raise NetiError(f"mix {self.name!r}: {', '.join(repr(n) for n in multi)} {what}; "
+                            "only single-vector concepts can be mixed")
 
     def check(self, model, truncation, where: str) -> None:
         for p in self.parts:

@@ -87,6 +87,8 @@ def context_chunks(model: Model, req: Request, cfg: GenerateConfig) -> int:
     batch share it (their K / V tables have 77 x chunks keys): the batch planners group by it
     rather than pad a request to its batch-mates' length, which would make an image depend on
     what shares its batch."""
+    if req.prompt_syntax == "plain":
+        return 1  # one chunk or refused (check_request): no tokenizing per batch for the default
     n = tokenize_request(model, req.prompt, req.tables, req.prompt_syntax).chunks
     if cfg.guidance != 1.0:
         n = max(n, tokenize(model.tokenizer, negative_text(req, cfg), None, syntax=req.prompt_syntax).chunks)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import NetiError
 from ..options import parse_seeds
+from ..sd.prompt_syntax import SYNTAXES
 from ..utils import (DEFAULT_STRENGTH, RESIZE_MODE_RANGE, SAMPLING_RANGES, STRENGTH_RANGE, ByteLRU, image_size,
                      scheduler_problem)
 
@@ -35,7 +36,6 @@ if TYPE_CHECKING:   # annotations only: the engine loads torch, not at --help ti
 INIT_KEYS = ("init_image", "strength", "resize_mode", "mask")
 KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
         "height", "width", "prompt_syntax", *INIT_KEYS)
-SYNTAXES = ("plain", "a1111")   # sd.prompt_syntax.SYNTAXES (not imported: it would load torch at --help time)
 
 
 @dataclass

@@ -87,7 +87,8 @@ def chunk_tokens(tokenizer, text: str, unit: dict[int, int]) -> Chunks:
     """A1111's tokenize_line for `text` (concept slots already written as their added tokens).
     `unit`: {id of a concept's first slot token: its vector count}, kept within one chunk."""
     parsed = parse_prompt_attention(text)
-    tokenized = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False).input_ids
+    # verbose=False: a fragment longer than 77 is expected here (it is chunked), not worth transformers' warning
+    tokenized = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False, verbose=False).input_ids
     comma = tokenizer.get_vocab().get(",</w>")
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
