@@ -3,7 +3,8 @@
 Per batch of requests (any mix of prompts, concepts, truncations, seeds):
   1. conditioning per (prompt, concept, truncation, schedule), cached: the concept's rows for the
      schedule's timesteps, CLIP run once over all distinct rows (`encode_rows`), then each layer's
-     K = W_k enc and V = W_v enc_bypass -> [S, 77, C_l] (S = 1 for TI / XTI / no concept);
+     K = W_k enc and V = W_v enc_bypass -> [S, 77 k, C_l] (S = 1 for TI / XTI / no concept; k CLIP
+     chunks: 1, or more for a long A1111-syntax prompt, the same for all of one batch);
   2. per layer, one K table and one V table: [negative prompts' rows; each request's rows];
   3. one U-Net call per step for both guidance halves of every sample; sample b's cross-attention
      reads row  base[b] + step * stride[b]  (stride 0 for rows constant over time), computed on
