@@ -27,7 +27,8 @@ from .concepts.table import load_table, load_tables, precompute  # noqa: F401  (
 
 
 def _requests(table, prompts, seeds, truncations, cfg):
-    return [Request(p, s, table, t, cfg.negative_prompt) for p in prompts for t in truncations for s in seeds]
+    return [Request(p, s, table, t, cfg.negative_prompt, prompt_syntax=cfg.prompt_syntax)
+            for p in prompts for t in truncations for s in seeds]
 
 
 def _engine(model, cfg, engine, backend, export_dir=None, model_name=None):
@@ -76,7 +77,8 @@ def generate_to_folder(model: Model, table, prompts: list[str], seeds, out: str 
     truncations = list(dict.fromkeys(truncations))
     lines = [Line(line=pi + 1, prompt=prompt, concept=concept_name, paths=None, seeds=list(seeds),
                   truncations=truncations, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
-                  negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width, init=init)
+                  negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width, init=init,
+                  prompt_syntax=cfg.prompt_syntax)
              for pi, prompt in enumerate(prompts)]
     concepts = Concepts(loaded=table)
     problems = check_lines(model, lines, concepts)  # before an engine is built (an export takes minutes)

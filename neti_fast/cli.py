@@ -93,7 +93,7 @@ def cmd_generate(args):
     model = load_model(args.model, device=device, dtype=dtype)
     cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                         attention=args.attention)
+                         attention=args.attention, prompt_syntax=args.prompt_syntax)
     described = ",".join(args.concept or []) + "".join(f" {f}={v}" for f, v in (("layer-mix", args.layer_mix), ("time-mix", args.time_mix)) if v)
     summary = {}
     generate_to_folder(model, tables or None, prompts, seeds, args.out, truncs, cfg,

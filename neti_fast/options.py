@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .errors import NetiError
+from .sd.prompt_syntax import SYNTAXES
 from .utils import (ATTENTIONS, ATTENTIONS_RENAMED, BACKENDS, CLI_DTYPES, DEFAULT_STRENGTH, RESIZE_MODE_RANGE, SAMPLERS,
                     SAMPLING_RANGES, scheduler_problem, SCHEDULES, SEED_RANGE, STRENGTH_RANGE, Range, default_device,
                     default_dtype_name, torch_dtype)
@@ -125,6 +126,9 @@ def add_sampling_args(p) -> None:
                    help=f"sampler: {', '.join(SAMPLERS)} (dpm++: DPM++ 2M, the official NeTI one); optionally on a "
                         f"schedule: -{', -'.join(k.replace('_', '-') for k in SCHEDULES if k != 'uniform')} "
                         "(e.g. dpm++-karras; the table: docs/samplers.md)")
+    p.add_argument("--prompt-syntax", choices=SYNTAXES, default="plain",
+                   help="plain: the prompt as written, at most 77 tokens; a1111: A1111's (emphasis:1.2), [less], "
+                        "\\( escapes, BREAK and prompts longer than 75 tokens (README: Prompt syntax)")
     p.add_argument("--batch-size", type=number(R["batch_size"]), default=8, help="images per U-Net batch")
     p.add_argument("--height", type=number(R["height"]), default=None, help="default: the model's native size")
     p.add_argument("--width", type=number(R["width"]), default=None, help="default: the model's native size")

@@ -3,9 +3,10 @@
 
 Stored as safetensors (never pickle). Tensors:
     neti: `mapper.<state_dict key>` (including `mapper.encoder.w`), optional `placeholder_embed` [D]
-    xti:  `embeds` [16, D]        ti: `embeds` [1, D]
+    xti:  `embeds` [16, D]        ti: `embeds` [n, D] (n vectors: n token positions in a prompt)
 Metadata (string -> string): neti_fast.format=concept, version, method, placeholder, init_word,
-text_dim, mapper_config (JSON), base_model, source.
+text_dim, vectors, mapper_config (JSON), base_model, source. `vectors` came with multi-vector TI;
+a file without it is single-vector.
 
 `Concept.embeddings_at(t, l, truncation)` is the one function that turns a concept into token / bypass rows;
 precompute and the on-the-fly path both call it, so the table equals the mapper by construction.
@@ -30,7 +31,7 @@ class Concept:
     placeholder: str                     # token written into prompts in place of `{}`
     text_dim: int                        # D: 768 for SD 1.x
     mapper: NeTIMapper | None = None     # neti
-    embeds: torch.Tensor | None = None   # xti [16, D] / ti [1, D]
+    embeds: torch.Tensor | None = None   # xti [16, D] / ti [n, D]
     init_word: str | None = None
     base_model: str | None = None
     source: str = "neti-fast"
@@ -49,6 +50,11 @@ class Concept:
         """Whether rows change with t (only NeTI's do); TI / XTI rows are constant over time."""
         return self.method == "neti"
 
+    @property
+    def vectors(self) -> int:
+        """Token positions the concept takes in a prompt: a TI embedding's n vectors, else 1."""
+        return self.embeds.shape[0] if self.method == "ti" else 1
+
     def check_truncation(self, truncation: int | None) -> None:
         """Truncation is NeTI's nested-dropout index K in 1..128; other methods have none."""
         if truncation is None:
@@ -60,7 +66,8 @@ class Concept:
             raise NetiError("must be between 1 and 128", field="truncation", value=truncation)
 
     def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
-        """Token and bypass rows for each (t[i], l[i]) (any t, even fractional): ([N, D], [N, D] or None), float32."""
+        """Token and bypass rows for each (t[i], l[i]) (any t, even fractional): ([N, D], [N, D] or None),
+        float32; a multi-vector TI concept's token rows are [N, n, D]."""
         self.check_truncation(truncation)
         if self.method == "neti":
             m = self.mapper
@@ -70,6 +77,8 @@ class Concept:
             token, bypass = m(t.to(dev).float(), l.to(dev).float(), truncation)
             m.train(was_training)
             return token, bypass
+        if self.vectors > 1:
+            return self.embeds.float()[None].expand(len(l), -1, -1), None
         idx = l.long() if self.method == "xti" else torch.zeros_like(l, dtype=torch.long)
         return self.embeds[idx.to(self.embeds.device)].float(), None
 
@@ -78,7 +87,7 @@ class Concept:
     def metadata(self) -> dict[str, str]:
         md = {"neti_fast.format": "concept", "version": FORMAT_VERSION, "method": self.method,
               "placeholder": self.placeholder, "text_dim": str(self.text_dim), "source": self.source,
-              "init_word": self.init_word or "", "base_model": self.base_model or ""}
+              "init_word": self.init_word or "", "base_model": self.base_model or "", "vectors": str(self.vectors)}
         if self.mapper is not None:
             md["mapper_config"] = self.mapper.cfg.to_json()
         return md
@@ -114,7 +123,10 @@ class Concept:
                 raise NetiError(f"{where}: mapper weights do not match its config ({first_line(e)})") from None
         elif method in ("xti", "ti"):
             embeds = tensors.get("embeds")
-            want = NUM_LAYERS if method == "xti" else 1
+            try:
+                want = NUM_LAYERS if method == "xti" else int(md.get("vectors", "1"))  # older files: 1 vector
+            except ValueError:
+                raise NetiError(f"{where}: concept metadata `vectors` is malformed ({md['vectors']!r})") from None
             if embeds is None or embeds.ndim != 2 or embeds.shape != (want, text_dim):
                 got = None if embeds is None else tuple(embeds.shape)
                 raise NetiError(f"{where}: {method} concept needs `embeds` of shape [{want}, {text_dim}], got {got}")

@@ -3,7 +3,8 @@
 Formats:
     neti-fast safetensors   metadata neti_fast.format = concept | table
     Automatic1111           .safetensors with `emb_params` [n, D]; .pt dict with `string_to_param`
-    diffusers / official TI learned_embeds.bin (or .safetensors): {token: [D] or [1, D]}
+    diffusers / official TI learned_embeds.bin (or .safetensors): {token: [D] or [n, D]}
+Multi-vector embeddings ([n, D], n > 1) take n token positions in a prompt, as in A1111 and diffusers.
     official NeTI           mapper-steps-N.pt ({state_dict, cfg, encoder}) + learned_embeds-steps-N.bin
 
 Security: pickle-based files are read only with torch.load(weights_only=True). The official NeTI
@@ -118,11 +119,13 @@ def _vectors(path: Path, t, what: str) -> torch.Tensor:
     return t.detach().float().reshape(-1, t.shape[-1]).contiguous()
 
 
+MAX_VECTORS = 75  # one CLIP chunk's worth of token positions (77 less start and end)
+
+
 def _ti_concept(path: Path, vec: torch.Tensor, placeholder: str, source: str) -> Concept:
     n, d = vec.shape
-    if n != 1:
-        raise NetiError(f"{path}: multi-vector embeddings ({n} vectors) are not supported yet; "
-                        f"only single-vector embeddings can be imported")
+    if n > MAX_VECTORS:
+        raise NetiError(f"{path}: an embedding of {n} vectors cannot fit a prompt (at most {MAX_VECTORS})")
     c = Concept(method="ti", placeholder=placeholder, text_dim=d, embeds=vec, source=source)
     c.check_finite(str(path))
     return c
@@ -140,10 +143,13 @@ _PARAMETER_NAMES = {"weight", "bias", "embeddings", "embedding", "state_dict", "
 
 
 def _looks_like_ti(key: str, shape) -> bool:
-    """diffusers' learned_embeds.safetensors holds one tensor named after its token, [D] or [1, D].
-    Another model's single weight (`linear.weight`, `bias`, a [n, D] matrix) is not one."""
+    """diffusers' learned_embeds.safetensors holds one tensor named after its token, [D] or [n, D].
+    Another model's single weight (`linear.weight`, `bias`, a `proj` matrix) is not one: a matrix of
+    n > 1 rows is read as n vectors only under a token written `<...>`, as multi-vector ones are named."""
     if "." in key or "/" in key or key.lower() in _PARAMETER_NAMES or not key.strip():
         return False
+    if len(shape) == 2 and 1 < shape[0] <= MAX_VECTORS:
+        return key.startswith("<") and key.endswith(">")
     return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
 
 
@@ -180,7 +186,7 @@ def _import_safetensors(path: Path, placeholder: str | None) -> Concept:
     if "emb_params" in tensors:
         vec = _vectors(path, tensors["emb_params"], "emb_params")
         return _ti_concept(path, vec, _a1111_placeholder(path, md.get("name"), placeholder), "a1111")
-    (token, t), = tensors.items()  # diffusers learned_embeds.safetensors: {token: [D] / [1, D]}
+    (token, t), = tensors.items()  # diffusers learned_embeds.safetensors: {token: [D] / [n, D]}
     c = _ti_concept(path, _vectors(path, t, f"embedding {token!r}"), placeholder or token, "diffusers-ti")
     warnings.warn(f"{path}: no neti-fast metadata; read as a Textual Inversion embedding for the token {token!r} "
                   f"(diffusers learned_embeds format)", stacklevel=3)

@@ -48,6 +48,17 @@ class MixedTable:
     def truncatable(self) -> bool:
         return any(p.truncatable for p in self.parts)
 
+    @property
+    def vectors(self) -> int:
+        return 1  # parts are single-vector (__post_init__): a mix picks one row per (t, l)
+
+    def __post_init__(self):
+        multi = [p.name for p in self.parts if p.vectors != 1]
+        if multi:
+            what = "is a multi-vector embedding" if len(multi) == 1 else "are multi-vector embeddings"
+            raise NetiError(f"mix {self.name!r}: {', '.join(repr(n) for n in multi)} {what}; "
+                            "only single-vector concepts can be mixed")
+
     def check(self, model, truncation, where: str) -> None:
         for p in self.parts:
             p.check(model, truncation, where)

@@ -4,6 +4,7 @@ After `precompute`, TI, XTI and NeTI concepts look the same to the engine: rows 
 embeddings indexed by (t, l). File (safetensors):
     token                 [1000, 16, D] float32      bypass            [1000, 16, D] (NeTI with bypass)
     token.trunc{K}        same, with nested-dropout truncation K      bypass.trunc{K}
+    a multi-vector TI concept's token rows are [1000, 16, n, D] (metadata `vectors` = n)
     + the concept's own tensors and metadata (neti_fast.format=table), so a table is also a concept
       file and fractional timesteps (e.g. Euler's) are served exactly by evaluating the mapper.
 """
@@ -44,6 +45,19 @@ def stack_rows(rows: list, dim: int):
     return token, torch.stack([r[1] if r[1] is not None else torch.zeros_like(r[0]) for r in rows], dim=dim)
 
 
+def slot_rows(rows: list, vectors: list[int]):
+    """[(token, bypass or None)] of a prompt's concepts ([..., D], or [..., n, D] for n vectors) ->
+    (tokens, bypasses or None) [..., K, D]: one slot per vector, concepts in order (K = sum of n).
+    Zero bypass rows beside a concept with a bypass, as `stack_rows`."""
+    def split(t, n):
+        return t.reshape(*t.shape[:t.ndim - (1 if n == 1 else 2)], n, t.shape[-1])
+    token = torch.cat([split(r[0], n) for r, n in zip(rows, vectors)], dim=-2)
+    if all(r[1] is None for r in rows):
+        return token, None
+    return token, torch.cat([split(r[1], n) if r[1] is not None else torch.zeros_like(split(r[0], n))
+                             for r, n in zip(rows, vectors)], dim=-2)
+
+
 @runtime_checkable
 class TableLike(Protocol):
     """What the engine reads from a concept in a request: a `Table` (one concept, precomputed) or a
@@ -62,6 +76,10 @@ class TableLike(Protocol):
     def has_bypass(self) -> bool: ...
 
     @property
+    def vectors(self) -> int:
+        """Token positions it takes in a prompt (a multi-vector TI embedding's n, else 1)."""
+
+    @property
     def truncatable(self) -> bool:
         """Whether nested-dropout truncation applies (a NeTI concept is among it)."""
 
@@ -69,7 +87,7 @@ class TableLike(Protocol):
         """NetiError if it cannot serve `model` at `truncation`."""
 
     def schedule_rows(self, timesteps: torch.Tensor, truncation: int | None = None):
-        """([S, 16, D] token rows, bypass rows or None) for a step schedule."""
+        """([S, 16, D] token rows ([S, 16, n, D] for n vectors), bypass rows or None) for a step schedule."""
 
     def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
         """([N, D], [N, D] or None) at each (t[i], l[i]), any t (fractional too)."""
@@ -121,6 +139,10 @@ class Table:
         return self.concept.has_bypass
 
     @property
+    def vectors(self) -> int:
+        return self.concept.vectors
+
+    @property
     def truncatable(self) -> bool:
         """Whether nested-dropout truncation means anything here (NeTI only)."""
         return self.concept.method == "neti"
@@ -158,7 +180,7 @@ class Table:
         with torch.no_grad():
             token, bypass = self.embeddings_at(t, l, truncation)
         D = token.shape[-1]
-        return token.cpu().view(S, NUM_LAYERS, D), None if bypass is None else bypass.cpu().view(S, NUM_LAYERS, D)
+        return token.cpu().reshape(S, NUM_LAYERS, *token.shape[1:]), None if bypass is None else bypass.cpu().view(S, NUM_LAYERS, D)
 
 
     def save(self, path: str | Path) -> Path:
@@ -197,7 +219,7 @@ def precompute(concept: Concept, truncations=(), progress: bool = True, chunk: i
                 if byp is not None:
                     byps.append(byp.float().cpu())
                 bar.update(len(tok))
-        table.token[trunc] = torch.cat(toks).view(NUM_TIMESTEPS, NUM_LAYERS, -1)
+        table.token[trunc] = torch.cat(toks).view(NUM_TIMESTEPS, NUM_LAYERS, *toks[0].shape[1:])
         if byps:
             table.bypass[trunc] = torch.cat(byps).view(NUM_TIMESTEPS, NUM_LAYERS, -1)
     bar.close()
@@ -206,13 +228,14 @@ def precompute(concept: Concept, truncations=(), progress: bool = True, chunk: i
 
 def _add_rows(table: Table, tensors: dict, where) -> Table:
     """Fill a table's token / bypass rows from a table file's tensors, validating their shapes."""
-    dim = table.concept.text_dim
+    dim, n = table.concept.text_dim, table.concept.vectors
     for key, v in tensors.items():
         base, _, trunc = key.partition(".trunc")
         if base not in ("token", "bypass"):
             continue
-        if v.ndim != 3 or v.shape[:2] != (NUM_TIMESTEPS, NUM_LAYERS) or v.shape[2] != dim:
-            raise NetiError(f"{where}: table tensor has shape {tuple(v.shape)}, expected [1000, 16, {dim}]")
+        want = (NUM_TIMESTEPS, NUM_LAYERS) + ((n,) if n > 1 and base == "token" else ()) + (dim,)
+        if tuple(v.shape) != want:
+            raise NetiError(f"{where}: table tensor has shape {tuple(v.shape)}, expected {list(want)}")
         if not torch.isfinite(v).all():
             raise NetiError(f"{where}: table contains NaN or Inf")
         (table.token if base == "token" else table.bypass)[int(trunc) if trunc else None] = v

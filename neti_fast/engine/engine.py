@@ -3,7 +3,8 @@
 Per batch of requests (any mix of prompts, concepts, truncations, seeds):
   1. conditioning per (prompt, concept, truncation, schedule), cached: the concept's rows for the
      schedule's timesteps, CLIP run once over all distinct rows (`encode_rows`), then each layer's
-     K = W_k enc and V = W_v enc_bypass -> [S, 77, C_l] (S = 1 for TI / XTI / no concept);
+     K = W_k enc and V = W_v enc_bypass -> [S, 77 k, C_l] (S = 1 for TI / XTI / no concept; k CLIP
+     chunks: 1, or more for a long A1111-syntax prompt, the same for all of one batch);
   2. per layer, one K table and one V table: [negative prompts' rows; each request's rows];
   3. one U-Net call per step for both guidance halves of every sample; sample b's cross-attention
      reads row  base[b] + step * stride[b]  (stride 0 for rows constant over time), computed on
@@ -19,20 +20,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..concepts.table import stack_rows
-from ..sd.conditioning import encode_plain, encode_rows
+from ..errors import NetiError
+from ..concepts.table import slot_rows
+from ..sd.conditioning import MAX_TOKENS, encode_plain, encode_rows, pad_chunks
 from ..sd.models import Model
 from ..utils import ByteLRU
 from .denoiser import TorchDenoiser
 from .kv_arena import KVArena
-from .request import GenerateConfig, Request, as_tables, check_request, check_settings, check_size, tokenize_request
+from .request import (GenerateConfig, Request, as_tables, check_request, check_settings, check_size, context_chunks,
+                      negative_text, tokenize_request)
 from .img2img import batch_start, overlay, start_latents
 from .sampling import decode, image_generators, make_scheduler, step_kwargs
 
 
 @dataclass
 class LayerKV:
-    """One conditioning's per-layer K / V rows: 16 x [S, 77, C_l]; S = steps or 1."""
+    """One conditioning's per-layer K / V rows: 16 x [S, 77 k, C_l]; S = steps or 1, k chunks."""
     k: list
     v: list
     time_varying: bool
@@ -43,14 +46,14 @@ class LayerKV:
 
 
 def concept_rows(tables: dict, timesteps: torch.Tensor, truncation: int | None):
-    """Every concept's rows for a schedule, stacked by slot: ([S, 16, K, D], same or None).
+    """Every concept's rows for a schedule, one slot per vector: ([S, 16, K, D], same or None).
 
     S = len(timesteps) if any concept varies over time, else 1 (one row serves every step). A
     concept without a bypass gets zero rows beside one with it (a zero bypass changes nothing).
     """
     vary = any(t.time_varying for t in tables.values())
     ts = timesteps if vary else timesteps[:1]
-    return stack_rows([t.schedule_rows(ts, truncation) for t in tables.values()], dim=2)
+    return slot_rows([t.schedule_rows(ts, truncation) for t in tables.values()], [t.vectors for t in tables.values()])
 
 
 class Engine:
@@ -80,26 +83,39 @@ class Engine:
             vs.append(attn.to_v(eb))
         return ks, vs
 
-    def negative(self, prompt: str, clip_skip: int = 1) -> LayerKV:
+    @staticmethod
+    def _key_tail(clip_skip: int, syntax: str, chunks: int) -> tuple:
+        # the defaults keep the key they always had: the same cache entries as before they existed
+        return (((clip_skip,) if clip_skip != 1 else ())
+                + ((syntax, chunks) if (syntax, chunks) != ("plain", 1) else ()))
+
+    def _padded(self, enc: torch.Tensor, chunks: int, clip_skip: int) -> torch.Tensor:
+        """enc padded with empty chunks to `chunks` (the request's context, request.context_chunks)."""
+        if enc.shape[-2] >= chunks * MAX_TOKENS:
+            return enc
+        m = self.model
+        return pad_chunks(enc, chunks, encode_plain(m.text_encoder, m.tokenizer, "", clip_skip))
+
+    def negative(self, prompt: str, clip_skip: int = 1, syntax: str = "plain", chunks: int = 1) -> LayerKV:
         m = self.model
 
         def build():
-            enc = encode_plain(m.text_encoder, m.tokenizer, prompt, clip_skip)
+            enc = self._padded(encode_plain(m.text_encoder, m.tokenizer, prompt, clip_skip, syntax), chunks, clip_skip)
             return LayerKV(*self._kv(enc, enc), time_varying=False)
-        # clip_skip 1 keeps the key it always had: the same cache entries as before it existed
-        key = ("neg", prompt, m.dtype) + ((clip_skip,) if clip_skip != 1 else ())
+        key = ("neg", prompt, m.dtype) + self._key_tail(clip_skip, syntax, chunks)
         return self.conditionings.get_or_build(key, build)
 
     def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor,
-                     clip_skip: int = 1) -> LayerKV:
-        """Per-layer K / V rows for `prompt` with `table` (a Table, a MixedTable or {name: table})."""
+                     clip_skip: int = 1, syntax: str = "plain", chunks: int = 1) -> LayerKV:
+        """Per-layer K / V rows for `prompt` with `table` (a Table, a MixedTable or {name: table}),
+        in `syntax`, padded to `chunks` chunks of 77 keys."""
         m = self.model
         tables = as_tables(table)
         if not tables:
-            return self.negative(prompt, clip_skip)  # a plain prompt is encoded like a negative one
+            return self.negative(prompt, clip_skip, syntax, chunks)  # a plain prompt is encoded like a negative one
 
         def build():
-            toks = tokenize_request(m, prompt, tables)
+            toks = tokenize_request(m, prompt, tables, syntax)
             token, bypass = concept_rows(tables, timesteps, truncation)     # [S, 16, K, D]
             S, L, K, D = token.shape
             dt = m.text_encoder.dtype
@@ -108,20 +124,28 @@ class Engine:
                                      dedup=S == 1,  # time-varying rows are all distinct: no point sorting them
                                      clip_skip=clip_skip)
             enc, enc_b = enc.view(S, L, *enc.shape[1:]), enc_b.view(S, L, *enc_b.shape[1:])
+            enc, enc_b = self._padded(enc, chunks, clip_skip), self._padded(enc_b, chunks, clip_skip)
             return LayerKV(*self._kv(enc, enc_b), time_varying=S > 1)
         key = ("cond", prompt, tuple((n, t.uid) for n, t in tables.items()), truncation,
-               tuple(timesteps.tolist()), m.dtype) + ((clip_skip,) if clip_skip != 1 else ())
+               tuple(timesteps.tolist()), m.dtype) + self._key_tail(clip_skip, syntax, chunks)
         return self.conditionings.get_or_build(key, build)
 
     # ------------------------------------------------------------------ denoising
     @torch.no_grad()
     def generate(self, requests: list[Request], progress: bool = False) -> np.ndarray:
-        """Images for `requests`, in order: uint8 [N, H, W, 3]."""
-        out = []
+        """Images for `requests`, in order: uint8 [N, H, W, 3]. Batches hold requests of one context
+        length (request.context_chunks), in order within each."""
+        groups: dict = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(context_chunks(self.model, r, self.cfg), []).append(i)
+        out: list = [None] * len(requests)
         bs = max(1, self.cfg.batch_size)
-        for i in range(0, len(requests), bs):
-            out.append(self.generate_batch(requests[i:i + bs], progress))
-        return np.concatenate(out)
+        for idx in groups.values():
+            for j in range(0, len(idx), bs):
+                part = idx[j:j + bs]
+                for i, img in zip(part, self.generate_batch([requests[i] for i in part], progress)):
+                    out[i] = img
+        return np.stack(out)
 
     def kv_tables(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool):
         """The batch's conditionings placed in the engine's K / V arena, and each sample's rows.
@@ -132,11 +156,19 @@ class Engine:
         graph stays valid; torch.compile sees one row count). Negative prompts are shared rows, not
         copied per sample. U-Net batch row b (negative halves first when `guided`) reads
         `base[b] + step * stride[b]`; stride is 0 for conditionings constant over time.
-        Returns (k_tables 16 x [R, 77, C_l], v_tables, base [B'], stride [B']).
+        Every request's K / V have 77 x `request.context_chunks` keys, the same for all of them
+        (NetiError otherwise: the batch planners group by it).
+        Returns (k_tables 16 x [R, 77 k, C_l], v_tables, base [B'], stride [B']).
         """
         m, cfg = self.model, self.cfg
-        conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps, r.clip_skip) for r in reqs]
-        negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt, r.clip_skip)
+        chunks = {context_chunks(m, r, cfg) for r in reqs}
+        if len(chunks) > 1:
+            raise NetiError(f"one U-Net batch needs one context length; these requests take {sorted(chunks)} "
+                            "chunks of 77 tokens (group them by request.context_chunks)")
+        k = chunks.pop()
+        conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps, r.clip_skip, r.prompt_syntax, k)
+                 for r in reqs]
+        negs = [self.negative(negative_text(r, cfg), r.clip_skip, r.prompt_syntax, k)
                 for r in reqs] if guided else []  # A1111 skips CLIP layers for the negative prompt too
         rows = negs + conds
         distinct = list({id(c): c for c in rows}.values())
@@ -147,9 +179,9 @@ class Engine:
         return arena.k, arena.v, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
 
     def arena(self, cond: LayerKV) -> KVArena:
-        """The engine's K / V arena for `cond`'s dtype and device (made on first use)."""
+        """The engine's K / V arena for `cond`'s dtype, device and context length (made on first use)."""
         k0 = cond.k[0]
-        key = (k0.dtype, k0.device)
+        key = (k0.dtype, k0.device, k0.shape[1])
         if key not in self._arenas:
             self._arenas[key] = KVArena([k.shape[-1] for k in cond.k], [v.shape[-1] for v in cond.v],
                                         k0.shape[1], k0.dtype, k0.device)

@@ -1,10 +1,11 @@
 """Stable per-layer K / V buffers that a batch's conditionings are placed in, by row range.
 
-Every U-Net call reads, per cross-attention layer l, one K table and one V table [R, 77, C_l];
+Every U-Net call reads, per cross-attention layer l, one K table and one V table [R, L, C_l]
+(L = 77 x the batch's CLIP chunks; the engine keeps one arena per L);
 sample b reads row `base[b] + step * stride[b]`. Concatenating a batch's conditionings into new
 tables for every batch would hand the U-Net new tensors (new addresses, often a new R) each time:
 a captured CUDA graph would need its own copy of all 32 tables, and torch.compile would see a new
-shape. Instead the engine keeps one `KVArena` per (dtype, device): 16 K and 16 V buffers of
+shape. Instead the engine keeps one `KVArena` per (dtype, device, L): 16 K and 16 V buffers of
 `capacity` rows that live as long as the engine. A conditioning is copied into a free row range
 the first time a batch needs it and stays there while it is used (least recently used ranges are
 reused first), so packing a batch computes indices only, and graphs captured once stay valid.

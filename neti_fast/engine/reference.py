@@ -10,36 +10,42 @@ import numpy as np
 import torch
 
 from ..sd.attention import install_processors
-from ..sd.conditioning import encode, tokenize
+from ..sd.conditioning import encode_plain, encode_tokens, pad_chunks, tokenize
 from ..sd.models import NUM_LAYERS, Model
-from .request import GenerateConfig, Request, check_request, check_settings, check_size, tokenize_request
+from .request import (GenerateConfig, Request, check_request, check_settings, check_size, context_chunks, negative_text,
+                      tokenize_request)
 from .sampling import decode, image_generators, initial_latents, make_scheduler, step_kwargs
-from ..concepts.table import stack_rows
+from ..concepts.table import slot_rows
 
 
 @torch.no_grad()
 def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, timesteps: torch.Tensor):
     """The official PromptManager.embed_prompt: the negative prompt once, then every (t, l) encoded
-    on its own. Returns (negative [1, 77, D], per step: 16 x (enc, enc_bypass))."""
+    on its own. Returns (negative [1, 77 k, D], per step: 16 x (enc, enc_bypass)); k chunks, the
+    shorter of prompt and negative prompt padded with empty ones as the engine does."""
     m = model
-    negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt
-    cs = req.clip_skip
-    neg = encode(m.text_encoder, tokenize(m.tokenizer, negative, None).input_ids[None], clip_skip=cs)[0]
+    cs, syntax, k = req.clip_skip, req.prompt_syntax, context_chunks(m, req, cfg)
+    empty = encode_plain(m.text_encoder, m.tokenizer, "", cs)
+
+    def pad(e):
+        return pad_chunks(e, k, empty)
+    neg = pad(encode_tokens(m.text_encoder, tokenize(m.tokenizer, negative_text(req, cfg), None, syntax=syntax),
+                            clip_skip=cs)[0])
     tables = req.tables
-    toks = tokenize_request(m, req.prompt, tables)
+    toks = tokenize_request(m, req.prompt, tables, syntax)
     dt = m.text_encoder.dtype
     per_step = []
     for t in timesteps:
         layers = []
         for l in range(NUM_LAYERS):
             if not tables:
-                enc = encode(m.text_encoder, toks.input_ids[None], clip_skip=cs)[0]
+                enc = pad(encode_tokens(m.text_encoder, toks, clip_skip=cs)[0])
                 layers.append((enc, enc))
                 continue
-            token, bypass = stack_rows([tb.embeddings_at(t.float().view(1), torch.tensor([float(l)]), req.truncation)
-                                        for tb in tables.values()], dim=1)           # [1, K, D]
-            layers.append(encode(m.text_encoder, toks.input_ids[None], toks.slot[None], token.to(dt),
-                                 None if bypass is None else bypass.to(dt), clip_skip=cs))
+            token, bypass = slot_rows([tb.embeddings_at(t.float().view(1), torch.tensor([float(l)]), req.truncation)
+                                       for tb in tables.values()], [tb.vectors for tb in tables.values()])  # [1, K, D]
+            enc, enc_b = encode_tokens(m.text_encoder, toks, token.to(dt), None if bypass is None else bypass.to(dt), cs)
+            layers.append((pad(enc), pad(enc_b)))
         per_step.append(layers)
     return neg, per_step
 

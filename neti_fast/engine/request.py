@@ -34,6 +34,7 @@ class GenerateConfig:
     batch_size: int = 8               # images per U-Net batch (each is two rows with guidance)
     attention: str = "auto"           # one of ATTENTIONS (sd/attention.py)
     cache_mb: int = 2048              # bound on cached prepared conditionings
+    prompt_syntax: str = "plain"      # what the CLI / API / job files give their requests (Request.prompt_syntax)
 
 
 Tables = Union[TableLike, dict, None]   # one concept, {name: concept} for several `{name}`s, or none
@@ -48,6 +49,7 @@ class Request:
     negative_prompt: str | None = None  # None: GenerateConfig.negative_prompt
     clip_skip: int = 1                # A1111's CLIP skip: 1 = CLIP's last layer; n: the n-th from last (then its final LN)
     init: Init | None = None          # img2img / inpainting input (img2img.py); None: txt2img
+    prompt_syntax: str = "plain"      # "plain" or "a1111" (emphasis, BREAK, long prompts: sd/prompt_syntax.py)
 
     @property
     def tables(self) -> dict:
@@ -69,8 +71,28 @@ def _default_marker(tables: dict) -> str | None:
     return mixes[0] if len(tables) > 1 and len(mixes) == 1 else None
 
 
-def tokenize_request(model: Model, prompt: str, tables: dict):
-    return tokenize(model.tokenizer, prompt, list(tables) if tables else None, _default_marker(tables))
+def tokenize_request(model: Model, prompt: str, tables: dict, syntax: str = "plain"):
+    return tokenize(model.tokenizer, prompt, list(tables) if tables else None, _default_marker(tables),
+                    [t.vectors for t in tables.values()], syntax)
+
+
+def negative_text(req: Request, cfg: GenerateConfig) -> str:
+    return cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt
+
+
+def context_chunks(model: Model, req: Request, cfg: GenerateConfig) -> int:
+    """CLIP chunks of 77 tokens in the request's conditioning: its prompt's, or its negative
+    prompt's when guidance uses it and it is longer; the shorter of the two is padded with empty
+    chunks (conditioning.pad_chunks, A1111's "Pad prompt/negative prompt"). Images of one U-Net
+    batch share it (their K / V tables have 77 x chunks keys): the batch planners group by it
+    rather than pad a request to its batch-mates' length, which would make an image depend on
+    what shares its batch."""
+    if req.prompt_syntax == "plain":
+        return 1  # one chunk or refused (check_request): no tokenizing per batch for the default
+    n = tokenize_request(model, req.prompt, req.tables, req.prompt_syntax).chunks
+    if cfg.guidance != 1.0:
+        n = max(n, tokenize(model.tokenizer, negative_text(req, cfg), None, syntax=req.prompt_syntax).chunks)
+    return n
 
 
 def check_size(model: Model, height: int | None, width: int | None) -> tuple[int, int]:
@@ -113,12 +135,12 @@ def check_request(model: Model, req: Request) -> None:
         names = ", ".join(f"{n!r}" for n in tables)
         raise NetiError(f"applies to NeTI concepts; {names} {'has' if len(tables) == 1 else 'have'} "
                         "no NeTI mapper (TI / XTI)", field="truncation", value=req.truncation)
-    tokenize_request(model, req.prompt, tables)
+    tokenize_request(model, req.prompt, tables, req.prompt_syntax)
     if req.negative_prompt:
         if markers(req.negative_prompt):
             raise NetiError("must not contain {} markers (a negative prompt is plain text)",
                             field="negative_prompt", value=req.negative_prompt)
         try:
-            tokenize(model.tokenizer, req.negative_prompt, None)
+            tokenize(model.tokenizer, req.negative_prompt, None, syntax=req.prompt_syntax)
         except NetiError as e:
             raise NetiError(e.message, field="negative_prompt", value=req.negative_prompt) from None

@@ -4,8 +4,9 @@ Job file: one JSON object per line (blank lines and lines starting with # are sk
     {"prompt": "a photo of {} on a beach", "concept": "cat.safetensors", "seeds": "0-63", "truncation": 16}
 Keys: prompt (required), concept (a concept / table / bundle file, or {"name": path, ...} for several
 `{name}` concepts in one prompt; relative paths are relative to the job file's folder), seeds ("0-63", "0,3,7" or a list),
-truncation (K, null or a list), steps, guidance, negative_prompt, scheduler, height, width. Missing
-keys take the command-line values.
+truncation (K, null or a list), steps, guidance, negative_prompt, scheduler, height, width,
+prompt_syntax ("plain" or "a1111": A1111's emphasis, BREAK and long prompts). Missing keys take the
+command-line values.
 img2img: init_image (an image file, relative to the job file's folder like concept), strength (A1111's
 denoising_strength, > 0 and <= 1, default 0.75), resize_mode (0 just resize, default; 1 crop and resize;
 2 resize and fill), mask (inpainting: an image of the init image's size, white = repaint, with the
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import NetiError
 from ..options import parse_seeds
+from ..sd.prompt_syntax import SYNTAXES
 from ..utils import (DEFAULT_STRENGTH, RESIZE_MODE_RANGE, SAMPLING_RANGES, STRENGTH_RANGE, ByteLRU, image_size,
                      scheduler_problem)
 
@@ -33,7 +35,7 @@ if TYPE_CHECKING:   # annotations only: the engine loads torch, not at --help ti
 
 INIT_KEYS = ("init_image", "strength", "resize_mode", "mask")
 KEYS = ("prompt", "concept", "seeds", "truncation", "steps", "guidance", "negative_prompt", "scheduler",
-        "height", "width", *INIT_KEYS)
+        "height", "width", "prompt_syntax", *INIT_KEYS)
 
 
 @dataclass
@@ -144,6 +146,8 @@ class Line:
     width: int | None
     failed: str | None = None       # why the concept could not be loaded
     init: InitSource | None = None  # img2img input (None: txt2img)
+    prompt_syntax: str = "plain"
+    chunks: int = 1                 # CLIP chunks of its conditioning (request.context_chunks; set by check_lines)
 
 
 @dataclass
@@ -158,14 +162,15 @@ class Img:
     @property
     def group(self) -> tuple:
         """What one U-Net batch must share; prompt, concept, truncation, negative prompt and init
-        image need not: the last item is the step the schedule starts at (one loop, one schedule;
-        the server's batcher groups by the same Shape.start)."""
+        image need not: then the step the schedule starts at (one loop, one schedule; the server's
+        batcher groups by the same Shape.start), and the context length in chunks of 77 (K / V tables
+        of one batch share it: request.context_chunks)."""
         L = self.line
         start = 0
         if L.init is not None:
             from ..engine.img2img import schedule_start
             start = schedule_start(L.steps, L.init.strength)
-        return (L.steps, float(L.guidance), L.scheduler, self.height, self.width, start)
+        return (L.steps, float(L.guidance), L.scheduler, self.height, self.width, start, L.chunks)
 
     def manifest_entry(self, model_name: str, dtype: str) -> dict:
         """What the manifest records for this image (its `manifest.SETTINGS` decide resume)."""
@@ -174,6 +179,7 @@ class Img:
                 "truncation": self.truncation, "negative_prompt": L.negative_prompt, "steps": L.steps,
                 "guidance": L.guidance, "scheduler": L.scheduler, "height": self.height, "width": self.width,
                 **(L.init.manifest_fields() if L.init is not None else {}),
+                **({"prompt_syntax": L.prompt_syntax} if L.prompt_syntax != "plain" else {}),  # absent: plain, as before
                 "model": model_name, "dtype": dtype, "status": "done"}
 
 
@@ -252,6 +258,8 @@ def _parse_line(n: int, obj: dict, defaults: dict, base: Path) -> tuple[Line | N
             problems.append(f"{key} must be {SAMPLING_RANGES[key].describe()}, got {val[key]!r}")
     if scheduler_problem(val["scheduler"]):
         problems.append(f"scheduler {val['scheduler']!r}: {scheduler_problem(val['scheduler'])}")
+    if val["prompt_syntax"] not in SYNTAXES:
+        problems.append(f"prompt_syntax must be one of {', '.join(SYNTAXES)}, got {val['prompt_syntax']!r}")
     if not isinstance(val["negative_prompt"], str):
         problems.append(f"negative_prompt must be a string, got {_jtype(val['negative_prompt'])}")
     for key in ("height", "width"):     # None: the model's size; multiples of its VAE factor: check_size
@@ -261,12 +269,14 @@ def _parse_line(n: int, obj: dict, defaults: dict, base: Path) -> tuple[Line | N
         return None, problems
     return Line(n, obj["prompt"], obj.get("concept"), out["concept"],
                 out["seeds"], out["truncation"], val["steps"], val["guidance"], val["scheduler"],
-                val["negative_prompt"], val["height"], val["width"], init=init), []
+                val["negative_prompt"], val["height"], val["width"], init=init,
+                prompt_syntax=val["prompt_syntax"]), []
 
 
 def parse_job(path: str | Path, defaults: dict) -> tuple[list[Line], list[tuple[int, str]]]:
     """Every line of the job: (good lines, [(line number, what is wrong)])."""
     path = Path(path)
+    defaults = {"prompt_syntax": "plain", **defaults}  # callers from before the key existed
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -357,7 +367,7 @@ def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int,
     truncation, negative prompt, size), each problem named by the line's key; a line whose concept
     file cannot be loaded is marked failed instead (not an error of the job file)."""
     from ..engine.img2img import schedule_start
-    from ..engine.request import Request, check_request, check_size
+    from ..engine.request import GenerateConfig, Request, check_request, check_size, context_chunks
     errors, seen = [], {}
     for L in lines:
         problems = []
@@ -382,12 +392,14 @@ def check_lines(model, lines: list[Line], concepts: Concepts) -> list[tuple[int,
             L.failed = str(e)
         for t in L.truncations if L.failed is None else ():
             try:
-                check_request(model, Request(L.prompt, 0, tables, t, L.negative_prompt))
+                req = Request(L.prompt, 0, tables, t, L.negative_prompt, prompt_syntax=L.prompt_syntax)
+                check_request(model, req)
+                L.chunks = context_chunks(model, req, GenerateConfig(guidance=L.guidance))
             except NetiError as e:
                 note(e)
         if L.failed is not None:
             try:  # the negative prompt can still be checked
-                check_request(model, Request("", 0, None, None, L.negative_prompt))
+                check_request(model, Request("", 0, None, None, L.negative_prompt, prompt_syntax=L.prompt_syntax))
             except NetiError as e:
                 note(e)
         errors += [(L.line, e) for e in problems]

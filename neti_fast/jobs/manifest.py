@@ -29,7 +29,7 @@ LEGACY_MANIFEST = "manifest.json"      # `generate` before the JSON-lines format
 # entries have no img2img keys; an init image or mask is compared by its path as written and its content)
 SETTINGS = ("prompt", "concept", "seed", "truncation", "negative_prompt", "steps", "guidance", "scheduler",
             "height", "width", "init_image", "init_image_sha256", "strength", "resize_mode", "mask", "mask_sha256",
-            "mask_blur", "inpainting_fill", "model", "dtype")
+            "mask_blur", "inpainting_fill", "prompt_syntax", "model", "dtype")
 
 
 def is_done(entry) -> bool:

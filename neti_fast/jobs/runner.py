@@ -154,7 +154,7 @@ def execute(plan: Plan, model, cfg, concepts: Concepts, *, overwrite: bool = Fal
     try:
         for b in mine:
             no = batch_no[id(b)]
-            steps, guidance, scheduler, h, w, _ = b[0].group
+            steps, guidance, scheduler, h, w = b[0].group[:5]
             engine.cfg = dataclasses.replace(cfg, steps=steps, guidance=guidance, scheduler=scheduler,
                                              height=h, width=w)
             if denoiser_for is not None:
@@ -184,7 +184,7 @@ def execute(plan: Plan, model, cfg, concepts: Concepts, *, overwrite: bool = Fal
                                     "reason": lost[im.line.line]})
             b = [im for im in b if im.line.line not in lost]
             reqs = [Request(im.line.prompt, im.seed, tables[im.line.line], im.truncation, im.line.negative_prompt,
-                            init=inits.get(im.line.line)) for im in b]
+                            init=inits.get(im.line.line), prompt_syntax=im.line.prompt_syntax) for im in b]
             pixels = engine.generate_batch(reqs) if reqs else []
             for im, img in zip(b, pixels):
                 st = state[im.file]
@@ -302,7 +302,8 @@ def run_job(job: str | Path, out: str | Path, model, cfg=None, *, seeds=(0,), tr
         defaults = {"prompt": None, "concept": None, "seeds": list(seeds), "truncation": list(truncation)
                     if isinstance(truncation, (list, tuple)) else [truncation],
                     "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
-                    "negative_prompt": cfg.negative_prompt, "height": cfg.height, "width": cfg.width}
+                    "negative_prompt": cfg.negative_prompt, "height": cfg.height, "width": cfg.width,
+                    "prompt_syntax": cfg.prompt_syntax}
         lines, errors = parse_job(job, defaults)  # reported with the model-dependent checks' problems
     except NetiError as e:
         err = e
@@ -396,7 +397,7 @@ def main(args) -> dict:
             model = load_model(args.model, device=d.device, dtype=dtype)
             cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                                  height=args.height, width=args.width, negative_prompt=args.negative_prompt,
-                                 batch_size=args.batch_size, cache_mb=args.cache_mb,
+                                 batch_size=args.batch_size, cache_mb=args.cache_mb, prompt_syntax=args.prompt_syntax,
                                  attention=backends.resolve(args.backend, args.attention).attention)
             truncs = options.dedup(args.truncation) if args.truncation else None
             s = run_job(args.job, args.out, model, cfg, seeds=seeds, truncation=truncs,

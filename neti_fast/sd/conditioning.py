@@ -16,7 +16,13 @@ last one stands for CLIP's last hidden state above, final layer norm and bypass 
 skipped layers are never run. n = 1 is the plain encoding, computed exactly as without it.
 
 Several concepts in one prompt (`{cat} ... {painting}`): each marker is a slot k with its own token
-and bypass rows; the bypass is added at every slot's position with that slot's vector.
+and bypass rows; the bypass is added at every slot's position with that slot's vector. A
+multi-vector TI embedding (n vectors) takes n consecutive slots, one position each, as in A1111 and
+diffusers.
+
+Prompt syntax (`syntax`): "plain" is one CLIP chunk of 77 tokens, text as written; "a1111" is
+A1111's emphasis, BREAK and long prompts (prompt_syntax.py): k chunks, each encoded on its own as
+a 77-token prompt, emphasized, and concatenated -> [.., 77 k, D].
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NetiError
+from .prompt_syntax import CHUNK, MAX_CHUNKS, SYNTAXES, chunk_tokens, emphasize
 
 BYPASS_SCALE = 0.2  # official NeTI
 MAX_TOKENS = 77
@@ -35,14 +42,26 @@ MAX_TOKENS = 77
 
 @dataclass
 class PromptTokens:
-    input_ids: torch.Tensor      # [77] ids fed to CLIP (placeholder ids replaced by a valid one)
-    slot: torch.Tensor           # [77] long: k where concept k's token goes, -1 elsewhere
+    input_ids: torch.Tensor      # [77 k] ids fed to CLIP (placeholder ids replaced by a valid one); k chunks
+    slot: torch.Tensor           # [77 k] long: j where slot j's token goes (a concept's vector), -1 elsewhere
     text: str
+    weight: torch.Tensor | None = None  # [77 k] A1111 emphasis per position; None: every weight is 1
 
     @property
     def mask(self) -> torch.Tensor:
-        """[77] bool: positions that take a concept's token."""
+        """[77 k] bool: positions that take a concept's token."""
         return self.slot >= 0
+
+    @property
+    def chunks(self) -> int:
+        return len(self.input_ids) // MAX_TOKENS
+
+    def chunk(self, i: int) -> "PromptTokens":
+        """The i-th 77-token chunk, encoded by CLIP on its own."""
+        cut = slice(i * MAX_TOKENS, (i + 1) * MAX_TOKENS)
+        w = None if self.weight is None else self.weight[cut]
+        return PromptTokens(self.input_ids[cut], self.slot[cut], self.text,
+                            None if w is None or bool((w == 1).all()) else w)
 
 
 MARKER = re.compile(r"\{([^{}]*)\}")
@@ -100,28 +119,49 @@ def slot_token(k: int) -> str:
     return f"<neti-slot-{k}>"
 
 
-def tokenize(tokenizer, prompt: str, concepts: list[str] | None, default: str | None = None) -> PromptTokens:
-    """Tokenize `prompt` with each `{name}` marker turned into its concept's slot token.
+def tokenize(tokenizer, prompt: str, concepts: list[str] | None, default: str | None = None,
+             vectors: list[int] | None = None, syntax: str = "plain") -> PromptTokens:
+    """Tokenize `prompt` with each `{name}` marker turned into its concept's slot tokens.
 
-    `concepts`: the names a marker may use (None or [] for a plain prompt), slot k being the k-th
-    name; bare `{}` means `default`, or the only concept (resolve_markers).
+    `concepts`: the names a marker may use (None or [] for a plain prompt); `vectors`: each one's
+    vector count (default 1), concept k taking slots sum(vectors[:k]) ... + vectors[k] - 1; bare
+    `{}` means `default`, or the only concept (resolve_markers). `syntax`: "plain" (one chunk, at
+    most 77 tokens) or "a1111" (prompt_syntax.py).
     """
+    if syntax not in SYNTAXES:
+        raise NetiError(f"must be one of {', '.join(SYNTAXES)}", field="prompt_syntax", value=syntax)
     concepts = list(concepts or [])
+    vectors = list(vectors or [1] * len(concepts))
     names = resolve_markers(prompt, concepts, default)
-    slot_of = {n: k for k, n in enumerate(concepts)}
-    pids = [ensure_placeholder(tokenizer, slot_token(k)) for k in range(len(slot_of))]
+    first = {n: sum(vectors[:k]) for k, n in enumerate(concepts)}
+    count = dict(zip(concepts, vectors))
+    pids = [ensure_placeholder(tokenizer, slot_token(j)) for j in range(sum(vectors))]
     it = iter(names)
-    text = MARKER.sub(lambda _m: slot_token(slot_of[next(it)]), prompt)
-    ids = tokenizer(text, padding="max_length", max_length=MAX_TOKENS, truncation=False).input_ids
-    if len(ids) > MAX_TOKENS:
-        raise NetiError(f"is {len(ids)} tokens long; CLIP takes at most {MAX_TOKENS} (with start and end)",
-                        field="prompt", value=prompt)
+
+    def slots(_m):
+        n = next(it)
+        return " ".join(slot_token(first[n] + j) for j in range(count[n]))
+    text = MARKER.sub(slots, prompt)
+    weight = None
+    if syntax == "plain":
+        ids = tokenizer(text, padding="max_length", max_length=MAX_TOKENS, truncation=False).input_ids
+        if len(ids) > MAX_TOKENS:
+            raise NetiError(f"is {len(ids)} tokens long; CLIP takes at most {MAX_TOKENS} (with start and end; "
+                            "A1111 prompt syntax takes longer prompts)", field="prompt", value=prompt)
+    else:
+        got = chunk_tokens(tokenizer, text, {pids[first[n]]: count[n] for n in concepts})
+        ids = got.ids
+        if len(ids) > MAX_CHUNKS * MAX_TOKENS:
+            raise NetiError(f"takes {len(ids) // MAX_TOKENS} chunks of {CHUNK} tokens; at most {MAX_CHUNKS} are "
+                            "allowed", field="prompt", value=prompt)
+        if any(w != 1.0 for w in got.weights):
+            weight = torch.tensor(got.weights)
     ids = torch.tensor(ids)
-    slot = torch.full((MAX_TOKENS,), -1, dtype=torch.long)
+    slot = torch.full((len(ids),), -1, dtype=torch.long)
     for k, pid in enumerate(pids):
         slot[ids == pid] = k
     ids = torch.where(slot >= 0, torch.tensor(tokenizer.eos_token_id), ids)  # any valid id: its embedding is replaced
-    return PromptTokens(ids, slot, text)
+    return PromptTokens(ids, slot, text, weight)
 
 
 def _text_model(text_encoder):
@@ -336,11 +376,33 @@ def encode_shared(text_encoder, tokens: PromptTokens, token: torch.Tensor | None
 def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor | None, bypass: torch.Tensor | None,
                 chunk: int | None = None, dedup: bool = True, clip_skip: int = 1):
     """One prompt encoded for N rows of concept tokens: token / bypass [N, K, D] (or [N, D]) ->
-    ([N, 77, D], [N, 77, D]); a plain prompt (token None) -> ([1, 77, D], same).
+    ([N, 77 k, D], [N, 77 k, D]); a plain prompt (token None) -> ([1, 77 k, D], same); k chunks.
 
     With `dedup`, equal rows are encoded once (torch.unique); the rest run in batches of `chunk`
-    rows (default: about 64 MB of MLP activations per batch) sharing one `PromptState`.
+    rows (default: about 64 MB of MLP activations per batch) sharing one `PromptState`. Each
+    chunk is encoded on its own, then emphasized (A1111 syntax); a chunk with no concept is
+    encoded once for all rows.
     """
+    if tokens.chunks == 1 and tokens.weight is None:
+        return _encode_chunk(text_encoder, tokens, token, bypass, chunk, dedup, clip_skip)
+    parts = [_encode_chunk(text_encoder, tokens.chunk(i), token, bypass, chunk, dedup, clip_skip)
+             for i in range(tokens.chunks)]
+    N = max(e.shape[0] for e, _ in parts)
+    return tuple(torch.cat([p[j].expand(N, -1, -1) for p in parts], dim=1) for j in (0, 1))
+
+
+def _encode_chunk(text_encoder, tokens: PromptTokens, token, bypass, chunk, dedup, clip_skip):
+    """`encode_rows` of one 77-token chunk, emphasized when it has weights."""
+    if not bool(tokens.mask.any()):
+        token = bypass = None
+    enc, enc_b = _encode_rows77(text_encoder, tokens, token, bypass, chunk, dedup, clip_skip)
+    if tokens.weight is None:
+        return enc, enc_b
+    e = emphasize(enc, tokens.weight)
+    return e, (e if enc_b is enc else emphasize(enc_b, tokens.weight))
+
+
+def _encode_rows77(text_encoder, tokens: PromptTokens, token, bypass, chunk, dedup, clip_skip):
     state = PromptState(text_encoder, tokens, clip_skip)
     if token is None:
         return encode_shared(text_encoder, tokens, None, None, state)
@@ -367,6 +429,37 @@ def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor | None, 
     return enc, enc_b
 
 
-def encode_plain(text_encoder, tokenizer, prompt: str, clip_skip: int = 1) -> torch.Tensor:
-    """Plain CLIP encoding of a prompt with no concept (negative / unconditional prompts): [1, 77, D]."""
-    return encode_rows(text_encoder, tokenize(tokenizer, prompt, None), None, None, clip_skip=clip_skip)[0]
+def encode_plain(text_encoder, tokenizer, prompt: str, clip_skip: int = 1, syntax: str = "plain") -> torch.Tensor:
+    """CLIP encoding of a prompt with no concept (negative / unconditional prompts): [1, 77 k, D]."""
+    return encode_rows(text_encoder, tokenize(tokenizer, prompt, None, syntax=syntax), None, None,
+                       clip_skip=clip_skip)[0]
+
+
+def encode_tokens(text_encoder, tokens: PromptTokens, token=None, bypass=None, clip_skip: int = 1):
+    """The straightforward `encode` of every chunk (each a 77-token CLIP call), emphasized and
+    concatenated: ([B, 77 k, D], same) for B rows (the reference path's text encoding)."""
+    B = 1 if token is None else token.shape[0]
+    encs, encs_b = [], []
+    for i in range(tokens.chunks):
+        c = tokens.chunk(i)
+        has = token is not None and bool(c.mask.any())
+        b = B if has else 1
+        e, eb = encode(text_encoder, c.input_ids[None].expand(b, -1), c.slot[None].expand(b, -1) if has else None,
+                       token if has else None, bypass if has else None, clip_skip)
+        if c.weight is not None:
+            e, eb = emphasize(e, c.weight), (emphasize(e, c.weight) if eb is e else emphasize(eb, c.weight))
+        encs.append(e.expand(B, -1, -1))
+        encs_b.append(eb.expand(B, -1, -1))
+    return torch.cat(encs, dim=1), torch.cat(encs_b, dim=1)
+
+
+def pad_chunks(enc: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch.Tensor:
+    """enc [N, 77 k, D] (or [N, L, 77 k, D]) padded to `chunks` chunks with the empty prompt's
+    encoding `empty` [1, 77, D], as A1111 pads the shorter of prompt / negative prompt
+    ("Pad prompt/negative prompt", sd_samplers_cfg_denoiser.pad_cond_uncond)."""
+    have = enc.shape[-2] // MAX_TOKENS
+    if have >= chunks:
+        return enc
+    pad = empty.to(enc.dtype).reshape((1,) * (enc.ndim - 2) + empty.shape[-2:])
+    pad = pad.expand(*enc.shape[:-2], -1, -1)
+    return torch.cat([enc] + [pad] * (chunks - have), dim=-2)

@@ -89,8 +89,9 @@ class Server:
         self.outputs = Path(cfg.outputs) if cfg.outputs else Path(cfg.state_dir) / "outputs"
         self._save_lock = threading.Lock()
         # Slot tokens are added to the tokenizer on first use; adding them now means request
-        # validation (HTTP threads) and the engine (worker thread) only ever read the tokenizer.
-        for k in range(16):
+        # validation (HTTP threads) and the engine (worker thread) only ever read the tokenizer
+        # (128: a prompt's concepts' vectors, multi-vector embeddings taking one slot each).
+        for k in range(128):
             ensure_placeholder(model.tokenizer, slot_token(k))
         self.validate_lock = threading.Lock()
         self.state_dir = Path(cfg.state_dir)
@@ -112,7 +113,7 @@ class Server:
         """Validate everything and build the job (no engine work). Returns (job, info dict). An
         Img2Img request is a txt2img one plus its init images (a1111.init_inputs), and its schedule's
         start (Shape.start: what lets it share a U-Net batch)."""
-        from ..engine.request import Request, check_request, check_size
+        from ..engine.request import GenerateConfig, Request, check_request, check_size, context_chunks
         from .batcher import Job, Shape
         from ..engine.sampling import check_scheduler
         m = self.model
@@ -152,18 +153,21 @@ class Server:
         seeds = [seed + i for i in range(n_seeds)]
         prompt, tables = self.store.resolve(req.prompt, req.concept)
         self.store.check_negative(req.negative_prompt)
+        # A1111's prompt syntax always, as A1111: emphasis, BREAK, prompts longer than 75 tokens
         with self.validate_lock:  # the engine's one request check; its field is the API's field
             for t in truncs:
                 try:
-                    check_request(m, Request(prompt, 0, tables or None, t, req.negative_prompt, clip_skip))
+                    check_request(m, Request(prompt, 0, tables or None, t, req.negative_prompt, clip_skip,
+                                             prompt_syntax="a1111"))
                 except NetiError as e:
                     field = e.field or "prompt"
                     if field == "clip_skip" and req.clip_skip is None:
                         field = "override_settings.CLIP_stop_at_last_layers"
                     raise FieldError(field, e.detail()) from None
-        requests = [Request(prompt, s, tables or None, t, req.negative_prompt, clip_skip, inits[i % len(inits)])
-                    for t in truncs for i, s in enumerate(seeds)]
-        shape = Shape(req.steps, h, w, engine_sched, float(req.cfg_scale), eta, start)
+            requests = [Request(prompt, s, tables or None, t, req.negative_prompt, clip_skip, inits[i % len(inits)],
+                                prompt_syntax="a1111") for t in truncs for i, s in enumerate(seeds)]
+            context = context_chunks(m, requests[0], GenerateConfig(guidance=float(req.cfg_scale)))
+        shape = Shape(req.steps, h, w, engine_sched, float(req.cfg_scale), eta, start, context)
         job = Job(shape, requests, client)
         if req.force_task_id:
             if req.force_task_id in self.batcher.jobs and not self.batcher.jobs[req.force_task_id].finished:

@@ -3,8 +3,8 @@
 Every request becomes a Job of images (one `engine.Request` each: prompt, seed, concepts,
 truncation, init image). A worker thread takes the oldest waiting image, waits until `max_wait_ms` after its
 arrival (or until `max_batch` compatible images wait), and runs every waiting image whose Shape
-(steps, size, scheduler, guidance, eta and where the schedule starts: what one denoising loop must
-share; init images, masks and strengths of one start need not) matches, up to `max_batch`,
+(steps, size, scheduler, guidance, eta, where the schedule starts and the context length: what one
+denoising loop must share; init images, masks and strengths of one start need not) matches, up to `max_batch`,
 as one `Engine.generate_batch` - whatever their prompts, concepts and truncations. The packing is
 the engine's (`Engine.kv_tables`); this module only decides who rides together.
 
@@ -44,6 +44,7 @@ class Shape:
     guidance: float
     eta: float | None = None            # DDIM's eta (one per denoising loop)
     start: int = 0                      # the step the schedule starts at (img2img: N - int(N x strength))
+    context: int = 1                    # CLIP chunks of 77 tokens in its K / V (engine.request.context_chunks)
 
 
 @dataclass(eq=False)  # identity: a job is hashed and compared as itself

@@ -68,10 +68,11 @@ class Entry:
     method: str
     dim: int
     truncations: list
+    vectors: int = 1     # token positions in a prompt (a multi-vector TI embedding's n)
 
     def describe(self) -> dict:
         """A1111's EmbeddingItem, with neti-fast's fields beside it."""
-        return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": self.dim, "vectors": 1,
+        return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": self.dim, "vectors": self.vectors,
                 "method": self.method, "truncations": self.truncations, "origin": self.origin}
 
 
@@ -122,7 +123,8 @@ class ConceptStore:
                 t.check(self.model, None, f"{path.name}: concept {n!r}")
             for n, t in tables.items():
                 t.name = n
-                self.entries[n] = Entry(n, path, origin, t.concept.method, t.concept.text_dim, list(t.truncations))
+                self.entries[n] = Entry(n, path, origin, t.concept.method, t.concept.text_dim, list(t.truncations),
+                                        t.concept.vectors)
                 self._loaded.put(n, t)
         return list(tables)
 

@@ -258,9 +258,13 @@ def test_a1111_pt(tmp_path):
     assert load_concept(tmp_path / "emb.pt", placeholder="<x>").placeholder == "<x>"
     torch.save(_a1111(torch.randn(1, D), name=None), tmp_path / "noname.pt")
     assert load_concept(tmp_path / "noname.pt").placeholder == "<noname>"
-    torch.save(_a1111(torch.randn(2, D)), tmp_path / "two.pt")
-    with pytest.raises(NetiError, match=r"two\.pt.*multi-vector.*\(2 vectors\).*not supported"):
-        load_concept(tmp_path / "two.pt")
+    v2 = torch.randn(2, D)
+    torch.save(_a1111(v2), tmp_path / "two.pt")
+    c = load_concept(tmp_path / "two.pt")
+    assert c.vectors == 2 and torch.equal(c.embeds, v2)
+    torch.save(_a1111(torch.randn(76, D)), tmp_path / "long.pt")
+    with pytest.raises(NetiError, match=r"long\.pt.*76 vectors.*at most 75"):
+        load_concept(tmp_path / "long.pt")
 
 
 def test_a1111_safetensors(tmp_path):
@@ -268,9 +272,10 @@ def test_a1111_safetensors(tmp_path):
     save_file({"emb_params": v}, tmp_path / "style.safetensors")
     c = load_concept(tmp_path / "style.safetensors")
     assert (c.method, c.placeholder, c.source) == ("ti", "<style>", "a1111") and torch.equal(c.embeds, v)
-    save_file({"emb_params": torch.randn(2, D)}, tmp_path / "two.safetensors")
-    with pytest.raises(NetiError, match=r"two\.safetensors.*\(2 vectors\)"):
-        load_concept(tmp_path / "two.safetensors")
+    v4 = torch.randn(4, D)
+    save_file({"emb_params": v4}, tmp_path / "four.safetensors")
+    c = load_concept(tmp_path / "four.safetensors")
+    assert (c.vectors, c.placeholder) == (4, "<four>") and torch.equal(c.embeds, v4)
 
 
 def test_diffusers_learned_embeds(tmp_path):
@@ -282,6 +287,35 @@ def test_diffusers_learned_embeds(tmp_path):
     assert load_concept(tmp_path / "half.bin").embeds.dtype == torch.float32
     save_file({"<cat-toy>": v[None]}, tmp_path / "learned_embeds.safetensors")
     assert torch.equal(load_concept(tmp_path / "learned_embeds.safetensors").embeds[0], v)
+    v3 = torch.randn(3, D)
+    torch.save({"<cat-toy>": v3}, tmp_path / "three.bin")
+    save_file({"<cat-toy>": v3}, tmp_path / "three.safetensors")
+    for f in ("three.bin", "three.safetensors"):
+        c = load_concept(tmp_path / f)
+        assert c.vectors == 3 and torch.equal(c.embeds, v3)
+
+
+def test_multi_vector_round_trip_and_old_files(tmp_path):
+    """A multi-vector concept / table keeps its vector count; files from before `vectors` existed
+    (single-vector TI, no such metadata) still load as one vector."""
+    from safetensors import safe_open
+    from neti_fast.concepts.table import load_table, precompute
+    c = Concept("ti", "<m>", D, embeds=torch.randn(3, D))
+    c.save(tmp_path / "m.safetensors")
+    assert torch.equal(load_concept(tmp_path / "m.safetensors").embeds, c.embeds)
+    t = precompute(c, progress=False)
+    assert t.token[None].shape == (1000, 16, 3, D)
+    t.save(tmp_path / "m.table.safetensors")
+    back = load_table(tmp_path / "m.table.safetensors")
+    assert back.vectors == 3 and torch.equal(back.token[None], t.token[None])
+    one = Concept("ti", "<o>", D, embeds=torch.randn(1, D))
+    tensors, md = precompute(one, progress=False).file_contents()
+    del md["vectors"]  # as written before multi-vector support
+    save_file(tensors, tmp_path / "old.safetensors", metadata=md)
+    with safe_open(str(tmp_path / "old.safetensors"), "pt") as f:
+        assert "vectors" not in f.metadata()
+    old = load_table(tmp_path / "old.safetensors")
+    assert old.vectors == 1 and torch.equal(old.token[None], tensors["token"])
 
 
 @pytest.mark.parametrize("method", ["neti", "xti", "ti"])

@@ -218,3 +218,12 @@ def test_diffusers_adapter(max_diff, tiny_model, concepts):
     plain = (plain * 255).round().astype("uint8")
     ours = Engine(tiny_model, GenerateConfig(steps=STEPS)).generate([Request("a photo of a dog", 3)])
     assert max_diff(plain[0], ours[0]) <= TOL
+
+
+def test_multi_vector_concepts_cannot_be_mixed():
+    from neti_fast.concepts.concept import Concept
+    from neti_fast.concepts.table import Table
+    one = Table(Concept("ti", "<a>", 32, embeds=torch.randn(1, 32)))
+    two = Table(Concept("ti", "<b>", 32, embeds=torch.randn(2, 32)))
+    with pytest.raises(NetiError, match=r"'b' is a multi-vector"):
+        parse_layer_mix("IN01-IN08:a,MID-OUT11:b", {"a": one, "b": two})

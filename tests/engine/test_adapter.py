@@ -48,3 +48,22 @@ def test_adapter_equals_engine(pipe, tiny_model, make_concept, scheduler, monkey
         assert len(matched) == STEPS
     else:
         assert len(matched) <= 1
+
+
+def test_adapter_multi_vector_ti(pipe, tiny_model):
+    """A 3-vector TI embedding through the adapter: the engine's image (3 token positions)."""
+    from neti_fast.concepts.concept import Concept
+    from neti_fast.engine.sampling import make_scheduler
+    pipe.scheduler = make_scheduler("dpm++", dict(pipe.scheduler.config))
+    c = Concept("ti", "<tri>", tiny_model.text_dim, embeds=torch.randn(3, tiny_model.text_dim,
+                                                                       generator=torch.Generator().manual_seed(5)))
+    table = precompute(c, progress=False)
+    handle = neti_fast.attach(pipe, table)
+    try:
+        out = pipe("a photo of {}", num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(4),
+                   output_type="np").images
+    finally:
+        handle.detach()
+    out = (out * 255).round().astype("uint8")
+    ours = Engine(tiny_model, GenerateConfig(steps=STEPS)).generate([Request("a photo of {}", 4, table)])
+    assert int(np.abs(out.astype(np.int32) - ours.astype(np.int32)).max()) <= 1

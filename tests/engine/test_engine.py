@@ -52,6 +52,33 @@ def test_plain_prompt_equals_diffusers(max_diff, tiny_model):
     assert max_diff(d[0], ours[0]) <= TOL
 
 
+@pytest.mark.parametrize("vectors", [1, 2, 4])
+def test_ti_embedding_equals_diffusers(max_diff, tiny_model, tmp_path, vectors):
+    """A (multi-vector) TI embedding gives diffusers' image: `load_textual_inversion` adds the tokens
+    <mv>, <mv>_1, ... and expands the prompt; neti-fast gives the concept `vectors` positions."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from neti_fast.concepts.table import load_table
+    from neti_fast.sd.models import tiny_model_dir
+    vec = torch.randn(vectors, tiny_model.text_dim, generator=torch.Generator().manual_seed(vectors)) * 0.5
+    torch.save({"<mv>": vec}, tmp_path / "learned_embeds.bin")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir()), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(str(tmp_path / "learned_embeds.bin"))
+    d = pipe("a photo of <mv> on a beach", num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(3),
+             output_type="np").images
+    d = (d * 255).round().astype("uint8")
+    table = load_table(tmp_path / "learned_embeds.bin")
+    assert table.vectors == vectors
+    ours, plain = Engine(tiny_model, CFG).generate([Request("a photo of {} on a beach", 3, table),
+                                                    Request("a photo of on a beach", 3)])
+    print(f"TI {vectors} vector(s) vs diffusers: max abs diff {max_diff(d[0], ours)}/255")
+    assert max_diff(d[0], ours) <= TOL
+    assert max_diff(ours, plain) > 0
+    assert max_diff(ours, generate_reference(tiny_model, Request("a photo of {} on a beach", 3, table), CFG)[0]) <= TOL
+
+
 def test_seed_independent_of_batch_composition(max_diff, tiny_model, make_concept):
     """Seed s gives the same image alone, in a batch, and beside other prompts / concepts / truncations."""
     ta = precompute(make_concept("neti", dim=tiny_model.text_dim, seed=7), truncations=[8], progress=False)

@@ -392,3 +392,38 @@ def test_merged_progress(tmp_path):
     note = _merged_progress(tmp_path)
     assert note.startswith("all ranks 40/90 img, 4.0")  # 40 images in ~10 s
     assert "ETA 00:00:1" in note  # 50 left at 4 img/s: 12.5 s
+
+
+def test_prompt_syntax_key_and_flag(cli, tmp_path, concepts, tiny_model):
+    """`prompt_syntax` per line (default --prompt-syntax): A1111 lines with long prompts and a
+    multi-vector embedding run beside plain ones (batched by context length), each image equal
+    to its request alone; the manifest records the syntax of A1111 lines only (plain entries stay
+    as before); a bad value is named by its key, a plain prompt over 77 tokens by its."""
+    from neti_fast.concepts.concept import Concept
+    Concept("ti", "<mv>", 32, embeds=torch.randn(4, 32, generator=torch.Generator().manual_seed(2))).save(
+        tmp_path / "mv.safetensors")
+    long_ = "a photo of {}, " + ", ".join(["red house by the river"] * 20)
+    lines = [
+        {"prompt": long_, "concept": str(tmp_path / "mv.safetensors"), "seeds": "0-1", "prompt_syntax": "a1111",
+         "negative_prompt": "blurry BREAK lowres"},
+        {"prompt": "a (photo:1.3) of {}", "concept": str(tmp_path / "mv.safetensors"), "seeds": [2]},  # --prompt-syntax
+        {"prompt": "a photo of {}", "concept": str(tmp_path / "mv.safetensors"), "seeds": [3], "prompt_syntax": "plain"},
+    ]
+    job = write_job(tmp_path / "syntax.jsonl", lines)
+    out = tmp_path / "out"
+    code, stdout, err = cli("run", job, "--model", "tiny", "--out", out, "--steps", STEPS, "--batch-size", 4,
+                            "--prompt-syntax", "a1111", "--no-progress")
+    assert code == 0, err
+    done = manifest(out)
+    assert [e.get("prompt_syntax") for e in done] == ["a1111", "a1111", "a1111", None]
+    table = load_table(tmp_path / "mv.safetensors")
+    eng = Engine(tiny_model, GenerateConfig(steps=STEPS, batch_size=1))
+    for e in done:
+        r = Request(e["prompt"], e["seed"], table, None, e["negative_prompt"], prompt_syntax=e.get("prompt_syntax", "plain"))
+        assert int(np.abs(eng.generate_batch([r])[0].astype(np.int32) - pixels(out / e["file"])).max()) <= 1, e["file"]
+    job = write_job(tmp_path / "bad.jsonl", [{"prompt": "a cat", "prompt_syntax": "comfy"}, {"prompt": long_.replace("{}", "cat")}])
+    code, _, err = cli("run", job, "--model", "tiny", "--out", tmp_path / "o2", "--steps", STEPS, "--no-progress")
+    assert code == 2 and "Traceback" not in err
+    assert "prompt_syntax must be one of plain, a1111" in err and "tokens long" in err
+    code, _, err = cli("generate", "--model", "tiny", "--prompt", "a cat", "--prompt-syntax", "comfy", "--out", tmp_path / "o3")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--prompt-syntax" in err

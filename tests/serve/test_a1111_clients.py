@@ -368,3 +368,83 @@ def test_errors_name_the_field_never_a_flag_or_path(client, srv):
         err = client.post("/sdapi/v1/txt2img", json=b).json()
         assert err["field"] and "\n" not in err["error"] and "--" not in err["error"]
         assert str(srv.state_dir) not in err["error"] and str(srv.outputs) not in err["error"]
+
+
+# ----------------------------------------------------------------------------- A1111 prompt syntax
+
+LONG_TAGS = ("masterpiece, (best quality:1.2), ((ultra detailed)), [blurry], a photo of {cat} on the beach, "
+             + ", ".join(f"tag{i} detail" for i in range(40)))   # SillyTavern / Open WebUI style: > 75 tokens
+
+
+@pytest.fixture(scope="module")
+def biased(tiny_model, tmp_path_factory, one_thread):
+    """A server on `tiny` with a final layer norm bias, as real CLIP has: emphasis rescales to the
+    encoding's mean, which tiny's zero bias leaves at float noise (tests/sd/test_prompt_syntax.py)."""
+    import copy
+
+    import torch
+    m = copy.deepcopy(tiny_model)
+    ln = getattr(m.text_encoder, "text_model", m.text_encoder).final_layer_norm
+    with torch.no_grad():
+        ln.bias.copy_(torch.randn(ln.bias.shape, generator=torch.Generator().manual_seed(0)) * 0.3 + 0.2)
+    tmp = tmp_path_factory.mktemp("syntax")
+    from neti_fast.concepts.concept import Concept
+    from serve_util import make_concepts
+    make_concepts(tmp / "concepts")  # and a 3-vector A1111 embedding beside them
+    torch.save({"string_to_param": {"*": torch.randn(3, 32, generator=torch.Generator().manual_seed(1))},
+                "name": "tri"}, tmp / "concepts" / "tri.pt")
+    server = make_server(m, tmp)
+    yield server
+    server.close()
+
+
+def test_long_weighted_prompts_are_answered(biased, max_diff):
+    """A1111 syntax is always on: SillyTavern's body with an emphasized tag prompt over 75 tokens and
+    an emphasized negative prompt is a 200 (several chunks of 77), its image equal to the same request
+    alone; the weights change the image; an escaped \\( is literal; Open WebUI's batch of 2 too."""
+    from neti_fast.serve.app import create_app
+    client = TestClient(create_app(biased))
+    body = sillytavern_body(prompt=LONG_TAGS, negative_prompt="(worst quality:1.4), lowres, [bad anatomy]",
+                            save_images=False)
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    img = decode_png(r.json()["images"][0])
+    assert max_diff(img, alone(biased, body)[0]) <= TOL
+    from neti_fast.serve.a1111 import Txt2Img
+    job, _ = biased.prepare(Txt2Img.model_validate(body), "")
+    assert job.shape.context > 1 and all(q.prompt_syntax == "a1111" for q in job.requests)
+    flat = decode_png(client.post("/sdapi/v1/txt2img", json=sillytavern_body(
+        prompt=LONG_TAGS.replace("(best quality:1.2)", "best quality").replace("((ultra detailed))", "ultra detailed")
+        .replace("[blurry]", "blurry"), negative_prompt=body["negative_prompt"], save_images=False)).json()["images"][0])
+    assert max_diff(img, flat) > 0
+    esc = client.post("/sdapi/v1/txt2img", json=sillytavern_body(prompt="a \\(photo\\) of {cat}", save_images=False))
+    assert esc.status_code == 200
+    data = {"prompt": LONG_TAGS.replace("{cat}", "{dog}"), "batch_size": 2, "width": SIZE, "height": SIZE,
+            "steps": STEPS, "negative_prompt": "blurry BREAK lowres", "sampler_name": "Euler a", "scheduler": "normal",
+            "cfg_scale": 7}
+    res = client.post("/sdapi/v1/txt2img", json=data)
+    assert res.status_code == 200, res.text
+    seed = json.loads(res.json()["info"])["seed"]
+    for b64, w in zip(res.json()["images"], alone(biased, {**data, "seed": seed})):
+        assert max_diff(decode_png(b64), w) <= TOL
+
+
+def test_too_long_prompt_is_refused_by_field(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a dog, " * 400, "steps": STEPS, "width": SIZE, "height": SIZE})
+    assert r.status_code == 422 and r.json()["field"] == "prompt" and "chunks" in r.json()["error"]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a dog", "negative_prompt": "ugly, " * 400, "steps": STEPS,
+                                               "width": SIZE, "height": SIZE})
+    assert r.status_code == 422 and r.json()["field"] == "negative_prompt"
+
+
+def test_multi_vector_embedding_is_served(biased, max_diff):
+    """An A1111 embedding of 3 vectors: listed with its vector count, used by name inside an
+    emphasized span (3 positions, each weighted), the same image as alone."""
+    from neti_fast.serve.app import create_app
+    client = TestClient(create_app(biased))
+    listed = client.get("/sdapi/v1/embeddings").json()["loaded"]
+    assert listed["tri"]["vectors"] == 3 and listed["cat"]["vectors"] == 1
+    body = sillytavern_body(prompt="a photo of (tri:1.3) on the beach", save_images=False)
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert max_diff(decode_png(r.json()["images"][0]), alone(biased, body)[0]) <= TOL

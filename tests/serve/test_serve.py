@@ -194,7 +194,7 @@ BAD = [
     ({"prompt": "a photo of tee", "truncation": 4}, "truncation"),
     ({"truncation": 0}, "truncation"),
     ({"truncation": 500}, "truncation"),
-    ({"prompt": "cat " * 80}, "prompt"),
+    ({"prompt": "cat " * 700}, "prompt"),   # over 8 chunks of 75 tokens (A1111 syntax takes up to 600)
     ({"negative_prompt": "blurry, dog"}, "negative_prompt"),  # A1111's negative embeddings: not supported
 ]
 
