@@ -149,7 +149,7 @@ class Engine:
     def arena(self, cond: LayerKV) -> KVArena:
         """The engine's K / V arena for `cond`'s dtype and device (made on first use)."""
         k0 = cond.k[0]
-        key = (k0.dtype, k0.device)
+        key = (k0.dtype, k0.device, k0.shape[1])  # one arena per text length L (77, or 77k for long prompts)
         if key not in self._arenas:
             self._arenas[key] = KVArena([k.shape[-1] for k in cond.k], [v.shape[-1] for v in cond.v],
                                         k0.shape[1], k0.dtype, k0.device)

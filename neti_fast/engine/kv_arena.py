@@ -1,6 +1,7 @@
 """Stable per-layer K / V buffers that a batch's conditionings are placed in, by row range.
 
-Every U-Net call reads, per cross-attention layer l, one K table and one V table [R, 77, C_l];
+Every U-Net call reads, per cross-attention layer l, one K table and one V table [R, L, C_l]
+(L = 77 text tokens per CLIP chunk, 77k for long prompts; one L per arena, as one table is read);
 sample b reads row `base[b] + step * stride[b]`. Concatenating a batch's conditionings into new
 tables for every batch would hand the U-Net new tensors (new addresses, often a new R) each time:
 a captured CUDA graph would need its own copy of all 32 tables, and torch.compile would see a new
@@ -83,6 +84,9 @@ class KVArena:
     def place(self, conds: list) -> dict[int, int]:
         """Make every conditioning in `conds` (distinct objects with per-layer `.k` / `.v` lists of
         [S, L, C_l]) resident; returns {id(cond): first row}. Marks them most recently used."""
+        lengths = {t.shape[1] for c in conds for t in c.k + c.v}
+        if lengths - {self.L}:
+            raise ValueError(f"KVArena holds L={self.L} keys per row; got conditionings with L={sorted(lengths)}")
         need = sum(c.k[0].shape[0] for c in conds)
         if need > self.capacity:
             self._grow(need)
