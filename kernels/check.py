@@ -12,11 +12,14 @@ L = 77, and SD 1.x / 2.x / SDXL's at the long-prompt lengths `shapes.LONG_CONTEX
 the key-loop kernel), in each dtype the dispatcher sends to the kernel on CUDA (fp16, bf16: fp32
 goes to SDPA, see --dtypes fp32).  One row per case: target, dtype, shape, L, kernel, chunks,
 padding ratio (`work_ratio`: matmul work done over useful work), blocks, warps, registers, spills,
-shared memory and the MMA instruction family found in the PTX (tcgen05 / wgmma / mma.sync / FMA).
+shared memory, the MMA instruction family found in the PTX (tcgen05 / wgmma / mma.sync / FMA) and
+the tensor-core instructions ptxas emitted into the SASS (UTCHMMA / HGMMA / HMMA and their count,
+read with the cuobjdump bundled in Triton's wheel).
 Cases that select the same compiled variant (same constexprs, warps and N-divisibility hint; L is
 a run-time argument of the key-loop kernel) share one compile.
 
-Exit status 1 on a compile error, any spill, or shared memory over the target's per-block limit.
+Exit status 1 on a compile error, any spill, shared memory over the target's per-block limit, or
+(fp16 / bf16) no tensor-core MMA in the PTX or the SASS.
 
 `--search` compiles every candidate (BLOCK_N, num_warps) per (GPU family, head dim, dtype, kernel)
 of the selected cases and picks one with `choose` (a resource model, not a timing); `--write`
@@ -80,6 +83,7 @@ class Result:
     spill_bytes: int = -1
     shared: int = -1
     mma: str = "?"
+    sass: str = "?"   # tensor-core opcodes in the SASS, e.g. "HGMMA x13"; "?" if cuobjdump is missing
     seconds: float = 0.0
     error: str = ""
 
@@ -93,6 +97,8 @@ class Result:
             out.append(f"shared memory {self.shared} B > {SMEM[self.arch][0]} B limit")
         if self.dtype != "fp32" and self.mma == "FMA":
             out.append("no tensor-core MMA in the PTX")
+        if self.dtype != "fp32" and self.sass == "none":
+            out.append("no tensor-core MMA in the SASS")
         return out
 
     def resident_warps(self) -> int:
@@ -109,7 +115,9 @@ def _signature(fn, dtype: str, n_divisible: bool) -> tuple[dict, dict]:
     (torch allocations are 16-byte aligned; SD's strides and N are multiples of 16; L = 77 is not)."""
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
-        if a in ("Q", "K", "V", "Out"):
+        if fn.params[i].is_constexpr:
+            sig[a] = "constexpr"
+        elif a in ("Q", "K", "V", "Out"):
             sig[a] = f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif a == "ROW":
@@ -122,12 +130,12 @@ def _signature(fn, dtype: str, n_divisible: bool) -> tuple[dict, dict]:
             sig[a] = "i32"
             if n_divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif a == "L":
+        elif a in ("L", "H"):
             sig[a] = "i32"
         elif a == "qk_scale":
             sig[a] = "fp32"
         else:
-            sig[a] = "constexpr"
+            raise ValueError(f"kernels.check: no type for argument {a!r} of {fn.__name__}")
     return sig, attrs
 
 
@@ -147,8 +155,10 @@ def resolve(arch: int, dtype: str, N: int, head_dim: int, L: int, block_n: int |
 
 def compile_key(arch: int, dtype: str, N: int, heads: int, head_dim: int, L: int,
                 block_n: int | None = None, num_warps: int | None = None) -> tuple:
-    """What determines the compiled binary: cases with equal keys share one compile."""
-    return (arch, dtype, heads, head_dim, N % 16 == 0, resolve(arch, dtype, N, head_dim, L, block_n, num_warps))
+    """What determines the compiled binary: cases with equal keys share one compile (heads only for
+    the one-pass kernel, where they are a constexpr)."""
+    cfg = resolve(arch, dtype, N, head_dim, L, block_n, num_warps)
+    return (arch, dtype, None if cfg.key_loop else heads, head_dim, N % 16 == 0, cfg)
 
 
 def compile_case(arch: int, dtype: str, label: str, N: int, heads: int, head_dim: int, L: int = TOKENS,
@@ -167,7 +177,7 @@ def compile_case(arch: int, dtype: str, label: str, N: int, heads: int, head_dim
     _describe(res, cfg)
     fn = cfg.kernel
     sig, attrs = _signature(fn, dtype, N % 16 == 0)
-    const = ca.kernel_constexprs(heads, head_dim, cfg)
+    const = {k: v for k, v in ca.kernel_constexprs(heads, head_dim, cfg).items() if sig[k] == "constexpr"}
     knobs.nvidia.dump_ptxas_log = True       # ptxas -v output, printed by Triton
     knobs.compilation.always_compile = True  # never a cached binary: the log must come from ptxas
     buf = io.StringIO()
@@ -192,7 +202,31 @@ def compile_case(arch: int, dtype: str, label: str, N: int, heads: int, head_dim
     ptx = k.asm["ptx"]
     res.mma = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
                else "mma.sync" if "mma.sync" in ptx else "FMA")
+    res.sass = _sass_mma(k.asm["cubin"])
     return res
+
+
+_SASS_MMA = re.compile(r"\b(UTC\w*MMA|HGMMA|HMMA)\b")
+
+
+def _sass_mma(cubin: bytes) -> str:
+    """The tensor-core opcodes in a cubin's SASS, most frequent first ("none" if there are none)."""
+    import subprocess
+    import tempfile
+    from collections import Counter
+
+    from triton import knobs
+    tool = knobs.nvidia.cuobjdump.path
+    if not tool or not os.path.exists(tool):
+        return "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True)
+    if r.returncode != 0:
+        return "?"
+    ops = Counter(_SASS_MMA.findall(r.stdout))
+    return " ".join(f"{op} x{n}" for op, n in ops.most_common()) or "none"
 
 
 def _describe(res: Result, cfg) -> None:
@@ -233,13 +267,13 @@ def _run(task):
 
 def _table(rows: list[Result]) -> str:
     head = ("target", "dtype", "case", "d", "L", "kernel", "chunks", "pad", "BLOCK_N", "warps", "regs",
-            "spill B", "smem B", "limit B", "MMA", "res. warps", "s", "status")
+            "spill B", "smem B", "limit B", "MMA", "SASS MMA", "res. warps", "s", "status")
     lines = [head]
     for r in rows:
         p = r.problems()
         lines.append((f"sm_{r.arch}", r.dtype, r.label, str(r.head_dim), str(r.L), r.variant, r.chunks,
                       f"{r.padding:.2f}", str(r.block_n), str(r.num_warps), str(r.registers),
-                      str(r.spill_bytes), str(r.shared), str(SMEM[r.arch][0]), r.mma,
+                      str(r.spill_bytes), str(r.shared), str(SMEM[r.arch][0]), r.mma, r.sass,
                       str(r.resident_warps()) if not r.error else "-", f"{r.seconds:.1f}",
                       "ok" if not p else "FAIL: " + "; ".join(p)))
     w = [max(len(x[i]) for x in lines) for i in range(len(head))]

@@ -288,7 +288,7 @@ if HAS_TRITON:
         stride_vr, stride_vl,
         stride_ob, stride_on,
         N, L, qk_scale,  # qk_scale = scale * log2(e)
-        H: tl.constexpr,
+        H,  # heads: a run-time value here (one binary for 5 / 10 / 20 heads), a constexpr in the one-pass kernel
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_L: tl.constexpr,                # keys per block of the loop
@@ -425,7 +425,8 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 def kernel_constexprs(heads: int, head_dim: int, cfg: KernelConfig, precision: str = "ieee",
                       dot_in_fp32: bool = False) -> dict:
-    """`cfg.kernel`'s constexpr arguments (shared by the launcher and `kernels.check`)."""
+    """`cfg.kernel`'s keyword arguments (shared by the launcher and `kernels.check`): its constexprs,
+    and H, which the key-loop kernel takes at run time."""
     keys = dict(BLOCK_L=cfg.l0) if cfg.key_loop else dict(L0=cfg.l0, L1=cfg.l1)
     return dict(H=heads, HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, **keys, D0=cfg.d0,
                 D1=cfg.d1, INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32)
