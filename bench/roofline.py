@@ -2,6 +2,7 @@
 
     python -m neti_fast.bench.roofline [--model sd15-shaped] [--height 512] [--steps 50]
         [--batch-sizes 1 4 16] [--measured bench/results/X.json] [--json out.json]
+    python -m neti_fast.bench.roofline --model sdxl-shaped [--height 1024] [--steps 50]
 
 THIS IS A MODEL, NOT A MEASUREMENT. For every aten operator of one U-Net call (at the U-Net batch
 each rung uses), one CLIP text-encoder pass and one VAE decode, run on PyTorch's `meta` device (no
@@ -20,6 +21,13 @@ Peaks: dense bf16/fp16 tensor-core matmul as measured (H100 SXM about 794 TFLOP/
 GPU targets use; H200 is the same GH100 compute at 4.8 TB/s instead of 3.35 TB/s HBM).
 CLIP rows are counted as full 77-token passes: neti-fast's batched conditioning shares the prompt's
 prefix and CLIP's first layer across rows, so for the NeTI rungs this overestimates its text work.
+
+`--model sdxl-shaped` prints one line instead of the ladder (`sdxl_conditioning`): for one SDXL
+image, the work of NeTI's conditioning (both text encoders, CLIP ViT-L at width 768 and OpenCLIP
+bigG at 1280, run once per (step, cross-attention module): 11 modules x steps rows, plus the
+negative prompt) beside the U-Net's (steps calls at batch 2 for guidance) and the VAE decode's, as
+a share of the image's FLOPs and of its modeled time. The architecture is SDXL base 1.0's public
+config on the meta device; again a model, not a measurement.
 """
 from __future__ import annotations
 
@@ -120,6 +128,67 @@ def network_work(name: str, height: int, width: int, unet_batches, dtype=torch.f
     return out
 
 
+# SDXL base 1.0's public configs, written out (no download): U-Net, and the two text encoders.
+SDXL_MODULES = 11  # cross-attention modules (Transformer2DModel): 2 + 2 down, 1 mid, 3 + 3 up
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                 cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+SDXL_TEXT = {"clip-l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+             "openclip-bigg": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                                   projection_dim=1280)}
+
+
+def sdxl_conditioning(height: int = 1024, width: int | None = None, steps: int = 50,
+                      dtype=torch.float16) -> dict:
+    """FLOPs / modeled seconds of one SDXL image: U-Net (steps calls, batch 2), NeTI's conditioning
+    (each text encoder x (steps x 11 modules + 1 negative) rows), VAE decode; and the conditioning's
+    share. Plain SDXL's conditioning (2 rows per encoder: prompt and negative) is given beside it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from neti_fast.sd.models import sd15_configs
+    width = width or height
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
+        texts = {k: CLIPTextModel(CLIPTextConfig(**c)).to(dtype) for k, c in SDXL_TEXT.items()}
+        vae = AutoencoderKL(**sd15_configs()["vae"]).to(dtype)  # SDXL's VAE has SD 1.5's topology
+    h, w = height // 8, width // 8
+    with sdpa_kernel(SDPBackend.MATH):
+        x = torch.empty(2, 4, h, w, device="meta", dtype=dtype)
+        enc = torch.empty(2, 77, 2048, device="meta", dtype=dtype)
+        t = torch.empty(2, device="meta", dtype=dtype)
+        cond = {"text_embeds": torch.empty(2, 1280, device="meta", dtype=dtype),
+                "time_ids": torch.empty(2, 6, device="meta", dtype=dtype)}
+        u = count(lambda: unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=cond))
+        ids = torch.zeros(8, 77, dtype=torch.long, device="meta")
+        rows = {k: count(lambda m=m: m(ids)) for k, m in texts.items()}
+        v = count(lambda: vae.decode(torch.empty(1, 4, h, w, device="meta", dtype=dtype)))
+    te_rows = steps * SDXL_MODULES + 1
+    parts = {"unet": (steps, u), "vae": (1, v)}
+    parts.update({f"text:{k}": (te_rows / 8, r) for k, r in rows.items()})  # counted over 8 rows
+    flops = {k: n * wk.flops for k, (n, wk) in parts.items()}
+    total = sum(flops.values())
+    text = sum(f for k, f in flops.items() if k.startswith("text:"))
+    plain_text = text * 2 / te_rows
+    out = {"height": height, "width": width, "steps": steps, "modules": SDXL_MODULES, "text_encoder_rows": te_rows,
+           "tflop": {k: f / 1e12 for k, f in flops.items()}, "tflop_per_image": total / 1e12,
+           "conditioning_flop_share": text / total,
+           "plain_sdxl_conditioning_flop_share": plain_text / (total - text + plain_text), "model": {}}
+    for dev, (pf, bw) in DEVICES.items():
+        secs = {k: n * wk.seconds(pf, bw) for k, (n, wk) in parts.items()}
+        te = sum(s for k, s in secs.items() if k.startswith("text:"))
+        out["model"][dev] = {"s_per_image": sum(secs.values()), "conditioning_s": te,
+                             "conditioning_time_share": te / sum(secs.values())}
+    return out
+
+
 def implied_counts(rung: str, B: int, steps: int, layers: int = 16) -> tuple[int, int, int]:
     """(U-Net calls, images per call x2 for guidance, text-encoder rows) for B images, one NeTI
     concept (16 different for `concepts`), as each rung's algorithm does them."""
@@ -148,8 +217,8 @@ def predict(work: dict, rung: str, B: int, calls: int, per_call: int, rows: int)
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m neti_fast.bench.roofline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sd15-shaped", choices=("sd15-shaped", "tiny"))
-    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--model", default="sd15-shaped", choices=("sd15-shaped", "tiny", "sdxl-shaped"))
+    p.add_argument("--height", type=int, default=None, help="pixels (default 512; sdxl-shaped: 1024)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-sizes", type=int, nargs="+", action="extend", default=None)
@@ -157,6 +226,9 @@ def main(argv=None):
     p.add_argument("--measured", default=None, help="a ladder JSON: its counts, and its images/s beside the model")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if a.model == "sdxl-shaped":
+        return _print_sdxl(sdxl_conditioning(a.height or 1024, a.width, a.steps), a.json)
+    a.height = a.height or 512
     width = a.width or a.height
     measured = json.load(open(a.measured)) if a.measured else None
     if measured:
@@ -198,6 +270,30 @@ def main(argv=None):
                        "rows": results}, f, indent=1)
         print(f"wrote {a.json}")
     return results
+
+
+def _print_sdxl(r: dict, path: str | None) -> dict:
+    t = r["tflop"]
+    print(f"roofline MODEL (not a measurement): SDXL-shaped {r['height']}x{r['width']}, {r['steps']} steps, fp16, "
+          "one image, CFG batch 2")
+    lines = [("U-Net", f"{r['steps']} calls", t["unet"])]
+    lines += [(k, f"{r['text_encoder_rows']} rows ({r['steps']} steps x {r['modules']} modules + 1)", t["text:" + k])
+              for k in SDXL_TEXT]
+    lines.append(("VAE decode", "1", t["vae"]))
+    for name, n, tf in lines:
+        print(f"  {name:<14} {n:<36} {tf:8.2f} TFLOP")
+    print(f"  NeTI conditioning: {100 * r['conditioning_flop_share']:.1f}% of the image's "
+          f"{r['tflop_per_image']:.1f} TFLOP (plain SDXL, 2 rows per encoder: "
+          f"{100 * r['plain_sdxl_conditioning_flop_share']:.2f}%)")
+    for dev, m in r["model"].items():
+        print(f"  {dev}: {m['s_per_image']:.2f} s per image modeled, conditioning {m['conditioning_s']:.2f} s "
+              f"({100 * m['conditioning_time_share']:.1f}%)")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"kind": "roofline model, not a measurement", "model": "sdxl-shaped", "devices": DEVICES, **r},
+                      f, indent=1)
+        print(f"wrote {path}")
+    return r
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ namespace neti_fast {
 enum : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // One launch: out[b, n, h*D:(h+1)*D] = softmax(q[b, n, h] . K[row[b], :, h] * scale) @ V[row[b], :, h].
+// Any L >= 1 (77 per CLIP chunk; long prompts concatenate chunks).
 // Strides are in elements; the last dimension of q / k / v / out is contiguous.
 struct CrossAttnParams {
   const void* q;        // [B, N, C]
@@ -24,7 +25,6 @@ struct CrossAttnParams {
 };
 
 namespace cpu {
-constexpr int64_t kMaxKeys = 128;
 // Work item i in [begin, end) is (b, h, query block) = unravel(i, [B, H, ceil(N / block_n)]).
 #define NETI_DECLARE_CPU_KERNEL(ISA) \
   namespace ISA { void cross_attention_range(const CrossAttnParams& p, int64_t begin, int64_t end); }

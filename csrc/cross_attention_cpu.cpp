@@ -1,15 +1,19 @@
 // Row-gathered cross-attention, CPU kernel (fp32 / bf16 in, fp32 math).  Python twin and
 // reference: kernels/cross_attention.py (cross_attention_ref).
 //
-// Sample b reads row r = row[b] of the precomputed [R, L, C] K / V tables (L <= 128 text
-// tokens, C = H * D).  For head h (channels h*D .. h*D+D-1) and image token n:
+// Sample b reads row r = row[b] of the precomputed [R, L, C] K / V tables (L text tokens: 77 per
+// CLIP chunk, 77k for long prompts; C = H * D).  For head h (channels h*D .. h*D+D-1) and image token n:
 //
 //     s[l]   = scale * sum_j q[b, n, h*D + j] * K[r, l, h*D + j]         l < L
 //     p[l]   = exp(s[l] - max_l s)                                        (exact softmax: all
 //     out[b, n, h*D + j] = sum_l p[l] * V[r, l, h*D + j] / sum_l p[l]      keys in one pass)
 //
-// All L keys fit in one padded block (Lp = L rounded up to the vector width), so there is no
-// online softmax.  The gather happens here: the kernel offsets its K / V reads by r * stride_r;
+// All L keys are scored in one padded block (Lp = L rounded up to the vector width), for any L,
+// so there is no online softmax: unlike the GPU kernels, whose scores live in registers / shared
+// memory and which loop over key blocks above 128 keys, this one keeps them in a heap buffer of
+// kQ * Lp floats (7.5 KB at L = 231, within L1) and K^T in one of D * Lp (at most 245 KB at
+// L = 231, D = 256: L2, as L = 77's 80 KB already is), so longer contexts cost only
+// proportionally more and keep the exact single-pass numerics.  The gather happens here: the kernel offsets its K / V reads by r * stride_r;
 // no per-sample copy of K / V is ever made.
 //
 // Work item = (b, h, block of block_n queries).  Per (r, h), K[r, :, h] is packed transposed into

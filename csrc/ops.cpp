@@ -59,8 +59,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               ", tables C=", k.size(2));
   TORCH_CHECK(heads > 0 && q.size(2) % heads == 0, "cross_attention_native: C=", q.size(2),
               " not divisible by heads=", heads);
-  TORCH_CHECK(k.size(1) >= 1 && k.size(1) <= cpu::kMaxKeys, "cross_attention_native: L=", k.size(1),
-              " keys, supported 1..", cpu::kMaxKeys);
+  TORCH_CHECK(k.size(1) >= 1 && k.size(1) <= INT32_MAX, "cross_attention_native: L=", k.size(1),
+              " keys, supported 1..", INT32_MAX);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
                   (cuda && q.scalar_type() == at::kHalf),
               "cross_attention_native: dtype ", q.scalar_type(), " unsupported (float32 or bfloat16",

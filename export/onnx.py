@@ -5,13 +5,15 @@ Graph inputs (names are the contract with `OnnxDenoiser` and `tensorrt.build_eng
     timestep  float32 [1]             broadcast over the batch inside the U-Net (diffusers'
                                       `timesteps.expand(B)`); see `_timestep` for why float [1]
     row_idx   int64 [B]               the table row each sample's cross-attention reads
-    k0..k15   float [R, 77, C_l]      per-layer K tables, R dynamic ("rows")
-    v0..v15   float [R, 77, C_l]      per-layer V tables
+    k0..k15   float [R, L, C_l]       per-layer K tables, R dynamic ("rows"), L dynamic ("tokens":
+                                      77 per CLIP chunk, 77k for A1111-style long prompts)
+    v0..v15   float [R, L, C_l]       per-layer V tables (same R and L)
 Output:
     eps       float [B, 4, h, w]
 
 Cross-attention in the graph is the "sdpa" backend of `neti_fast.sd.attention`: Gather (index_select)
-of the rows, then scaled-dot-product attention. The Triton custom op is never exported.
+of the rows, then scaled-dot-product attention. The Triton custom op is never exported. Nothing in
+the U-Net depends on L but those matmuls' inner sizes, so one graph serves every prompt length.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from neti_fast.utils import image_size
 
 INPUT_NAMES = ["sample", "timestep", "row_idx"] + [f"k{i}" for i in range(NUM_LAYERS)] + [f"v{i}" for i in range(NUM_LAYERS)]
 OUTPUT_NAMES = ["eps"]
-FORMAT_VERSION = "1"  # bump when the graph's inputs / semantics change: invalidates cached exports
+FORMAT_VERSION = "2"  # bump when the graph's inputs / semantics change: invalidates cached exports
 
 
 def _version() -> str:
@@ -79,8 +81,8 @@ def _timestep(t) -> torch.Tensor:
 
 
 def example_inputs(model, batch: int = 2, rows: int = 3, height: int | None = None, width: int | None = None,
-                   seed: int = 0) -> tuple:
-    """Random inputs in the graph's layout (sample, timestep, row_idx, k0..k15, v0..v15)."""
+                   seed: int = 0, tokens: int = 77) -> tuple:
+    """Random inputs in the graph's layout (sample, timestep, row_idx, k0..k15, v0..v15 of L = tokens)."""
     g = torch.Generator().manual_seed(seed)
     f = model.vae_scale_factor
     h, w = (n // f for n in image_size(model, height, width))
@@ -90,8 +92,8 @@ def example_inputs(model, batch: int = 2, rows: int = 3, height: int | None = No
     row_idx = torch.randint(0, rows, (batch,), generator=g).to(dev)
     ks, vs = [], []
     for attn in model.cross_attention:
-        ks.append(torch.randn(rows, 77, attn.to_k.out_features, generator=g).to(dev, dt))
-        vs.append(torch.randn(rows, 77, attn.to_v.out_features, generator=g).to(dev, dt))
+        ks.append(torch.randn(rows, tokens, attn.to_k.out_features, generator=g).to(dev, dt))
+        vs.append(torch.randn(rows, tokens, attn.to_v.out_features, generator=g).to(dev, dt))
     return (sample, t, row_idx, *ks, *vs)
 
 
@@ -113,8 +115,9 @@ def _export_dynamo(mod, args, dest: Path, opset, external: bool, optimize: bool 
     # exists only for torch.export: `.contiguous()` is no op in ONNX, the graph has no batch bound
     # and is correct for any batch (`dim_param` "batch"); TensorRT profiles set their own range.
     batch, rows = Dim("batch", min=1, max=63), Dim("rows", min=1, max=1 << 20)
+    tokens = Dim("tokens", min=1, max=1 << 16)  # one L shared by all 32 tables
     # `*kv` is one var-positional parameter: torch.export wants its spec as one nested tuple.
-    dyn = ({0: batch}, None, {0: batch}, tuple({0: rows} for _ in range(2 * NUM_LAYERS)))
+    dyn = ({0: batch}, None, {0: batch}, tuple({0: rows, 1: tokens} for _ in range(2 * NUM_LAYERS)))
     prog = torch.onnx.export(mod, args, dynamo=True, dynamic_shapes=dyn, input_names=INPUT_NAMES,
                              output_names=OUTPUT_NAMES, opset_version=opset, optimize=optimize,
                              verbose=False, report=False)
@@ -124,7 +127,7 @@ def _export_dynamo(mod, args, dest: Path, opset, external: bool, optimize: bool 
 def _export_torchscript(mod, args, dest: Path, opset, external: bool) -> None:
     """Legacy TorchScript exporter (tracing); fallback only."""
     axes = {"sample": {0: "batch"}, "row_idx": {0: "batch"}, "eps": {0: "batch"}}
-    axes.update({n: {0: "rows"} for n in INPUT_NAMES[3:]})
+    axes.update({n: {0: "rows", 1: "tokens"} for n in INPUT_NAMES[3:]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape checks, deprecation notice
         torch.onnx.export(mod, args, str(dest), dynamo=False, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
@@ -151,7 +154,8 @@ def check_exportable(model) -> None:
 
 def export_onnx(model, path, batch: int = 2, rows: int = 3, height: int | None = None, width: int | None = None,
                 opset: int | None = None, optimize: bool = True) -> Path:
-    """Write `TablesUNet(model)` to `path` (ONNX; dynamic batch and table rows; fixed spatial size).
+    """Write `TablesUNet(model)` to `path` (ONNX; dynamic batch, table rows and text length L; fixed
+    spatial size).
 
     `batch` / `rows` only size the example inputs (both axes are dynamic; they must be >= 2 so the
     tracer does not specialise them to 1). height / width are pixels (default: the model's native

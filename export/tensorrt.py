@@ -73,12 +73,13 @@ def profile_ranges(buckets: list[int]) -> list[tuple[int, int, int]]:
 
 def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16, max_rows: int = 4096,
                  opt_batch: int | None = None, opt_rows: int | None = None, workspace_gb: float | None = None,
-                 force: bool = False, opt_batches=None) -> Path:
+                 force: bool = False, opt_batches=None, max_tokens: int = 231) -> Path:
     """Serialize a TensorRT engine for `onnx_path` to `engine_path` (cached).
 
     Skipped when the engine is newer than the ONNX file and its sidecar (`<engine>.json`) records the
     same ONNX fingerprint, TensorRT version, GPU and build options. max_rows bounds R of the K / V
-    tables (an engine batch of n distinct NeTI prompts at 50 steps has up to ~(n + 1) * 50 rows).
+    tables (an engine batch of n distinct NeTI prompts at 50 steps has up to ~(n + 1) * 50 rows);
+    max_tokens bounds their text length L (tuned for 77; 231 = three 77-token chunks of a long prompt).
     """
     trt = _trt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -88,7 +89,8 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16,
     opt_rows = min(opt_rows or 64, max_rows)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "?"
     key = {"format": ENGINE_FORMAT, "onnx": _onnx_digest(onnx_path), "trt": trt.__version__, "gpu": gpu,
-           "fp16": fp16, "max_batch": max_batch, "max_rows": max_rows, "buckets": buckets, "opt_rows": opt_rows}
+           "fp16": fp16, "max_batch": max_batch, "max_rows": max_rows, "buckets": buckets, "opt_rows": opt_rows,
+           "max_tokens": max_tokens}
     side = engine_path.with_name(engine_path.name + ".json")
     if (not force and engine_path.exists() and side.exists()
             and engine_path.stat().st_mtime_ns >= onnx_path.stat().st_mtime_ns):
@@ -119,8 +121,8 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16,
                 lo, opt, hi = ([n, *shape[1:]] for n in (lo_b, opt_b, hi_b))
             elif inp.name == "timestep":
                 continue  # static [1]
-            else:  # k*/v* tables: [R, 77, C]
-                lo, opt, hi = ([n, *shape[1:]] for n in (1, opt_rows, max_rows))
+            else:  # k*/v* tables: [R, L, C]
+                lo, opt, hi = ([n, t, shape[2]] for n, t in ((1, 1), (opt_rows, 77), (max_rows, max_tokens)))
             profile.set_shape(inp.name, lo, opt, hi)
         config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)

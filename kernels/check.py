@@ -1,26 +1,35 @@
 """Compile every Triton kernel for real NVIDIA targets, without a GPU, and check its resources.
 
-    python -m neti_fast.kernels.check [--archs 80 89 90 100] [--dtypes fp16 bf16] [--search [--write]]
+    python -m neti_fast.kernels.check [--archs 80 89 90 100] [--dtypes fp16 bf16] [--families sd1 ...]
+                                      [--search [--write]]
 
 The `TRITON_INTERPRET=1` tests check the kernel's math on CPU; they cannot see what a GPU would
 refuse or run slowly.  This compiles the kernel the way a launch on that GPU would (Triton's own
 pipeline down to SASS, with the ptxas bundled in its wheel: `triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32))`), at SD 1.5's real shapes (head dims 40 / 80 / 160 at
-N = 4096 / 1024 / 256, L = 77) and the built-in tiny model's (head dims 4 / 8), in each dtype
-the dispatcher sends to the kernel on CUDA (fp16, bf16: fp32 goes to SDPA, see --dtypes fp32).
-One row per case: target, dtype, head dim, blocks, warps, registers, spills, shared memory and
-the MMA instruction family found in the PTX (tcgen05 / wgmma / mma.sync / FMA).
+target=GPUTarget("cuda", arch, 32))`), at every model family's real shapes (`shapes.SHAPES`:
+SD 1.x's head dims 40 / 80 / 160, SD 2.x's and SDXL's 64, the built-in tiny model's 4 / 8) with
+L = 77, and SD 1.x / 2.x / SDXL's at the long-prompt lengths `shapes.LONG_CONTEXTS` (154, 231:
+the key-loop kernel), in each dtype the dispatcher sends to the kernel on CUDA (fp16, bf16: fp32
+goes to SDPA, see --dtypes fp32).  One row per case: target, dtype, shape, L, kernel, chunks,
+padding ratio (`work_ratio`: matmul work done over useful work), blocks, warps, registers, spills,
+shared memory, the MMA instruction family found in the PTX (tcgen05 / wgmma / mma.sync / FMA) and
+the tensor-core instructions ptxas emitted into the SASS (UTCHMMA / HGMMA / HMMA and their count,
+read with the cuobjdump bundled in Triton's wheel).
+Cases that select the same compiled variant (same constexprs, warps and N-divisibility hint; L is
+a run-time argument of the key-loop kernel) share one compile.
 
-Exit status 1 on a compile error, any spill, or shared memory over the target's per-block limit.
+Exit status 1 on a compile error, any spill, shared memory over the target's per-block limit, or
+(fp16 / bf16) no tensor-core MMA in the PTX or the SASS.
 
-`--search` compiles every candidate (BLOCK_N, num_warps) per (family, head dim, dtype) and picks
-one with `choose` (a resource model, not a timing); `--write` stores the picks in
-`cross_attention_configs.py`, which the launcher reads.
+`--search` compiles every candidate (BLOCK_N, num_warps) per (GPU family, head dim, dtype, kernel)
+of the selected cases and picks one with `choose` (a resource model, not a timing); `--write`
+merges the picks into `cross_attention_configs.py`, which the launcher reads.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import os
 import re
@@ -32,6 +41,8 @@ from pathlib import Path
 
 from neti_fast.utils import first_line
 
+from .shapes import LONG_CONTEXTS, LONG_PROMPT_FAMILIES, SHAPES, TOKENS, AttnShape
+
 # Per compute capability: (max shared memory per block with opt-in, shared memory per SM), bytes.
 # From NVIDIA's CUDA C++ Programming Guide, "Technical Specifications per Compute Capability".
 SMEM = {80: (166_912, 167_936), 86: (101_376, 102_400), 89: (101_376, 102_400),
@@ -42,11 +53,18 @@ FAMILY_OF = {80: 80, 86: 80, 89: 80, 90: 90, 100: 100}
 DEFAULT_ARCHS = (80, 89, 90, 100)
 DISPATCHED_DTYPES = ("fp16", "bf16")
 
-# (label, N, heads, head_dim): SD 1.5 at 512x512 (8 heads per level) and tiny at 64x64.
-CASES = [("sd15-64x64", 4096, 8, 40), ("sd15-32x32", 1024, 8, 80), ("sd15-16x16", 256, 8, 160),
-         ("tiny-8x8", 64, 8, 4), ("tiny-4x4", 16, 8, 8)]
-L = 77
 CANDIDATES = [(bn, nw) for bn in (32, 64, 128) for nw in (4, 8)]
+
+
+def cases(families=None) -> list[tuple[AttnShape, int]]:
+    """(shape, L) pairs to compile: every level at L = 77, the long-prompt families' at LONG_CONTEXTS."""
+    out = []
+    for fam in families or SHAPES:
+        for shape in SHAPES[fam]:
+            out.append((shape, TOKENS))
+            if fam in LONG_PROMPT_FAMILIES:
+                out += [(shape, L) for L in LONG_CONTEXTS]
+    return out
 
 
 @dataclass
@@ -55,13 +73,17 @@ class Result:
     dtype: str
     label: str
     head_dim: int
+    L: int
     block_n: int
     num_warps: int
+    variant: str = ""
     chunks: str = ""
+    padding: float = 0.0
     registers: int = -1
     spill_bytes: int = -1
     shared: int = -1
     mma: str = "?"
+    sass: str = "?"   # tensor-core opcodes in the SASS, e.g. "HGMMA x13"; "?" if cuobjdump is missing
     seconds: float = 0.0
     error: str = ""
 
@@ -73,6 +95,10 @@ class Result:
             out.append(f"{self.spill_bytes} B of spills")
         if self.shared > SMEM[self.arch][0]:
             out.append(f"shared memory {self.shared} B > {SMEM[self.arch][0]} B limit")
+        if self.dtype != "fp32" and self.mma == "FMA":
+            out.append("no tensor-core MMA in the PTX")
+        if self.dtype != "fp32" and self.sass == "none":
+            out.append("no tensor-core MMA in the SASS")
         return out
 
     def resident_warps(self) -> int:
@@ -89,7 +115,9 @@ def _signature(fn, dtype: str, n_divisible: bool) -> tuple[dict, dict]:
     (torch allocations are 16-byte aligned; SD's strides and N are multiples of 16; L = 77 is not)."""
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
-        if a in ("Q", "K", "V", "Out"):
+        if fn.params[i].is_constexpr:
+            sig[a] = "constexpr"
+        elif a in ("Q", "K", "V", "Out"):
             sig[a] = f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif a == "ROW":
@@ -102,12 +130,12 @@ def _signature(fn, dtype: str, n_divisible: bool) -> tuple[dict, dict]:
             sig[a] = "i32"
             if n_divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif a == "L":
+        elif a in ("L", "H"):
             sig[a] = "i32"
         elif a == "qk_scale":
             sig[a] = "fp32"
         else:
-            sig[a] = "constexpr"
+            raise ValueError(f"kernels.check: no type for argument {a!r} of {fn.__name__}")
     return sig, attrs
 
 
@@ -115,25 +143,41 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_case(arch: int, dtype: str, label: str, N: int, heads: int, head_dim: int,
+def resolve(arch: int, dtype: str, N: int, head_dim: int, L: int, block_n: int | None = None,
+            num_warps: int | None = None):
+    """The KernelConfig a launch at this shape would use on sm_{arch} (explicit tiles: as given)."""
+    import torch
+
+    from . import cross_attention as ca
+    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    return ca.pick_config(head_dim, L, tdt, FAMILY_OF[arch], None if block_n else N, block_n, num_warps)
+
+
+def compile_key(arch: int, dtype: str, N: int, heads: int, head_dim: int, L: int,
+                block_n: int | None = None, num_warps: int | None = None) -> tuple:
+    """What determines the compiled binary: cases with equal keys share one compile (heads only for
+    the one-pass kernel, where they are a constexpr)."""
+    cfg = resolve(arch, dtype, N, head_dim, L, block_n, num_warps)
+    return (arch, dtype, None if cfg.key_loop else heads, head_dim, N % 16 == 0, cfg)
+
+
+def compile_case(arch: int, dtype: str, label: str, N: int, heads: int, head_dim: int, L: int = TOKENS,
                  block_n: int | None = None, num_warps: int | None = None) -> Result:
     """Compile one variant for sm_{arch} and read its resources from ptxas's -v log."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
-    import torch
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from . import cross_attention as ca
-    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    cfg = ca.pick_config(head_dim, L, tdt, FAMILY_OF[arch], None if block_n else N, block_n, num_warps)
-    res = Result(arch, dtype, label, head_dim, cfg.block_n, cfg.num_warps,
-                 chunks=f"d {cfg.d0}+{cfg.d1} L {cfg.l0}+{cfg.l1}")
-    fn = ca._cross_attn_fwd_kernel
+    cfg = resolve(arch, dtype, N, head_dim, L, block_n, num_warps)
+    res = Result(arch, dtype, label, head_dim, L, cfg.block_n, cfg.num_warps, cfg.variant)
+    _describe(res, cfg)
+    fn = cfg.kernel
     sig, attrs = _signature(fn, dtype, N % 16 == 0)
-    const = ca.kernel_constexprs(heads, head_dim, cfg)
+    const = {k: v for k, v in ca.kernel_constexprs(heads, head_dim, cfg).items() if sig[k] == "constexpr"}
     knobs.nvidia.dump_ptxas_log = True       # ptxas -v output, printed by Triton
     knobs.compilation.always_compile = True  # never a cached binary: the log must come from ptxas
     buf = io.StringIO()
@@ -158,7 +202,40 @@ def compile_case(arch: int, dtype: str, label: str, N: int, heads: int, head_dim
     ptx = k.asm["ptx"]
     res.mma = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
                else "mma.sync" if "mma.sync" in ptx else "FMA")
+    res.sass = _sass_mma(k.asm["cubin"])
     return res
+
+
+_SASS_MMA = re.compile(r"\b(UTC\w*MMA|HGMMA|HMMA)\b")
+
+
+def _sass_mma(cubin: bytes) -> str:
+    """The tensor-core opcodes in a cubin's SASS, most frequent first ("none" if there are none)."""
+    import subprocess
+    import tempfile
+    from collections import Counter
+
+    from triton import knobs
+    tool = knobs.nvidia.cuobjdump.path
+    if not tool or not os.path.exists(tool):
+        return "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True)
+    if r.returncode != 0:
+        return "?"
+    ops = Counter(_SASS_MMA.findall(r.stdout))
+    return " ".join(f"{op} x{n}" for op, n in ops.most_common()) or "none"
+
+
+def _describe(res: Result, cfg) -> None:
+    """The row's chunking and padding ratio at its own L (cases sharing a compile differ in L)."""
+    from . import cross_attention as ca
+    keys = (f"L {ca.padded_keys(res.L, cfg) // cfg.l0}x{cfg.l0}" if cfg.key_loop
+            else f"L {cfg.l0}+{cfg.l1}")
+    res.chunks = f"d {cfg.d0}+{cfg.d1} {keys}"
+    res.padding = ca.work_ratio(res.head_dim, res.L, cfg)
 
 
 def choose(results: list[Result]) -> Result | None:
@@ -189,31 +266,52 @@ def _run(task):
 
 
 def _table(rows: list[Result]) -> str:
-    head = ("target", "dtype", "case", "d", "chunks", "BLOCK_N", "warps", "regs", "spill B",
-            "smem B", "limit B", "MMA", "res. warps", "s", "status")
+    head = ("target", "dtype", "case", "d", "L", "kernel", "chunks", "pad", "BLOCK_N", "warps", "regs",
+            "spill B", "smem B", "limit B", "MMA", "SASS MMA", "res. warps", "s", "status")
     lines = [head]
     for r in rows:
         p = r.problems()
-        lines.append((f"sm_{r.arch}", r.dtype, r.label, str(r.head_dim), r.chunks, str(r.block_n),
-                      str(r.num_warps), str(r.registers), str(r.spill_bytes), str(r.shared),
-                      str(SMEM[r.arch][0]), r.mma, str(r.resident_warps()) if not r.error else "-",
-                      f"{r.seconds:.1f}", "ok" if not p else "FAIL: " + "; ".join(p)))
+        lines.append((f"sm_{r.arch}", r.dtype, r.label, str(r.head_dim), str(r.L), r.variant, r.chunks,
+                      f"{r.padding:.2f}", str(r.block_n), str(r.num_warps), str(r.registers),
+                      str(r.spill_bytes), str(r.shared), str(SMEM[r.arch][0]), r.mma, r.sass,
+                      str(r.resident_warps()) if not r.error else "-", f"{r.seconds:.1f}",
+                      "ok" if not p else "FAIL: " + "; ".join(p)))
     w = [max(len(x[i]) for x in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(x)).rstrip() for x in lines)
 
 
-def write_configs(picks: dict[tuple[int, int, str], tuple[int, int]]) -> Path:
+def write_configs(picks: dict[tuple[int, int, str, str], tuple[int, int]]) -> Path:
+    """Merge `picks` into cross_attention_configs.py (entries not searched for are kept)."""
+    from .cross_attention_configs import CONFIGS
     path = Path(__file__).with_name("cross_attention_configs.py")
     src = path.read_text()
     head = src[:src.index("CONFIGS:")]
-    body = "CONFIGS: dict[tuple[int, int, str], tuple[int, int]] = {\n"
-    for key in sorted(picks):
-        body += f"    {key!r}: {picks[key]!r},\n"
+    merged = {**CONFIGS, **picks}
+    body = "CONFIGS: dict[tuple[int, int, str, str], tuple[int, int]] = {\n"
+    for key in sorted(merged):
+        body += f"    {key!r}: {merged[key]!r},\n"
     body += "}\n"
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(head + body)
     os.replace(tmp, path)
     return path
+
+
+def _compile_all(tasks: list[tuple], jobs: int) -> tuple[list[Result], int]:
+    """One compile per distinct binary (`compile_key`), its result copied to every case sharing it;
+    also returns the number of compiles."""
+    first: dict[tuple, tuple] = {}
+    for t in tasks:
+        first.setdefault(compile_key(t[0], t[1], *t[3:]), t)
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        done = dict(zip(first, pool.map(_run, first.values())))
+    out = []
+    for t in tasks:
+        r = copy.copy(done[compile_key(t[0], t[1], *t[3:])])
+        r.label, r.L = t[2], t[6]
+        _describe(r, resolve(t[0], t[1], t[3], t[5], t[6], t[7], t[8]))
+        out.append(r)
+    return out, len(first)
 
 
 def main(argv=None) -> int:
@@ -222,8 +320,11 @@ def main(argv=None) -> int:
                     help=f"compute capabilities x10 (default: those of {DEFAULT_ARCHS} the bundled ptxas takes)")
     ap.add_argument("--dtypes", nargs="+", action="extend", default=None, choices=("fp16", "bf16", "fp32"),
                     help="default: fp16 bf16, what the dispatcher sends to the kernel on CUDA")
+    ap.add_argument("--families", nargs="+", action="extend", default=None, choices=sorted(SHAPES),
+                    help="model families whose shapes to compile (default: all)")
     ap.add_argument("--search", action="store_true", help="compile every candidate tile size and pick one per case")
-    ap.add_argument("--write", action="store_true", help="with --search: store the picks in cross_attention_configs.py")
+    ap.add_argument("--missing", action="store_true", help="with --search: only the keys CONFIGS lacks")
+    ap.add_argument("--write", action="store_true", help="with --search: merge the picks into cross_attention_configs.py")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     try:
@@ -237,39 +338,52 @@ def main(argv=None) -> int:
         print(f"--archs: {bad} unknown; known: {sorted(SMEM)}", file=sys.stderr)
         return 2
     dtypes = args.dtypes or list(DISPATCHED_DTYPES)
-    tasks = []
-    for a in archs:
-        for dt in dtypes:
-            for label, N, heads, d in CASES:
-                cands = CANDIDATES if args.search else [(None, None)]
-                tasks += [(a, dt, label, N, heads, d, bn, nw) for bn, nw in cands]
+    selected = cases(args.families)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(_run, tasks))
     if args.search:
-        picks, shown = {}, []
-        for a in archs:
-            for dt in dtypes:
-                for label, _, _, d in CASES:
-                    group = [r for r in results if (r.arch, r.dtype, r.label) == (a, dt, label)]
-                    best = choose(group)
-                    shown += group
-                    if best is None:
-                        print(f"sm_{a} {dt} {label}: no candidate compiles without spills within shared memory")
-                        continue
-                    fam = FAMILY_OF[a]
-                    if fam == a:  # 86 / 89 share family 80's entry; they are checked, not searched for
-                        picks[(fam, d, dt)] = (best.block_n, best.num_warps)
-        print(_table(shown))
-        print("picks:", picks)
-        if args.write:
-            print("wrote", write_configs(picks))
-        return 0
+        return _search(archs, dtypes, selected, args.jobs, args.write, args.missing)
+    tasks = [(a, dt, s.label, s.N, s.heads, s.head_dim, L, None, None)
+             for a in archs for dt in dtypes for s, L in selected]
+    results, compiles = _compile_all(tasks, args.jobs)
     print(_table(results))
     failed = [r for r in results if r.problems()]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed "
-          f"({len(results)} compiles in {time.perf_counter() - t0:.0f} s)")
+          f"({len(results)} cases, {compiles} compiles in {time.perf_counter() - t0:.0f} s)")
     return 1 if failed else 0
+
+
+def _search(archs, dtypes, selected, jobs: int, write: bool, missing: bool) -> int:
+    """Every candidate tile size per (GPU family, head dim, dtype, kernel); the first selected case
+    of each such key stands for it (cases differ only in N and L, which do not change the binary
+    beyond N's divisibility hint, the same for every shape in SHAPES)."""
+    from . import cross_attention as ca
+    from .cross_attention_configs import CONFIGS
+    groups: dict[tuple, tuple] = {}
+    for a in archs:
+        if FAMILY_OF[a] != a:  # 86 / 89 share family 80's entry; they are checked, not searched for
+            continue
+        for dt in dtypes:
+            for s, L in selected:
+                key = (a, s.head_dim, dt, "keyloop" if L > ca._MAX_ONEPASS_L else "onepass")
+                if not (missing and key in CONFIGS):
+                    groups.setdefault(key, (s, L))
+    tasks = [(a, dt, s.label, s.N, s.heads, s.head_dim, L, bn, nw)
+             for (a, _, dt, _), (s, L) in groups.items() for bn, nw in CANDIDATES]
+    results, _ = _compile_all(tasks, jobs)
+    picks, shown = {}, []
+    for (a, d, dt, variant), (s, L) in groups.items():
+        group = [r for r in results if (r.arch, r.dtype, r.label, r.L) == (a, dt, s.label, L)]
+        shown += group
+        best = choose(group)
+        if best is None:
+            print(f"sm_{a} {dt} {s.label} L={L}: no candidate compiles without spills within shared memory")
+            continue
+        picks[(a, d, dt, variant)] = (best.block_n, best.num_warps)
+    print(_table(shown))
+    print("picks:", picks)
+    if write:
+        print("wrote", write_configs(picks))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Row-gathered cross-attention for Stable Diffusion 1.x U-Net (Triton).
+"""Row-gathered cross-attention for Stable Diffusion U-Nets (Triton).
 
 neti-fast precomputes, for every cross-attention layer, the projected text keys
 and values of every conditioning row it will ever need:
@@ -18,14 +18,32 @@ The gather happens inside the kernel: each program loads ``row_idx[b]`` and
 offsets its K/V pointers by ``r * stride_r``; no per-sample K/V copy is ever
 materialized and nothing is index_select-ed before the launch.
 
-Why no online softmax: the FlashAttention tutorial streams keys in blocks and
-keeps a running max / running sum because the key axis is long.  Here L = 77
-keys fit in registers at once, so each program does a plain, exact, single-pass
-softmax:
+Two kernels, chosen by L.  Up to L = 128 (`_MAX_ONEPASS_L`; SD's 77 tokens) all
+keys fit in registers at once, so `_cross_attn_fwd_kernel` does a plain, exact,
+single-pass softmax, with no running max / sum to rescale:
 
     s   = (q @ K^T) * scale * log2(e)      [BLOCK_N, L], fp32 accumulate
     p   = exp2(s - rowmax(s))              exp2 with log2(e) folded into scale
     out = (p @ V) / rowsum(p)              normalize once, after the PV matmul
+
+Longer contexts (A1111-style long prompts: 77-token chunks concatenated, L = 77k)
+go to `_cross_attn_fwd_keyloop_kernel`, which streams the keys in blocks of
+BLOCK_L = 32 (`_KEY_BLOCK`) with the online softmax of the FlashAttention
+tutorial.  After key blocks 1..j, with s_j the block's scores as above:
+
+    m_j   = max(m_{j-1}, rowmax(s_j))                 running max (m_0 = -inf)
+    a_j   = exp2(m_{j-1} - m_j)                       rescales what was summed under m_{j-1}
+    p_j   = exp2(s_j - m_j)
+    l_j   = a_j * l_{j-1} + rowsum(p_j)               running denominator (l_0 = 0)
+    acc_j = a_j * acc_{j-1} + p_j @ V_j               running numerator
+    out   = acc_last / l_last
+
+which equals the exact softmax: every term ends up scaled by exp2(-m_last).  Each
+block holds at least one real key (blocks start below L), so m_j is finite from
+the first block on and a_1 = exp2(-inf) = 0.  32 keys per block bound the
+padding of L = 77k at 31 keys (154 -> 160, 231 -> 256); the rescale costs
+BLOCK_N * d multiplies per block against the block's 4 * BLOCK_N * 32 * d matmul
+FLOPs (under 1%).
 
 Less padding: tl.dot needs power-of-two tiles of at least 16.  Padding d to
 next_pow2(d) and L to 128 would waste 37.5% of both matmuls at SD 1.5's head dims
@@ -37,9 +55,9 @@ axes are split into at most two power-of-two chunks, each a separate tl.dot:
     s_j = sum_i q[:, Di] @ K[Lj, Di]^T      (chunks of d are a split reduction: accumulate)
     out[:, Di] = sum_j p_j @ V[Lj, Di]      (chunks of L are a split reduction: accumulate)
 
-so QK^T and PV do 48/40 (d = 40) or exactly d (80, 160) of the head dim's work
-and 80/77 of the keys' (the padding lanes are masked loads of zeros; padded keys
-get -inf scores).
+so QK^T and PV do 48/40 (d = 40) or exactly d (64, 80, 160) of the head dim's
+work and 80/77 of the keys' (the padding lanes are masked loads of zeros; padded
+keys get -inf scores).  The key-loop kernel splits d the same way.
 
 Precision: accumulation is always fp32.  For fp16/bf16 inputs, ``p`` is cast
 back to the input dtype before ``p @ V`` (as FlashAttention does) so that the
@@ -49,14 +67,14 @@ that path exists for the CPU interpreter and explicit calls.  On CUDA the
 dispatcher sends fp32 to SDPA instead: `python -m neti_fast.kernels.check
 --dtypes fp32` shows why (no tensor cores, register spills).
 
-Block sizes and warps per (GPU family, head dim, dtype) come from
+Block sizes and warps per (GPU family, head dim, dtype, kernel) come from
 `cross_attention_configs.CONFIGS`, chosen by `kernels.check --search` from
 ptxas's register / spill / shared-memory report (no GPU timing yet); unknown
 cases use `_default_blocks`.
 
 Grid: (cdiv(N, BLOCK_N), B * heads).  One program = one block of image
 tokens of one (sample, head).  K/V for a (row, head) are re-read by every
-N block but are tiny (77 x d) and stay in L2.
+N block but are small (L x d) and stay in L2.
 """
 
 from __future__ import annotations
@@ -86,7 +104,8 @@ __all__ = [
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_L = 128  # all keys are in registers at once (at most two chunks)
+_MAX_ONEPASS_L = 128  # up to here all keys are in registers at once (at most two chunks)
+_KEY_BLOCK = 32  # keys per block of the key-loop kernel (L > _MAX_ONEPASS_L)
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
@@ -261,21 +280,110 @@ if HAS_TRITON:
                      (acc1 * inv[:, None]).to(Out.dtype.element_ty),
                      mask=mask_n[:, None] & (offs_d1 < HEAD_DIM)[None, :])
 
+    @triton.jit
+    def _cross_attn_fwd_keyloop_kernel(
+        Q, K, V, ROW, Out,
+        stride_qb, stride_qn,
+        stride_kr, stride_kl,
+        stride_vr, stride_vl,
+        stride_ob, stride_on,
+        N, L, qk_scale,  # qk_scale = scale * log2(e)
+        H,  # heads: a run-time value here (one binary for 5 / 10 / 20 heads), a constexpr in the one-pass kernel
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_L: tl.constexpr,                # keys per block of the loop
+        D0: tl.constexpr, D1: tl.constexpr,   # head-dim chunks (D1 = 0: one chunk)
+        INPUT_PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
+    ):
+        """L > 128: the keys streamed in blocks with an online softmax (module docstring)."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        r = tl.load(ROW + b).to(tl.int64)
+        head = h * HEAD_DIM
+        q_base = Q + b.to(tl.int64) * stride_qb + head
+        k_base = K + r * stride_kr + head
+        v_base = V + r * stride_vr + head
+        o_base = Out + b.to(tl.int64) * stride_ob + head
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_d0 = tl.arange(0, D0)
+        in_dtype = Q.dtype.element_ty
+        op_dtype = tl.float32 if DOT_IN_FP32 else in_dtype
+
+        q0 = _load_tile(q_base, offs_n, stride_qn, offs_d0, mask_n, HEAD_DIM).to(op_dtype)
+        acc0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+        if D1 > 0:
+            offs_d1 = D0 + tl.arange(0, D1)
+            q1 = _load_tile(q_base, offs_n, stride_qn, offs_d1, mask_n, HEAD_DIM).to(op_dtype)
+            acc1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, L, BLOCK_L):
+            offs_l = start + tl.arange(0, BLOCK_L)
+            mask_l = offs_l < L
+            k0 = _load_tile(k_base, offs_l, stride_kl, offs_d0, mask_l, HEAD_DIM).to(op_dtype)
+            s = tl.dot(q0, tl.trans(k0), input_precision=INPUT_PRECISION)
+            if D1 > 0:
+                k1 = _load_tile(k_base, offs_l, stride_kl, offs_d1, mask_l, HEAD_DIM).to(op_dtype)
+                s = tl.dot(q1, tl.trans(k1), s, input_precision=INPUT_PRECISION)
+            s = tl.where(mask_l[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, axis=1)
+            p = p.to(in_dtype).to(op_dtype)  # the tensor-core operand, as in the one-pass kernel
+            v0 = _load_tile(v_base, offs_l, stride_vl, offs_d0, mask_l, HEAD_DIM).to(op_dtype)
+            acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=INPUT_PRECISION)
+            if D1 > 0:
+                v1 = _load_tile(v_base, offs_l, stride_vl, offs_d1, mask_l, HEAD_DIM).to(op_dtype)
+                acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=INPUT_PRECISION)
+            m = m_new
+        inv = 1.0 / denom
+        tl.store(o_base + offs_n[:, None] * stride_on + offs_d0[None, :],
+                 (acc0 * inv[:, None]).to(Out.dtype.element_ty),
+                 mask=mask_n[:, None] & (offs_d0 < HEAD_DIM)[None, :])
+        if D1 > 0:
+            tl.store(o_base + offs_n[:, None] * stride_on + offs_d1[None, :],
+                     (acc1 * inv[:, None]).to(Out.dtype.element_ty),
+                     mask=mask_n[:, None] & (offs_d1 < HEAD_DIM)[None, :])
+
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Everything that selects one compiled variant of the kernel (besides dtype and target)."""
+    """Everything that selects one compiled variant of the kernels (besides dtype and target).
+
+    key_loop: the key-loop kernel (L > 128), l0 = BLOCK_L and l1 = 0; else the one-pass kernel with
+    key chunks l0 + l1."""
     block_n: int
     num_warps: int
     l0: int
     l1: int
     d0: int
     d1: int
+    key_loop: bool = False
+
+    @property
+    def variant(self) -> str:
+        """The kernel's name in CONFIGS' keys."""
+        return "keyloop" if self.key_loop else "onepass"
+
+    @property
+    def kernel(self):
+        return _cross_attn_fwd_keyloop_kernel if self.key_loop else _cross_attn_fwd_kernel
+
+
+def padded_keys(L: int, cfg: "KernelConfig") -> int:
+    """Keys the matmuls compute for L real ones (padding lanes included)."""
+    return -(-L // cfg.l0) * cfg.l0 if cfg.key_loop else cfg.l0 + cfg.l1
 
 
 def work_ratio(head_dim: int, L: int, cfg: "KernelConfig") -> float:
-    """(d0 + d1) * (l0 + l1) / (head_dim * L): padded over useful matmul work, both matmuls."""
-    return (cfg.d0 + cfg.d1) * (cfg.l0 + cfg.l1) / (head_dim * L)
+    """(d0 + d1) * padded keys / (head_dim * L): padded over useful matmul work, both matmuls."""
+    return (cfg.d0 + cfg.d1) * padded_keys(L, cfg) / (head_dim * L)
 
 
 def gpu_family(capability: tuple[int, int]) -> int | None:
@@ -298,16 +406,18 @@ def _default_blocks(head_dim: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)  # called per layer per step by the launcher: decide once per shape
 def pick_config(head_dim: int, L: int, dtype: torch.dtype, family: int | None, N: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None) -> KernelConfig:
-    """The variant to launch: chunking from (head_dim, L); tiles from CONFIGS[(family, d, dtype)],
-    BLOCK_N capped at N's power of two (at least 32) so that small levels do not run mostly-masked
-    programs (4 warps then)."""
+    """The variant to launch: the kernel and key chunking from L, head-dim chunking from head_dim;
+    tiles from CONFIGS[(family, d, dtype, kernel)], BLOCK_N capped at N's power of two (at least
+    32) so that small levels do not run mostly-masked programs (4 warps then)."""
     from .cross_attention_configs import CONFIGS
     d0, d1 = split_pow2(head_dim)
-    l0, l1 = split_pow2(L)
-    bn, nw = CONFIGS.get((family, head_dim, DTYPE_NAMES.get(dtype)), _default_blocks(head_dim))
+    key_loop = L > _MAX_ONEPASS_L
+    l0, l1 = (_KEY_BLOCK, 0) if key_loop else split_pow2(L)
+    variant = "keyloop" if key_loop else "onepass"
+    bn, nw = CONFIGS.get((family, head_dim, DTYPE_NAMES.get(dtype), variant), _default_blocks(head_dim))
     if N is not None and bn > max(32, 1 << (max(N, 1) - 1).bit_length()):
         bn, nw = max(32, 1 << (max(N, 1) - 1).bit_length()), 4
-    return KernelConfig(block_n or bn, num_warps or nw, l0, l1, d0, d1)
+    return KernelConfig(block_n or bn, num_warps or nw, l0, l1, d0, d1, key_loop)
 
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -315,8 +425,10 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 def kernel_constexprs(heads: int, head_dim: int, cfg: KernelConfig, precision: str = "ieee",
                       dot_in_fp32: bool = False) -> dict:
-    """The kernel's constexpr arguments (shared by the launcher and `kernels.check`)."""
-    return dict(H=heads, HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, L0=cfg.l0, L1=cfg.l1, D0=cfg.d0,
+    """`cfg.kernel`'s keyword arguments (shared by the launcher and `kernels.check`): its constexprs,
+    and H, which the key-loop kernel takes at run time."""
+    keys = dict(BLOCK_L=cfg.l0) if cfg.key_loop else dict(L0=cfg.l0, L1=cfg.l1)
+    return dict(H=heads, HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, **keys, D0=cfg.d0,
                 D1=cfg.d1, INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32)
 
 
@@ -326,7 +438,8 @@ def cross_attention_triton(q, k_table, v_table, row_idx, heads, scale=None,
 
     Shapes:
         q        [B, N, C]  image-token queries (output of to_q); last dim contiguous
-        k_table  [R, L, C]  projected keys per conditioning row; L <= 128
+        k_table  [R, L, C]  projected keys per conditioning row; L >= 1 (one pass up to 128,
+                            a key loop beyond)
         v_table  [R, L, C]  projected values, same shape/dtype as k_table
         row_idx  [B]        int32/int64, values in [0, R); row read by each sample
         heads    int        C % heads == 0, head_dim = C // heads <= 256
@@ -359,7 +472,7 @@ def cross_attention_triton(q, k_table, v_table, row_idx, heads, scale=None,
     B, N, C = q.shape
     L = k_table.shape[1]
     d = C // heads
-    assert L <= _MAX_L, f"L={L} > {_MAX_L}: keys must fit one block"
+    assert L >= 1, "L=0: no keys to attend to"
     assert d <= _MAX_HEAD_DIM, f"head_dim={d} > {_MAX_HEAD_DIM}"
     scale = d**-0.5 if scale is None else float(scale)
 
@@ -379,7 +492,7 @@ def cross_attention_triton(q, k_table, v_table, row_idx, heads, scale=None,
     grid = (triton.cdiv(N, cfg.block_n), B * heads)
     # Triton launches on the *current* CUDA device: make it q's (`--device cuda:1`).
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _cross_attn_fwd_kernel[grid](
+        cfg.kernel[grid](
             q, k_table, v_table, row_idx, out,
             q.stride(0), q.stride(1),
             k_table.stride(0), k_table.stride(1),
@@ -450,8 +563,8 @@ def triton_supported(q, k_table, heads) -> tuple[bool, str]:
         return False, f"C={q.shape[-1]} not divisible by heads={heads}"
     if q.shape[-1] // heads > _MAX_HEAD_DIM:
         return False, f"head_dim={q.shape[-1] // heads} > {_MAX_HEAD_DIM}"
-    if k_table.shape[1] > _MAX_L:
-        return False, f"L={k_table.shape[1]} > {_MAX_L}"
+    if k_table.shape[1] < 1:
+        return False, "L=0: no keys"
     if q.is_cuda:
         if q.dtype == torch.float32:
             # Compiled for sm_80 / sm_90, fp32 runs on FMA units with register spills (and at

@@ -84,6 +84,9 @@ class KVArena:
     def place(self, conds: list) -> dict[int, int]:
         """Make every conditioning in `conds` (distinct objects with per-layer `.k` / `.v` lists of
         [S, L, C_l]) resident; returns {id(cond): first row}. Marks them most recently used."""
+        lengths = {t.shape[1] for c in conds for t in c.k + c.v}
+        if lengths - {self.L}:
+            raise ValueError(f"KVArena holds L={self.L} keys per row; got conditionings with L={sorted(lengths)}")
         need = sum(c.k[0].shape[0] for c in conds)
         if need > self.capacity:
             self._grow(need)

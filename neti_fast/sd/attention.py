@@ -212,12 +212,15 @@ def _gathered(q, k_table, v_table, row_idx, heads, backend, attn):
 def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, row_idx: torch.Tensor,
                 heads: int, backend: str = "auto", attn=None) -> torch.Tensor:
     """Attention where sample b uses K / V rows `row_idx[b]` of the [R, L, C] tables."""
+    if backend not in ("triton", "native") and _exporting():
+        # torch.export / ONNX: `auto` keeps the portable graph (SDPA), and nothing is looked up by
+        # shape: the dispatcher's dict keyed on L would specialise the exported graph's dynamic text
+        # length (export/onnx.py's "tokens" axis) to the example's 77.
+        return _gathered(q, k_table, v_table, row_idx, heads, "sdpa" if backend == "auto" else backend, attn)
     choice, out = DISPATCH.decide(q, k_table, v_table, row_idx, heads, backend, attn)
     if out is not None:
         return out
     impl = choice.impl
-    if impl in ("triton", "native") and backend == "auto" and _exporting():
-        impl = "sdpa"  # torch.export / ONNX: `auto` keeps the portable graph
     if impl == "triton":
         from ..kernels.cross_attention import cross_attention_op, cross_attention_triton
         scale = (q.shape[-1] // heads) ** -0.5

@@ -6,7 +6,7 @@
 
 with the math of `kernels.cross_attention.cross_attention_ref` (row-gathered cross-attention:
 sample b reads K / V row `row_idx[b]` of the [R, L, C] tables), a C++ CPU kernel (fp32 / bf16,
-L <= 128, any head dim) and a CUDA kernel (libneti_fast_cuda.so, sm_80 / sm_90, fp32 / bf16 / fp16).
+any L, any head dim) and a CUDA kernel (libneti_fast_cuda.so, sm_80 / sm_90, fp32 / bf16 / fp16).
 It is a separate op from the Triton custom op `neti_fast::cross_attention` (see csrc/ops.cpp for
 why); its fake implementation is registered here, so torch.compile and torch.export see one node.
 
@@ -29,7 +29,6 @@ __all__ = ["native_available", "native_supported", "native_preferred", "cross_at
 
 _log = logging.getLogger("neti_fast.sd.native")
 _HERE = Path(__file__).resolve().parent.parent  # neti_fast/: setup.py builds the extension as neti_fast._C
-_MAX_L = 128
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CUDA_MAX_HEAD_DIM = 256
@@ -116,8 +115,8 @@ def native_supported(q: torch.Tensor, k_table: torch.Tensor, heads: int) -> tupl
         return False, f"k_table on {k_table.device}, q on {q.device}"
     if k_table.dtype != q.dtype:
         return False, f"dtype mismatch: q {q.dtype}, k_table {k_table.dtype}"
-    if not 1 <= k_table.shape[1] <= _MAX_L:
-        return False, f"L={k_table.shape[1]} keys, supported 1..{_MAX_L}"
+    if k_table.shape[1] < 1:
+        return False, "L=0: no keys"
     if q.device.type == "cpu":
         if q.dtype not in _CPU_DTYPES:
             return False, f"dtype {q.dtype} unsupported on CPU (float32 / bfloat16)"

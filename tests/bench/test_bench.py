@@ -201,3 +201,16 @@ def test_training_bench_variants_compute_the_trainers_step(tmp_path):
             assert loss == pytest.approx(want_loss, rel=1e-6), variant
             g, w = torch.cat([x.flatten() for x in grads]), torch.cat([x.flatten() for x in want_grads])
             assert float((g - w).norm() / w.norm()) < 1e-7, variant
+
+
+def test_roofline_sdxl_conditioning_line():
+    """The SDXL model line: 50 x 11 + 1 text-encoder rows per encoder, each about 2 FLOPs per
+    weight per token (the transformer layers' 12 * width^2 weights), a share of the image in (0, 1)."""
+    from neti_fast.bench.roofline import SDXL_TEXT, sdxl_conditioning
+    r = sdxl_conditioning(1024, steps=50)
+    assert r["text_encoder_rows"] == 551 and r["modules"] == 11
+    for k, c in SDXL_TEXT.items():
+        per_row = 2 * 77 * c["num_hidden_layers"] * 12 * c["hidden_size"] ** 2
+        assert 0.9 < r["tflop"]["text:" + k] * 1e12 / (551 * per_row) < 1.2, k
+    assert 0 < r["plain_sdxl_conditioning_flop_share"] < r["conditioning_flop_share"] < 0.5
+    assert all(0 < m["conditioning_time_share"] < 1 for m in r["model"].values())

@@ -93,3 +93,14 @@ def test_engine_batches_share_the_arena(tiny_model, make_concept):
     assert arena_.copies == 4                  # neg + t0 + t1, then t2; t0 and t1 again were resident
     for b, img in zip(batches, images):
         np.testing.assert_array_equal(img, Engine(tiny_model, cfg).generate_batch(b))
+
+
+def test_long_prompt_rows_and_one_length_per_arena():
+    """Long prompts give L = 77k keys per row: any L is held, but one arena holds one L."""
+    import pytest
+    long = KVArena([4, 8], [4, 8], 154, torch.float32, "cpu")
+    x = C([torch.full((2, 154, w), 1.0) for w in (4, 8)], [torch.full((2, 154, w), -1.0) for w in (4, 8)])
+    s = long.place([x])
+    assert long.k[1].shape == (16, 154, 8) and long.k[0][s[id(x)]:s[id(x)] + 2].eq(1).all()
+    with pytest.raises(ValueError, match="L=154"):
+        long.place([cond(1, 2.0)])  # L = 3 rows in an L = 154 arena

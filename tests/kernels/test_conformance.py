@@ -19,6 +19,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from neti_fast.kernels import cross_attention as ca  # noqa: E402
+from neti_fast.kernels.shapes import LONG_CONTEXTS  # noqa: E402
+from neti_fast.kernels.shapes import SHAPES as FAMILY_SHAPES  # noqa: E402
 from neti_fast.sd import native  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,19 +29,33 @@ ROWS = [3, 0, 3]  # repeats and out of order; rows 1, 2, 4 are never read
 NATIVE_OK, NATIVE_WHY = native.native_available()
 TRITON_OK = ca.HAS_TRITON and (DEVICE == "cuda" or ca._interpret_mode())
 
-# (name, N, C, heads, keys). SD 1.5's levels at 512x512: N = 4096 / 1024 / 256 / 64, C = 320 / 640 /
-# 1280 / 1280, 8 heads (head_dim 40 / 80 / 160). The Triton interpreter costs ~12 s per dtype at
-# N = 4096 or 1024, so it runs those two levels at N = 128 (every query row is computed alike: N
-# only changes how many programs run); the native kernel runs them at full size. "odd": N not a
-# multiple of any block or group, head_dim not a multiple of any vector width; keys 1 and 128 are
-# the supported extremes.
-SD15 = [("sd64x64", 4096, 320, 8, L), ("sd32x32", 1024, 640, 8, L), ("sd16x16", 256, 1280, 8, L),
-        ("sd8x8", 64, 1280, 8, L)]
+# (name, N, C, heads, keys), from the model families' shapes (neti_fast.kernels.shapes). SD 1.5's
+# levels at 512x512: N = 4096 / 1024 / 256 / 64, C = 320 / 640 / 1280 / 1280, 8 heads (head_dim 40
+# / 80 / 160); SD 2.x's (768x768) and SDXL's (1024x1024) head dim 64 with 5 / 10 / 20 heads. The
+# Triton interpreter costs ~12 s per dtype at N = 4096 or 1024, so off CUDA it runs levels above
+# N = 256 at N = 128 (every query row is computed alike: N only changes how many programs run), and
+# long prompts (L = 154, 231: the key-loop kernel) at one level per head dim; the native kernel runs
+# SD 1.5 at full size and SD 2.x / SDXL at N <= 1024. "odd": N not a multiple of any block or
+# group, head_dim not a multiple of any vector width; keys 1 and 128 are the one-pass kernel's
+# extremes, 129 the key loop's smallest (one real key in its last block).
+def family(name, keys=L, cap=lambda N: N):
+    """A family's levels as cases, N reduced by `cap`."""
+    return [(s.label + (f"-N{cap(s.N)}" if cap(s.N) != s.N else "") + (f"-L{keys}" if keys != L else ""),
+             cap(s.N), s.C, s.heads, keys) for s in FAMILY_SHAPES[name]]
+
+
+SD15 = family("sd1")
+_cap = (lambda N: N) if DEVICE == "cuda" else (lambda N: N if N <= 256 else 128)  # interpreter
+_L154, _L231 = LONG_CONTEXTS
 SHAPES = {
-    "triton": (SD15 if DEVICE == "cuda" else [("sd64x64-N128", 128, 320, 8, L), ("sd32x32-N128", 128, 640, 8, L)]
-               + SD15[2:]) + [("tiny", 64, 32, 4, L), ("odd", 50, 64, 8, L)],
-    "native": SD15 + [("tiny8x8", 64, 32, 8, L), ("tiny2x2", 4, 64, 8, L), ("tiny1x1", 1, 64, 8, L),
-                      ("odd", 50, 100, 5, L), ("L1", 37, 64, 4, 1), ("L128", 37, 64, 4, 128)],
+    "triton": family("sd1", cap=_cap) + family("sd2", cap=_cap)[:1] + family("sdxl", cap=_cap)[1:]
+              + [("tiny", 64, 32, 4, L), ("odd", 50, 64, 8, L)]
+              + family("sd1", _L154, _cap)[:1] + family("sd1", _L231, _cap)[3:] + family("sd2", _L231, _cap)[:1]
+              + [("odd-L129", 50, 64, 8, 129)],
+    "native": SD15 + family("sd2", cap=lambda N: min(N, 1024)) + family("sdxl", cap=lambda N: min(N, 1024))
+              + [c for k in LONG_CONTEXTS for c in family("sd1", k) + family("sdxl", k, lambda N: min(N, 1024))[1:]]
+              + [("tiny8x8", 64, 32, 8, L), ("tiny2x2", 4, 64, 8, L), ("tiny1x1", 1, 64, 8, L),
+                 ("odd", 50, 100, 5, L), ("L1", 37, 64, 4, 1), ("L128", 37, 64, 4, 128), ("L129", 37, 64, 4, 129)],
 }
 SHAPES["native-cuda"] = SHAPES["native"]
 HALF = [torch.float32, torch.float16, torch.bfloat16]

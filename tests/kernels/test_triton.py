@@ -64,9 +64,9 @@ def test_launcher_asserts():
     with pytest.raises(AssertionError, match="contiguous"):
         qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same shape, stride(-1) != 1
         cross_attention_triton(qt, k, v, ri, 4)
-    with pytest.raises(AssertionError, match="L="):
-        big = torch.randn(R, 129, 32, device=DEVICE)
-        cross_attention_triton(q, big, big, ri, 4)
+    with pytest.raises(AssertionError, match="L=0"):
+        empty = torch.randn(R, 0, 32, device=DEVICE)
+        cross_attention_triton(q, empty, empty, ri, 4)
     with pytest.raises(AssertionError, match="q must be"):
         cross_attention_triton(q[0], k, v, ri, 4)
 
@@ -87,9 +87,9 @@ def test_triton_supported(monkeypatch):
         assert not ok and "dtype" in reason
         ok, reason = triton_supported(q, k.half(), 4)
         assert not ok and "mismatch" in reason
-        big = torch.randn(1, 129, 32, device=DEVICE)
-        ok, reason = triton_supported(q, big, 4)
-        assert not ok and "L=" in reason
+        ok, reason = triton_supported(q, torch.randn(1, 0, 32, device=DEVICE), 4)
+        assert not ok and "L=0" in reason
+        assert triton_supported(q, torch.randn(1, 231, 32, device=DEVICE), 4)[0]  # long prompts
         wide_q = torch.randn(1, 4, 512, device=DEVICE)
         ok, reason = triton_supported(wide_q, torch.randn(1, 77, 512, device=DEVICE), 1)
         assert not ok and "head_dim" in reason
@@ -111,6 +111,27 @@ def test_padding_waste_at_sd15_shapes():
     assert [round(r, 3) for r in ratios] == [round(48 * 80 / (40 * 77), 3), round(80 / 77, 3), round(80 / 77, 3)]
     # next_pow2 padding (the old kernel) did 64 * 128 / (40 * 77) = 2.66x the useful work at d = 40
     assert max(ratios) < 1.25
+
+
+def test_padding_and_kernel_at_long_contexts():
+    """L > 128 selects the key-loop kernel: blocks of 32 keys, so 154 -> 160 and 231 -> 256 keys."""
+    for L, keys in ((154, 160), (231, 256)):
+        cfg = ca.pick_config(64, L, torch.float16, 90)
+        assert cfg.key_loop and cfg.variant == "keyloop" and ca.padded_keys(L, cfg) == keys
+        assert cfg.kernel is ca._cross_attn_fwd_keyloop_kernel
+        assert ca.work_ratio(64, L, cfg) == keys / L
+    cfg = ca.pick_config(64, 77, torch.float16, 90)
+    assert not cfg.key_loop and cfg.kernel is ca._cross_attn_fwd_kernel and (cfg.l0, cfg.l1) == (64, 16)
+    assert not ca.pick_config(64, 128, torch.float16, 90).key_loop
+
+
+def test_configs_cover_every_family_shape():
+    """Every (GPU family, head dim, dtype, kernel) that kernels.check compiles has a searched entry."""
+    from neti_fast.kernels.check import FAMILY_OF, cases
+    from neti_fast.kernels.cross_attention_configs import CONFIGS
+    missing = {(fam, s.head_dim, dt, "keyloop" if L > 128 else "onepass")
+               for fam in set(FAMILY_OF.values()) for dt in ("fp16", "bf16") for s, L in cases()} - set(CONFIGS)
+    assert not missing, sorted(missing)
 
 
 def test_pick_config_caps_block_n_at_small_n():

@@ -89,7 +89,7 @@ def test_bad_inputs_raise_clear_errors():
         ((q, k, v, ri[:2], 4, 0.5), "row_idx"),
         ((q.half(), k.half(), v.half(), ri, 4, 0.5), "unsupported"),
         ((q, k.bfloat16(), v, ri, 4, 0.5), "dtype mismatch"),
-        ((q, torch.randn(R, 129, 32), torch.randn(R, 129, 32), ri, 4, 0.5), "L=129"),
+        ((q, torch.randn(R, 0, 32), torch.randn(R, 0, 32), ri, 4, 0.5), "L=0"),
         ((q[0], k, v, ri, 4, 0.5), "q must be"),
     ]
     for args, msg in cases:
@@ -103,7 +103,8 @@ def test_supported_and_kill_switch(monkeypatch):
     assert ok == OK, why
     if OK:
         assert not native.native_supported(q.half(), k.half(), 4)[0]
-        assert "L=" in native.native_supported(q, torch.randn(1, 129, 32), 4)[1]
+        assert "L=0" in native.native_supported(q, torch.randn(1, 0, 32), 4)[1]
+        assert native.native_supported(q, torch.randn(1, 231, 32), 4)[0]  # long prompts: any L
         assert "divisible" in native.native_supported(q, k, 5)[1]
     monkeypatch.setenv("NETI_FAST_DISABLE_NATIVE", "1")
     ok, why = native.native_supported(q, k, 4)
