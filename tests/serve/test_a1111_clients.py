@@ -388,7 +388,6 @@ def biased(tiny_model, tmp_path_factory, one_thread):
     with torch.no_grad():
         ln.bias.copy_(torch.randn(ln.bias.shape, generator=torch.Generator().manual_seed(0)) * 0.3 + 0.2)
     tmp = tmp_path_factory.mktemp("syntax")
-    from neti_fast.concepts.concept import Concept
     from serve_util import make_concepts
     make_concepts(tmp / "concepts")  # and a 3-vector A1111 embedding beside them
     torch.save({"string_to_param": {"*": torch.randn(3, 32, generator=torch.Generator().manual_seed(1))},
