@@ -89,7 +89,8 @@ def chunk_tokens(tokenizer, text: str, unit: dict[int, int]) -> Chunks:
     parsed = parse_prompt_attention(text)
     # verbose=False: a fragment longer than 77 is expected here (it is chunked), not worth transformers' warning
     tokenized = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False, verbose=False).input_ids
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = tokenizer.convert_tokens_to_ids(",</w>")  # A1111's vocab.get(",</w>"); get_vocab() copies 49k entries
+    comma = None if comma == tokenizer.unk_token_id else comma
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     out = Chunks([], [])

@@ -94,6 +94,7 @@ class Server:
         for k in range(128):
             ensure_placeholder(model.tokenizer, slot_token(k))
         self.validate_lock = threading.Lock()
+        self._schedules_ok: set = set()   # (engine scheduler, steps) that check_scheduler accepted
         self.state_dir = Path(cfg.state_dir)
         self.store = ConceptStore(model, cfg.concepts, cfg.concept_cache_mb)
         self.store.scan()
@@ -125,7 +126,9 @@ class Server:
         a1111.note_ignored([f for f in ignored if not f.startswith("override_settings.")],
                            "img2img" if img2img else "txt2img")
         try:
-            check_scheduler(engine_sched, m.scheduler_config, req.steps)
+            if (engine_sched, req.steps) not in self._schedules_ok:  # building one costs ms: once per pair
+                check_scheduler(engine_sched, m.scheduler_config, req.steps)
+                self._schedules_ok.add((engine_sched, req.steps))
         except NetiError as e:  # a scheduler needing a package the server lacks is the client's choice of sampler
             raise FieldError("sampler_name" if e.field == "scheduler" else e.field, e.detail()) from None
         try:
