@@ -32,8 +32,9 @@ def test_tiny_model_folder_loads_in_diffusers(cli, one_line_error, tmp_path, cap
     code, out, _ = cli("tiny-model", tmp_path / "tiny")
     assert code == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "tiny"))
+    from neti_fast.sd.families import SD1
     from neti_fast.sd.models import UNET_LAYERS, cross_attention_modules
-    assert len(cross_attention_modules(pipe.unet)) == len(UNET_LAYERS) == 16
+    assert len(cross_attention_modules(pipe.unet, SD1)[0]) == len(UNET_LAYERS) == 16
     code, _, err = cli("tiny-model", tmp_path / "tiny")
     one_line_error(code, err, "not empty")
 

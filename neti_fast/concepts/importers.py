@@ -25,7 +25,7 @@ import torch
 from .concept import Concept
 from ..errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
-from ..sd.models import NUM_LAYERS
+from ..sd import families
 from ..utils import first_line as _first_line
 
 NETI_FAST_FORMATS = ("concept", "table")
@@ -123,9 +123,15 @@ def _ti_concept(path: Path, vec: torch.Tensor, placeholder: str, source: str) ->
     if n != 1:
         raise NetiError(f"{path}: multi-vector embeddings ({n} vectors) are not supported yet; "
                         f"only single-vector embeddings can be imported")
-    c = Concept(method="ti", placeholder=placeholder, text_dim=d, embeds=vec, source=source)
+    c = Concept(method="ti", placeholder=placeholder, text_dim=d, embeds=vec, source=source, family=_family_of(d))
     c.check_finite(str(path))
     return c
+
+
+def _family_of(d: int):
+    """A file that records no family is for the one whose text encoder has its width (768: SD 1.x,
+    1024: SD 2.x); any other width (a toy model's) is taken for SD 1.x, as it always was."""
+    return families.by_widths((d,)) or families.DEFAULT
 
 
 def _a1111_placeholder(path: Path, name, placeholder: str | None) -> str:
@@ -287,7 +293,8 @@ def _import_official_neti(path: Path, obj: dict, placeholder: str | None, embeds
             sd[f"encoder.{name}"] = v.float()
         num_w = MapperConfig.num_w
 
-    mcfg = MapperConfig(output_dim=d, num_layers=NUM_LAYERS, use_nested_dropout=use_nd, nested_dropout_prob=nd_prob,
+    family = _family_of(d)
+    mcfg = MapperConfig(output_dim=d, num_layers=family.num_layers, use_nested_dropout=use_nd, nested_dropout_prob=nd_prob,
                         target_norm=None if target_norm is None else float(target_norm),
                         use_positional_encoding=use_pe, num_pe_time_anchors=n_anchors,
                         sigma_t=sigma_t, sigma_l=sigma_l, num_w=num_w, output_bypass=bypass)
@@ -318,7 +325,7 @@ def _import_official_neti(path: Path, obj: dict, placeholder: str | None, embeds
         placeholder_embed = vec[0]
 
     c = Concept(method="neti", placeholder=ph, text_dim=d, mapper=mapper, init_word=init_word or None,
-                base_model=base or None, source="official-neti", placeholder_embed=placeholder_embed)
+                base_model=base or None, source="official-neti", placeholder_embed=placeholder_embed, family=family)
     c.check_finite(str(path))
     return c
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NetiError
+from ..sd import families
 from ..sd.models import Model
 from .engine import Engine
 from .request import GenerateConfig, Request, check_request
@@ -32,8 +33,10 @@ from .request import GenerateConfig, Request, check_request
 class Attachment:
     def __init__(self, pipe, table, truncation: int | None = None, attention: str = "auto"):
         self.pipe, self.table, self.truncation = pipe, table, truncation
+        family = families.detect({"_class_name": type(pipe).__name__}, pipe.text_encoder.config.to_dict(),
+                                 "neti_fast.attach")
         model = Model(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, dict(pipe.scheduler.config),
-                      name=getattr(pipe, "name_or_path", None) or "pipeline")
+                      name=getattr(pipe, "name_or_path", None) or "pipeline", family=family)
         self.engine = Engine(model, GenerateConfig(attention=attention))  # binds the processors to pipe.unet
         self.state = model.attn_state
         self._requests: list[Request] = []

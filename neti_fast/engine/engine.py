@@ -32,7 +32,7 @@ from .sampling import decode, image_generators, make_scheduler, step_kwargs
 
 @dataclass
 class LayerKV:
-    """One conditioning's per-layer K / V rows: 16 x [S, 77, C_l]; S = steps or 1."""
+    """One conditioning's K / V rows, per cross-attention module: [S, 77, C_m]; S = steps or 1."""
     k: list
     v: list
     time_varying: bool
@@ -43,7 +43,7 @@ class LayerKV:
 
 
 def concept_rows(tables: dict, timesteps: torch.Tensor, truncation: int | None):
-    """Every concept's rows for a schedule, stacked by slot: ([S, 16, K, D], same or None).
+    """Every concept's rows for a schedule, stacked by slot: ([S, L, K, D], same or None).
 
     S = len(timesteps) if any concept varies over time, else 1 (one row serves every step). A
     concept without a bypass gets zero rows beside one with it (a zero bypass changes nothing).
@@ -72,9 +72,9 @@ class Engine:
 
     # ------------------------------------------------------------------ conditioning
     def _kv(self, enc: torch.Tensor, enc_b: torch.Tensor) -> tuple[list, list]:
-        """enc, enc_b: [S, 16, 77, D] or [S, 77, D] (same for all layers) -> per-layer K, V."""
+        """enc, enc_b: [S, L, 77, D] or [S, 77, D] (same for all layers) -> per-module K, V."""
         ks, vs = [], []
-        for l, attn in enumerate(self.model.cross_attention):
+        for attn, l in zip(self.model.cross_attention, self.model.attn_layer):
             e, eb = (enc[:, l], enc_b[:, l]) if enc.ndim == 4 else (enc, enc_b)
             ks.append(attn.to_k(e))
             vs.append(attn.to_v(eb))
@@ -100,7 +100,7 @@ class Engine:
 
         def build():
             toks = tokenize_request(m, prompt, tables)
-            token, bypass = concept_rows(tables, timesteps, truncation)     # [S, 16, K, D]
+            token, bypass = concept_rows(tables, timesteps, truncation)     # [S, L, K, D]
             S, L, K, D = token.shape
             dt = m.text_encoder.dtype
             enc, enc_b = encode_rows(m.text_encoder, toks, token.reshape(S * L, K, D).to(dt),
@@ -132,7 +132,7 @@ class Engine:
         graph stays valid; torch.compile sees one row count). Negative prompts are shared rows, not
         copied per sample. U-Net batch row b (negative halves first when `guided`) reads
         `base[b] + step * stride[b]`; stride is 0 for conditionings constant over time.
-        Returns (k_tables 16 x [R, 77, C_l], v_tables, base [B'], stride [B']).
+        Returns (k_tables per module [R, 77, C_m], v_tables, base [B'], stride [B']).
         """
         m, cfg = self.model, self.cfg
         conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps, r.clip_skip) for r in reqs]

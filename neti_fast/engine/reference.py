@@ -11,7 +11,7 @@ import torch
 
 from ..sd.attention import install_processors
 from ..sd.conditioning import encode, tokenize
-from ..sd.models import NUM_LAYERS, Model
+from ..sd.models import Model
 from .request import GenerateConfig, Request, check_request, check_settings, check_size, tokenize_request
 from .sampling import decode, image_generators, initial_latents, make_scheduler, step_kwargs
 from ..concepts.table import stack_rows
@@ -20,7 +20,7 @@ from ..concepts.table import stack_rows
 @torch.no_grad()
 def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, timesteps: torch.Tensor):
     """The official PromptManager.embed_prompt: the negative prompt once, then every (t, l) encoded
-    on its own. Returns (negative [1, 77, D], per step: 16 x (enc, enc_bypass))."""
+    on its own. Returns (negative [1, 77, D], per step: per layer (enc, enc_bypass))."""
     m = model
     negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt
     cs = req.clip_skip
@@ -31,7 +31,7 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
     per_step = []
     for t in timesteps:
         layers = []
-        for l in range(NUM_LAYERS):
+        for l in range(m.family.num_layers):
             if not tables:
                 enc = encode(m.text_encoder, toks.input_ids[None], clip_skip=cs)[0]
                 layers.append((enc, enc))

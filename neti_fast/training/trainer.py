@@ -49,7 +49,7 @@ from .checkpoints import (_checkpoints, _rank_seed, _rng_state, _seed_globals, l
 from ..concepts.concept import Concept
 from ..errors import NetiError
 from ..concepts.mapper import MapperConfig, NeTIMapper
-from ..sd.models import NUM_LAYERS
+from ..sd.families import Family
 from .config import TrainConfig, _check_config, _device, config_from_args, default_out
 from ..utils import check_writable, image_size, torch_dtype
 
@@ -71,15 +71,15 @@ def init_token_id(tokenizer, placeholder: str, init_word: str) -> int:
 class Trainable:
     """The concept being trained: parameters, per-(t, l) rows, and conversion to a `Concept`."""
 
-    def __init__(self, cfg: TrainConfig, init_embed: torch.Tensor, text_dim: int):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, init_embed: torch.Tensor, text_dim: int, family: Family):
+        self.cfg, self.family = cfg, family
         self.init_embed = init_embed.detach().float().cpu()
         self.mapper = self.embeds = None
         if cfg.method == "neti":
             target = None
             if cfg.normalize_mapper_output:
                 target = float(cfg.target_norm) if cfg.target_norm is not None else float(self.init_embed.norm())
-            mcfg = MapperConfig(output_dim=text_dim, num_layers=NUM_LAYERS, use_nested_dropout=cfg.use_nested_dropout,
+            mcfg = MapperConfig(output_dim=text_dim, num_layers=family.num_layers, use_nested_dropout=cfg.use_nested_dropout,
                                 nested_dropout_prob=cfg.nested_dropout_prob, target_norm=target,
                                 use_positional_encoding=cfg.use_positional_encoding,
                                 num_pe_time_anchors=cfg.num_pe_time_anchors, sigma_t=cfg.sigma_t,
@@ -89,7 +89,7 @@ class Trainable:
                 self._load_init_concept(cfg.init_concept)
             self.mapper.train()
         else:
-            n = NUM_LAYERS if cfg.method == "xti" else 1
+            n = family.num_layers if cfg.method == "xti" else 1
             self.embeds = torch.nn.Parameter(self.init_embed[None].repeat(n, 1).clone())
 
     def _load_init_concept(self, path: str) -> None:
@@ -147,9 +147,9 @@ class Trainable:
                 mapper = NeTIMapper(self.mapper.cfg)
             mapper.load_tensors({k: v.cpu() for k, v in self.mapper.tensors().items()})
             return Concept("neti", cfg.placeholder, text_dim, mapper=mapper.eval(), init_word=cfg.init_word,
-                           base_model=cfg.model, placeholder_embed=self.init_embed.clone())
+                           base_model=cfg.model, placeholder_embed=self.init_embed.clone(), family=self.family)
         return Concept(cfg.method, cfg.placeholder, text_dim, embeds=self.embeds.detach().float().cpu().clone(),
-                       init_word=cfg.init_word, base_model=cfg.model)
+                       init_word=cfg.init_word, base_model=cfg.model, family=self.family)
 
 
 # ----------------------------------------------------------------------------- training
@@ -304,7 +304,7 @@ def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None)
     data_seed = _rank_seed(cfg.seed, dd.rank)
     dataset = TextualInversionDataset(images, size, cfg.learnable_property, cfg.center_crop, seed=data_seed)
     train_gen = torch.Generator().manual_seed(data_seed + 1)
-    trainable = Trainable(cfg, init_embed, model.text_dim).to(device)
+    trainable = Trainable(cfg, init_embed, model.text_dim, model.family).to(device)
     if dd.world > 1:
         import torch.distributed as dist
         for p in trainable.parameters():  # identical start on every rank, whatever each drew
@@ -364,18 +364,18 @@ def _sample_latents(run: _Run, items: list) -> torch.Tensor:
 
 
 def _text_rows(run: _Run, ids, mask, t: torch.Tensor, B: int):
-    """Per-layer text encodings for the captions at timesteps t: (16 x [B, 77, D] keys' source,
-    16 x values' source). NeTI / XTI: the 16 layers' rows in one CLIP batch of 16 B; TI: one pass."""
+    """Per-layer text encodings for the captions at timesteps t: (L x [B, 77, D] keys' source,
+    L x values' source). NeTI / XTI: the L layers' rows in one CLIP batch of L B; TI: one pass."""
     from ..sd.conditioning import encode
-    te = run.model.text_encoder
-    if run.cfg.method == "ti":  # one row for all 16 layers: encode once
+    te, L = run.model.text_encoder, run.model.family.num_layers
+    if run.cfg.method == "ti":  # one row for every layer: encode once
         token, bypass = run.trainable.layer_rows(t, 0)
         e, eb = encode(te, ids, mask, token, bypass)
-        return [e] * NUM_LAYERS, [eb] * NUM_LAYERS
-    rows = [run.trainable.layer_rows(t, l) for l in range(NUM_LAYERS)]
+        return [e] * L, [eb] * L
+    rows = [run.trainable.layer_rows(t, l) for l in range(L)]
     token = torch.cat([r[0] for r in rows])
     bypass = None if rows[0][1] is None else torch.cat([r[1] for r in rows])
-    e, eb = encode(te, ids.repeat(NUM_LAYERS, 1), mask.repeat(NUM_LAYERS, 1), token, bypass)
+    e, eb = encode(te, ids.repeat(L, 1), mask.repeat(L, 1), token, bypass)
     return list(e.split(B)), list(eb.split(B))
 
 

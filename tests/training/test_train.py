@@ -55,7 +55,7 @@ def _initial(cfg, model):
     init_id = model.tokenizer.encode(cfg.init_word, add_special_tokens=False)[0]
     emb = model.text_encoder.get_input_embeddings().weight[init_id].detach()
     torch.manual_seed(cfg.seed)
-    return Trainable(cfg, emb, model.text_dim).tensors(), emb
+    return Trainable(cfg, emb, model.text_dim, model.family).tensors(), emb
 
 
 @pytest.mark.parametrize("method", ["neti", "xti", "ti"])
