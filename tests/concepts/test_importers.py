@@ -404,3 +404,18 @@ def test_official_neti_malformed(tmp_path, official_module):
     torch.save({"state_dict": ref.state_dict(), "cfg": {"model": {}}, "encoder": None}, tmp_path / "m3.pt")
     with pytest.raises(NetiError, match=r"m3\.pt.*encoder is NoneType"):
         load_concept(tmp_path / "m3.pt")
+
+
+def test_sd2_embeddings_import_in_every_format(tmp_path):
+    """1024-d (SD 2.x, OpenCLIP-H) embeddings load from every format 768-d ones do, as SD 2.x concepts."""
+    from neti_fast.sd.families import SD2
+    v = torch.randn(1, 1024)
+    torch.save(_a1111(v.clone()), tmp_path / "a.pt")
+    save_file({"emb_params": v}, tmp_path / "a.safetensors")
+    torch.save({"<x>": v[0]}, tmp_path / "learned_embeds.bin")
+    save_file({"<x>": v}, tmp_path / "learned_embeds.safetensors")
+    for name in ("a.pt", "a.safetensors", "learned_embeds.bin", "learned_embeds.safetensors"):
+        c = load_concept(tmp_path / name)
+        assert (c.method, c.text_dim, c.family) == ("ti", 1024, SD2) and torch.equal(c.embeds, v), name
+        c.save(tmp_path / f"{name}.concept.safetensors")            # and back as a neti-fast concept
+        assert load_concept(tmp_path / f"{name}.concept.safetensors").family is SD2
