@@ -28,6 +28,16 @@ class TextEncoderSpec:
     hidden_state: int
     pooled: bool          # its pooled, projected output is added conditioning (SDXL's bigG: `text_embeds`)
 
+    @property
+    def final_norm(self) -> bool:
+        """Whether the final layer norm is applied (only to the last hidden state, as diffusers does)."""
+        return self.hidden_state == -1
+
+    def clip_skip(self, clip_skip: int) -> int:
+        """The hidden state (counted as conditioning.encode's clip_skip) for a request's CLIP skip
+        (1 = the family's own state): SDXL's -2 with clip skip n is diffusers' hidden_states[-(n + 1)]."""
+        return clip_skip - 1 - self.hidden_state
+
 
 @dataclass(frozen=True)
 class Family:
@@ -44,6 +54,13 @@ class Family:
     default_scheduler: str
     default_guidance: float
     added_conditioning: tuple     # U-Net added_cond_kwargs: SDXL's pooled text embedding and time_ids
+    # The layer whose concept rows the pooled embedding is encoded with (SDXL: the middle block's; the
+    # pooled vector is one per image and step, so one layer's rows must stand for all). None: no pooled.
+    pooled_layer: int | None = None
+
+    @property
+    def pooled_encoders(self) -> tuple:
+        return tuple(i for i, e in enumerate(self.encoders) if e.pooled)
 
     @property
     def num_layers(self) -> int:
@@ -84,7 +101,7 @@ SDXL = Family(
     layers=("IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"),
     transformer_blocks=70, head_dim=(64,) * 11,
     prediction_type="epsilon", default_size=1024, default_scheduler="euler", default_guidance=5.0,
-    added_conditioning=("text_embeds", "time_ids"))
+    added_conditioning=("text_embeds", "time_ids"), pooled_layer=4)
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
 DEFAULT = SD1   # what a concept or table file without a `family` entry was made for (every older file)

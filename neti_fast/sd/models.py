@@ -8,7 +8,11 @@
 - `tiny-sd2`: the same for SD 2.x (OpenCLIP-H-style text encoder, `gelu`, padding with "!"; 16
   cross-attention layers with head dim 64 from per-block head counts, linear projections, upcast
   attention; v-prediction DDIM scheduler config, as SD 2.1 ships).
-- `sd15-shaped`, `sd2-shaped`: the published architecture configs (SD 1.5, SD 2.1) with random
+- `tiny-xl`: the same for SDXL (CLIP-L-style and bigG-style text encoders, the second with its
+  projection, both configs with SDXL's eos_token_id 2 so pooling takes the highest id as there; 11
+  cross-attention modules holding 70 transformer blocks (1, 2, 10 per level), linear projections,
+  `text_time` added conditioning; force_zeros_for_empty_prompt; SDXL's Euler scheduler config).
+- `sd15-shaped`, `sd2-shaped`, `sdxl-shaped`: the published configs (SD 1.5, SD 2.1, SDXL base) with random
   weights, built in memory, for benchmarks whose cost must equal the real model's.
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .families import Family
 # its model's or concept's family (families.Family.layers).
 UNET_LAYERS = families.SD1.layers
 NUM_LAYERS = families.SD1.num_layers
-BUILTIN_MODELS = ("tiny", "tiny-sd2", "sd15-shaped", "sd2-shaped")
+BUILTIN_MODELS = ("tiny", "tiny-sd2", "tiny-xl", "sd15-shaped", "sd2-shaped", "sdxl-shaped")
 TINY_VERSION = "2"        # of `tiny`; each built-in folder is cached under its name and version
 
 # SD 1.x scheduler_config.json (PNDM, as shipped); generation swaps the class, keeps the betas.
@@ -47,6 +51,14 @@ SD2_SCHEDULER_CONFIG = {
     "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
     "prediction_type": "v_prediction",
 }
+# SDXL base 1.0's (stabilityai/stable-diffusion-xl-base-1.0).
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "interpolation_type": "linear",
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+    "clip_sample": False,
+}
 
 
 @dataclass
@@ -59,6 +71,9 @@ class Model:
     scheduler_config: dict
     name: str
     family: Family
+    more_tokenizers: list = field(default_factory=list)       # the family's further text encoders' (SDXL: bigG)
+    more_text_encoders: list = field(default_factory=list)
+    zero_empty_negative: bool = False    # model_index.json force_zeros_for_empty_prompt: "" -> zero conditioning
     cross_attention: list = field(default_factory=list)  # diffusers Attention modules (attn2), execution order
     attn_layer: list = field(default_factory=list)       # the family's layer l of each of those modules
     attn_state: object = None                             # set by attention.install_processors
@@ -68,8 +83,21 @@ class Model:
             self.cross_attention, self.attn_layer = cross_attention_modules(self.unet, self.family)
 
     @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer] + self.more_tokenizers
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder] + self.more_text_encoders
+
+    @property
+    def text_widths(self) -> list:
+        return [te.config.hidden_size for te in self.text_encoders]
+
+    @property
     def text_dim(self) -> int:
-        return self.text_encoder.config.hidden_size
+        """A concept row's width: the text encoders' widths side by side (SDXL: CLIP-L's, then bigG's)."""
+        return sum(self.text_widths)
 
     # diffusers' ModelMixin.device / .dtype walk every submodule (~9 ms a read on tiny's U-Net); the first
     # parameter says the same and these are read on every conditioning and every batch.
@@ -90,7 +118,7 @@ class Model:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device=None, dtype=None) -> "Model":
-        for m in (self.text_encoder, self.unet, self.vae):
+        for m in (*self.text_encoders, self.unet, self.vae):
             if dtype is not None and m.dtype != dtype:
                 m.to(dtype=dtype)
             if device is not None:
@@ -128,7 +156,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         model = load_diffusers(path, dtype=dtype)  # loaded in `dtype`: no float32 copy first
         model.name = spec
     model.to(device=device, dtype=dtype)
-    for m in (model.text_encoder, model.unet, model.vae):
+    for m in (*model.text_encoders, model.unet, model.vae):
         m.eval().requires_grad_(False)
     return model
 
@@ -140,9 +168,9 @@ def _transformers_dtype_kw() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def _family(path: str, spec: str) -> Family:
+def _family(path: str, spec: str) -> tuple[Family, dict]:
     """The family of a diffusers layout, from its model_index.json and text encoder config (a local
-    folder without model_index.json is taken for SD 1.x, as neti-fast always has)."""
+    folder without model_index.json is taken for SD 1.x, as neti-fast always has), and that index."""
     from diffusers import DiffusionPipeline
     from transformers import PretrainedConfig
     local = Path(path)
@@ -155,36 +183,38 @@ def _family(path: str, spec: str) -> Family:
             raise NetiError(f"--model {spec}: could not read model_index.json ({first_line(e)})") from e
     where = f"--model {spec}"
     if not any(f.pipeline == index.get("_class_name") for f in families.FAMILIES.values()):
-        return families.detect(index, {}, where)  # refused, naming what was found
+        return families.detect(index, {}, where), index  # refused, naming what was found
     if local.exists() and not (local / "text_encoder" / "config.json").is_file():
-        return families.detect(index, {}, where)  # the missing folder is reported by the caller
+        return families.detect(index, {}, where), index  # the missing folder is reported by the caller
     try:
         text = PretrainedConfig.get_config_dict(path, subfolder="text_encoder")[0]
     except (OSError, ValueError) as e:
         raise NetiError(f"--model {spec}: could not read text_encoder/config.json ({first_line(e)})") from e
-    return families.detect(index, text, where)
+    return families.detect(index, text, where), index
 
 
 def load_diffusers(path: str, dtype: torch.dtype | None = None) -> Model:
     """Load a diffusers layout of a supported family (local folder or hub id) component by component,
     each directly in `dtype` (None: as stored) via from_pretrained, so fp16 loads need no float32 copy."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from .hub import resolve_source
     spec, path = path, resolve_source(path, "--model", hint=f"; built-in models: {', '.join(BUILTIN_MODELS)}")
     local = Path(path)
-    family = _family(path, spec)
+    family, index = _family(path, spec)
     if local.exists():
         parts = [e.tokenizer_subfolder for e in family.encoders] + [e.subfolder for e in family.encoders]
         missing = [s for s in parts + ["unet", "vae", "scheduler"] if not (local / s).is_dir()]
         if missing:
             raise NetiError(f"--model {spec}: not a {family.title} diffusers folder (missing {', '.join(missing)}/)")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=e.tokenizer_subfolder) for e in family.encoders]
         kw = {} if dtype is None else {"torch_dtype": dtype}
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
-                                                     **({} if dtype is None else {_transformers_dtype_kw(): dtype}))
+        text_kw = {} if dtype is None else {_transformers_dtype_kw(): dtype}
+        # an encoder whose pooled output conditions the U-Net carries its projection (SDXL's bigG)
+        text_encoders = [(CLIPTextModelWithProjection if e.pooled else CLIPTextModel).from_pretrained(
+            path, subfolder=e.subfolder, **text_kw) for e in family.encoders]
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         from diffusers import DDIMScheduler
@@ -193,7 +223,9 @@ def load_diffusers(path: str, dtype: torch.dtype | None = None) -> Model:
         raise
     except (OSError, ValueError) as e:
         raise NetiError(f"--model {spec}: could not load it ({first_line(e)})") from e
-    return Model(tokenizer, text_encoder, unet, vae, sched, name=spec, family=family)
+    return Model(tokenizers[0], text_encoders[0], unet, vae, sched, name=spec, family=family,
+                 more_tokenizers=tokenizers[1:], more_text_encoders=text_encoders[1:],
+                 zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", False)))
 
 
 # ----------------------------------------------------------------------------- built-in models
@@ -254,6 +286,47 @@ def sd2_configs(vocab_size: int = 49408, bos: int = 49406, eos: int = 49407, pad
                        upcast_attention=True)
 
 
+def _xl_configs(vocab_size: int, bos: int, eos: int, pad: int, widths: tuple, ffs: tuple, text_layers: tuple,
+                text_heads: tuple, unet_widths: tuple, unet_heads: tuple, blocks: tuple, time_dim: int,
+                unet_sample: int, vae_widths: tuple, vae_layers: int, vae_sample: int) -> dict:
+    """SDXL's topology at the given widths: CLIP-L-style `text` and bigG-style `text_2` (with its
+    projection); a 3-level U-Net, cross-attention at levels 2-3 with `blocks` transformer blocks per
+    module, `text_time` added conditioning (the pooled projection + 6 time ids x `time_dim`)."""
+    def text(width, ff, layers, heads, act, pad_id):
+        # SDXL's text configs keep CLIP's old eos_token_id 2: transformers then pools at the highest id
+        return dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers,
+                    num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, bos_token_id=bos,
+                    eos_token_id=2, pad_token_id=pad_id, projection_dim=widths[1])
+    unet = dict(sample_size=unet_sample, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=unet_widths, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), transformer_layers_per_block=blocks,
+                cross_attention_dim=sum(widths), attention_head_dim=unet_heads, norm_num_groups=32,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=widths[1] + 6 * time_dim)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=vae_layers,
+               block_out_channels=vae_widths, norm_num_groups=32, sample_size=vae_sample, scaling_factor=0.13025,
+               force_upcast=True, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4)
+    return {"text": text(widths[0], ffs[0], text_layers[0], text_heads[0], "quick_gelu", eos),
+            "text_2": text(widths[1], ffs[1], text_layers[1], text_heads[1], "gelu", pad), "unet": unet, "vae": vae}
+
+
+def tiny_xl_configs(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
+    """SDXL at toy width: head dim 64 (1, 1, 2 heads where SDXL has 5, 10, 20), SDXL's 1 / 2 / 10
+    transformer blocks per module (70 in 11 modules), 3-layer text encoders (hidden state -2 is then
+    the second layer's output)."""
+    return _xl_configs(vocab_size, bos, eos, pad, widths=(32, 64), ffs=(64, 128), text_layers=(3, 3),
+                       text_heads=(4, 4), unet_widths=(64, 64, 128), unet_heads=(1, 1, 2), blocks=(1, 2, 10),
+                       time_dim=8, unet_sample=8, vae_widths=(32, 32, 32, 32), vae_layers=1, vae_sample=64)
+
+
+def sdxl_configs(vocab_size: int = 49408, bos: int = 49406, eos: int = 49407, pad: int = 0) -> dict:
+    """The public SDXL base 1.0 configs, written out: no download."""
+    return _xl_configs(vocab_size, bos, eos, pad, widths=(768, 1280), ffs=(3072, 5120), text_layers=(12, 32),
+                       text_heads=(12, 20), unet_widths=(320, 640, 1280), unet_heads=(5, 10, 20), blocks=(1, 2, 10),
+                       time_dim=256, unet_sample=128, vae_widths=(128, 256, 512, 512), vae_layers=2, vae_sample=1024)
+
+
 @dataclass(frozen=True)
 class Builtin:
     """A built-in model: its family, its configs (from the tokenizer's special ids) and scheduler."""
@@ -262,12 +335,19 @@ class Builtin:
     scheduler: dict
     pad_token: str | None       # None: pad with the end token (SD 1.x's CLIP); SD 2.x pads with "!"
     version: str
+    pipeline_kwargs: tuple = ()  # further pipeline config (SDXL: force_zeros_for_empty_prompt)
+    # Each further text encoder's tokenizer pad token (SDXL: CLIP-L pads with the end token, bigG with "!").
+    more_pad_tokens: tuple = ()
 
 
 TINY = {"tiny": Builtin(families.SD1, tiny_configs, SD_SCHEDULER_CONFIG, None, TINY_VERSION),
-        "tiny-sd2": Builtin(families.SD2, tiny_sd2_configs, SD2_SCHEDULER_CONFIG, "!", "1")}
+        "tiny-sd2": Builtin(families.SD2, tiny_sd2_configs, SD2_SCHEDULER_CONFIG, "!", "1"),
+        "tiny-xl": Builtin(families.SDXL, tiny_xl_configs, SDXL_SCHEDULER_CONFIG, None, "1",
+                           (("force_zeros_for_empty_prompt", True),), ("!",))}
 SHAPED = {"sd15-shaped": Builtin(families.SD1, sd15_configs, SD_SCHEDULER_CONFIG, None, ""),
-          "sd2-shaped": Builtin(families.SD2, sd2_configs, SD2_SCHEDULER_CONFIG, "!", "")}
+          "sd2-shaped": Builtin(families.SD2, sd2_configs, SD2_SCHEDULER_CONFIG, "!", ""),
+          "sdxl-shaped": Builtin(families.SDXL, sdxl_configs, SDXL_SCHEDULER_CONFIG, None, "",
+                                 (("force_zeros_for_empty_prompt", True),), ("!",))}
 
 
 def _make_tokenizer(workdir: Path, pad_token: str | None = None):
@@ -279,19 +359,29 @@ def _make_tokenizer(workdir: Path, pad_token: str | None = None):
     return CLIPTokenizer.from_pretrained(str(workdir), model_max_length=77, **kw)
 
 
-def _builtin_configs(b: Builtin, tokenizer) -> dict:
-    return b.configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+def _builtin_configs(b: Builtin, tokenizers: list) -> dict:
+    """The configs for these tokenizers' ids: the last one's pad id (SD 2.x's, SDXL's bigG's "!")."""
+    t = tokenizers[0]
+    return b.configs(len(t), t.bos_token_id, t.eos_token_id, tokenizers[-1].pad_token_id)
 
 
-def _build_components(cfg: dict, tokenizer, seed: int = 0):
+def _build_components(cfg: dict, seed: int = 0):
+    """(text encoders, U-Net, VAE) from configs: `text`, then `text_2` with its projection where there is one."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)  # every component's init draws from the default generator, in order
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    texts = [CLIPTextModel(CLIPTextConfig(**cfg["text"]))]
+    if "text_2" in cfg:
+        texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])))
     unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(**cfg["vae"])
-    return text_encoder, unet, vae
+    return texts, unet, vae
+
+
+def _tokenizers(workdir: Path, b: Builtin) -> list:
+    return [_make_tokenizer(workdir / ("bpe" if i == 0 else f"bpe{i}"), pad)
+            for i, pad in enumerate((b.pad_token,) + b.more_pad_tokens)]
 
 
 def _scheduler(config: dict):
@@ -310,11 +400,17 @@ def build_tiny(out_dir: str | Path, name: str = "tiny") -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     try:
-        tokenizer = _make_tokenizer(tmp / "bpe", b.pad_token)
-        text_encoder, unet, vae = _build_components(_builtin_configs(b, tokenizer), tokenizer)
-        pipe = getattr(diffusers, b.family.pipeline)(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(b.scheduler),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        tokenizers = _tokenizers(tmp, b)
+        texts, unet, vae = _build_components(_builtin_configs(b, tokenizers))
+        parts = {}
+        for spec, tok, te in zip(b.family.encoders, tokenizers, texts):
+            parts[spec.tokenizer_subfolder], parts[spec.subfolder] = tok, te
+        cls = getattr(diffusers, b.family.pipeline)
+        # the pipeline's own optional parts (SD's safety checker, SDXL's image encoder) are left out
+        optional = {k: None for k in getattr(cls, "_optional_components", []) if k not in parts}
+        extra = {"requires_safety_checker": False} if "safety_checker" in optional else {}
+        pipe = cls(vae=vae, unet=unet, scheduler=_scheduler(b.scheduler), **parts, **optional, **extra,
+                   **dict(b.pipeline_kwargs))
         pipe.save_pretrained(tmp / "model", safe_serialization=True)
         (tmp / "model" / "neti_fast_tiny.json").write_text(json.dumps({"version": b.version}))
         if out_dir.exists():
@@ -343,7 +439,10 @@ def tiny_model_dir(name: str = "tiny") -> Path:
 def build_shaped(name: str, seed: int = 0) -> Model:
     """A published-config model (SHAPED) with random weights, in memory (about 1.1-1.3 B parameters)."""
     b = SHAPED[name]
-    tokenizer = _make_tokenizer(Path(tempfile.mkdtemp(prefix="neti-bpe-")), b.pad_token)
-    cfg = b.configs() if b.pad_token is None else b.configs(pad=tokenizer.pad_token_id)
-    text_encoder, unet, vae = _build_components(cfg, tokenizer, seed)
-    return Model(tokenizer, text_encoder, unet, vae, dict(b.scheduler), name=name, family=b.family)
+    tokenizers = _tokenizers(Path(tempfile.mkdtemp(prefix="neti-bpe-")), b)
+    pad = tokenizers[-1].pad_token_id
+    cfg = b.configs() if pad == tokenizers[0].eos_token_id else b.configs(pad=pad)  # SD 1.5's config pads with 1
+    texts, unet, vae = _build_components(cfg, seed)
+    return Model(tokenizers[0], texts[0], unet, vae, dict(b.scheduler), name=name, family=b.family,
+                 more_tokenizers=tokenizers[1:], more_text_encoders=texts[1:],
+                 zero_empty_negative=dict(b.pipeline_kwargs).get("force_zeros_for_empty_prompt", False))
