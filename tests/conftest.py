@@ -31,6 +31,12 @@ def tiny_sd2_model(_cache_dir):
     return load_model("tiny-sd2")
 
 
+@pytest.fixture(scope="session")
+def tiny_xl_model(_cache_dir):
+    from neti_fast.sd.models import load_model
+    return load_model("tiny-xl")
+
+
 def _make_concept(method: str = "neti", dim: int = 32, seed: int = 0, bypass: bool = True, placeholder: str = "<c>",
                   family=None):
     from neti_fast.concepts.concept import random_concept

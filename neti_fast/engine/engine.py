@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..concepts.table import stack_rows
-from ..sd.conditioning import encode_plain, encode_rows
+from ..sd.encoders import encode_plain_all, encode_rows_all, pooled_all
 from ..sd.models import Model
 from ..utils import ByteLRU
 from .denoiser import TorchDenoiser
@@ -32,14 +32,17 @@ from .sampling import decode, image_generators, make_scheduler, step_kwargs
 
 @dataclass
 class LayerKV:
-    """One conditioning's K / V rows, per cross-attention module: [S, 77, C_m]; S = steps or 1."""
+    """One conditioning's K / V rows, per cross-attention module: [S, 77, C_m]; S = steps or 1; and
+    where the family has one (SDXL), its pooled text embedding per step [S, P]."""
     k: list
     v: list
     time_varying: bool
+    pooled: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        pooled = [] if self.pooled is None else [self.pooled]
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + pooled)
 
 
 def concept_rows(tables: dict, timesteps: torch.Tensor, truncation: int | None):
@@ -84,8 +87,11 @@ class Engine:
         m = self.model
 
         def build():
-            enc = encode_plain(m.text_encoder, m.tokenizer, prompt, clip_skip)
-            return LayerKV(*self._kv(enc, enc), time_varying=False)
+            enc = encode_plain_all(m, prompt, clip_skip)
+            pooled = pooled_all(m, tokenize_request(m, prompt, {}), None)
+            if m.zero_empty_negative and not prompt:  # force_zeros_for_empty_prompt: diffusers' zeros
+                enc, pooled = torch.zeros_like(enc), None if pooled is None else torch.zeros_like(pooled)
+            return LayerKV(*self._kv(enc, enc), time_varying=False, pooled=pooled)
         # clip_skip 1 keeps the key it always had: the same cache entries as before it existed
         key = ("neg", prompt, m.dtype) + ((clip_skip,) if clip_skip != 1 else ())
         return self.conditionings.get_or_build(key, build)
@@ -103,12 +109,14 @@ class Engine:
             token, bypass = concept_rows(tables, timesteps, truncation)     # [S, L, K, D]
             S, L, K, D = token.shape
             dt = m.text_encoder.dtype
-            enc, enc_b = encode_rows(m.text_encoder, toks, token.reshape(S * L, K, D).to(dt),
-                                     None if bypass is None else bypass.reshape(S * L, K, D).to(dt),
-                                     dedup=S == 1,  # time-varying rows are all distinct: no point sorting them
-                                     clip_skip=clip_skip)
+            enc, enc_b = encode_rows_all(m, toks, token.reshape(S * L, K, D).to(dt),
+                                         None if bypass is None else bypass.reshape(S * L, K, D).to(dt),
+                                         dedup=S == 1,  # time-varying rows are all distinct: no point sorting them
+                                         clip_skip=clip_skip)
             enc, enc_b = enc.view(S, L, *enc.shape[1:]), enc_b.view(S, L, *enc_b.shape[1:])
-            return LayerKV(*self._kv(enc, enc_b), time_varying=S > 1)
+            pl = m.family.pooled_layer
+            pooled = None if pl is None else pooled_all(m, toks, token[:, pl].to(dt))
+            return LayerKV(*self._kv(enc, enc_b), time_varying=S > 1, pooled=pooled)
         key = ("cond", prompt, tuple((n, t.uid) for n, t in tables.items()), truncation,
                tuple(timesteps.tolist()), m.dtype) + ((clip_skip,) if clip_skip != 1 else ())
         return self.conditionings.get_or_build(key, build)
@@ -134,17 +142,34 @@ class Engine:
         `base[b] + step * stride[b]`; stride is 0 for conditionings constant over time.
         Returns (k_tables per module [R, 77, C_m], v_tables, base [B'], stride [B']).
         """
-        m, cfg = self.model, self.cfg
-        conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps, r.clip_skip) for r in reqs]
-        negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt, r.clip_skip)
-                for r in reqs] if guided else []  # A1111 skips CLIP layers for the negative prompt too
-        rows = negs + conds
+        m = self.model
+        rows = self._rows(reqs, timesteps, guided)
         distinct = list({id(c): c for c in rows}.values())
         arena = self.arena(distinct[0])
         starts = arena.place(distinct)
         base = [starts[id(c)] for c in rows]
         stride = [int(c.time_varying) for c in rows]
         return arena.k, arena.v, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
+
+    def _rows(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool) -> list:
+        """The conditioning of each U-Net batch row: negative halves first when `guided`."""
+        cfg = self.cfg
+        conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps, r.clip_skip) for r in reqs]
+        negs = [self.negative(cfg.negative_prompt if r.negative_prompt is None else r.negative_prompt, r.clip_skip)
+                for r in reqs] if guided else []  # A1111 skips CLIP layers for the negative prompt too
+        return negs + conds
+
+    def added_conditioning(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool, h: int, w: int):
+        """The U-Net's added inputs where the family has them (SDXL), for kv_tables' rows: (pooled text
+        embeddings [steps, B', P], time ids [B', 6]: original size, crop top-left, target size, as
+        diffusers' _get_add_time_ids with its defaults); None for SD 1.x / 2.x."""
+        if not self.model.family.added_conditioning:
+            return None
+        rows = self._rows(reqs, timesteps, guided)   # cached conditionings: lookups only
+        step = torch.arange(len(timesteps))
+        pooled = torch.stack([c.pooled[step if c.time_varying else torch.zeros_like(step)] for c in rows], dim=1)
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=pooled.dtype, device=pooled.device).expand(len(rows), -1)
+        return pooled, time_ids
 
     def arena(self, cond: LayerKV) -> KVArena:
         """The engine's K / V arena for `cond`'s dtype and device (made on first use)."""
@@ -176,6 +201,7 @@ class Engine:
         guided = cfg.guidance != 1.0
 
         k_tables, v_tables, base, stride = self.kv_tables(reqs, ts, guided)
+        added = self.added_conditioning(reqs, ts, guided, h, w)
         gens = image_generators([r.seed for r in reqs])
         step_kw = step_kwargs(cfg.scheduler, sched, gens, [r.seed for r in reqs], cfg.eta)
         latents, blend = start_latents(m, sched, ts, reqs, gens, (m.unet.config.in_channels, h // m.vae_scale_factor,
@@ -187,7 +213,8 @@ class Engine:
         for i, t in enumerate(tqdm(ts, desc="denoise", leave=False, disable=not progress)):
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
-            eps = self.denoiser(x, ts_dev[i], row_idx[i], k_tables, v_tables)
+            extra = {} if added is None else {"added": {"text_embeds": added[0][i], "time_ids": added[1]}}
+            eps = self.denoiser(x, ts_dev[i], row_idx[i], k_tables, v_tables, **extra)
             if guided:
                 u, c = eps.chunk(2)
                 eps = u + cfg.guidance * (c - u)

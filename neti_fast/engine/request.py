@@ -13,6 +13,7 @@ from typing import Union
 from ..concepts.table import TableLike
 from ..errors import NetiError
 from ..sd.conditioning import markers, tokenize
+from ..sd.encoders import tokenize_all
 from ..sd.models import Model
 from ..utils import SAMPLING_RANGES, Range, image_size
 from .img2img import Init
@@ -69,8 +70,9 @@ def _default_marker(tables: dict) -> str | None:
     return mixes[0] if len(tables) > 1 and len(mixes) == 1 else None
 
 
-def tokenize_request(model: Model, prompt: str, tables: dict):
-    return tokenize(model.tokenizer, prompt, list(tables) if tables else None, _default_marker(tables))
+def tokenize_request(model: Model, prompt: str, tables: dict) -> list:
+    """The prompt's tokens for each of the model's text encoders (sd.encoders.tokenize_all)."""
+    return tokenize_all(model, prompt, list(tables) if tables else None, _default_marker(tables))
 
 
 def check_size(model: Model, height: int | None, width: int | None) -> tuple[int, int]:

@@ -27,6 +27,7 @@ class TextEncoderSpec:
     # no final layer norm (SDXL).
     hidden_state: int
     pooled: bool          # its pooled, projected output is added conditioning (SDXL's bigG: `text_embeds`)
+    file_key: str | None = None   # its tensor in A1111 / civitai embedding files of several encoders (SDXL: clip_l, clip_g)
 
     @property
     def final_norm(self) -> bool:
@@ -95,8 +96,8 @@ SD2 = Family(
 
 SDXL = Family(
     name="sdxl", title="SDXL", pipeline="StableDiffusionXLPipeline", text_activation="quick_gelu",
-    encoders=(TextEncoderSpec("text_encoder", "tokenizer", 768, -2, False),
-              TextEncoderSpec("text_encoder_2", "tokenizer_2", 1280, -2, True)),
+    encoders=(TextEncoderSpec("text_encoder", "tokenizer", 768, -2, False, "clip_l"),
+              TextEncoderSpec("text_encoder_2", "tokenizer_2", 1280, -2, True, "clip_g")),
     # SGM's numbering: input blocks 4, 5, 7, 8, the middle block, output blocks 0-5
     layers=("IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"),
     transformer_blocks=70, head_dim=(64,) * 11,
@@ -126,6 +127,19 @@ def detect(model_index: dict, text_config: dict, where: str) -> Family:
     act = text_config.get("hidden_act")
     match = [f for f in pipelines if f.text_activation == act]
     return match[0] if len(match) == 1 else pipelines[0]
+
+
+def by_file_keys(keys) -> Family | None:
+    """The family whose encoders' embedding-file tensors are exactly `keys` (SDXL: clip_l, clip_g)."""
+    match = [f for f in FAMILIES.values() if all(e.file_key for e in f.encoders)
+             and {e.file_key for e in f.encoders} == set(keys)]
+    return match[0] if len(match) == 1 else None
+
+
+def by_encoder_count(n: int) -> Family | None:
+    """The family with `n` text encoders, where only one has (diffusers' one-file-per-encoder embeddings)."""
+    match = [f for f in FAMILIES.values() if len(f.encoders) == n]
+    return match[0] if len(match) == 1 else None
 
 
 def by_widths(widths: tuple) -> Family | None:

@@ -271,7 +271,7 @@ class _Run:
     """Everything one training run holds, set up once (`_setup`) before the loop."""
     cfg: TrainConfig
     model: object
-    tokenizer: object              # the model's, copied, with the placeholder added
+    tokenizers: list               # the model's (one per text encoder), copied, with the placeholder added
     dataset: object                # TextualInversionDataset
     train_gen: torch.Generator     # latents' sampling, noise and timesteps (the data order is the dataset's)
     trainable: Trainable
@@ -293,9 +293,10 @@ def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None)
 
     from .data import TextualInversionDataset, preprocess
     device = model.device
-    tokenizer = copy.deepcopy(model.tokenizer)  # the placeholder is added to a copy only
-    init_id = init_token_id(tokenizer, cfg.placeholder, cfg.init_word)
-    init_embed = model.text_encoder.get_input_embeddings().weight[init_id].detach().float().cpu()
+    tokenizers = [copy.deepcopy(t) for t in model.tokenizers]  # the placeholder is added to copies only
+    # the init word's embedding in every text encoder, side by side (a concept row: Model.text_dim)
+    init_embed = torch.cat([te.get_input_embeddings().weight[init_token_id(tok, cfg.placeholder, cfg.init_word)]
+                            for tok, te in zip(tokenizers, model.text_encoders)]).detach().float().cpu()
     size = image_size(model, cfg.resolution)[0]
     images = [preprocess(img, size, cfg.center_crop) for img in decoded]  # as load_images(folder, size) would
 
@@ -335,7 +336,7 @@ def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None)
     unet = model.unet
     if cfg.compile:
         unet = torch.compile(model.unet)
-    return _Run(cfg, model, tokenizer, dataset, train_gen, trainable, optimizer, lr, schedule, scaler, noise_sched,
+    return _Run(cfg, model, tokenizers, dataset, train_gen, trainable, optimizer, lr, schedule, scaler, noise_sched,
                 start, lr_pos, _latent_cache(model, dataset), unet)
 
 
@@ -363,20 +364,28 @@ def _sample_latents(run: _Run, items: list) -> torch.Tensor:
     return (mean + std * z) * run.model.vae.config.scaling_factor
 
 
-def _text_rows(run: _Run, ids, mask, t: torch.Tensor, B: int):
-    """Per-layer text encodings for the captions at timesteps t: (L x [B, 77, D] keys' source,
-    L x values' source). NeTI / XTI: the L layers' rows in one CLIP batch of L B; TI: one pass."""
-    from ..sd.conditioning import encode
-    te, L = run.model.text_encoder, run.model.family.num_layers
+def _text_rows(run: _Run, ids: list, mask, t: torch.Tensor, B: int):
+    """Per-layer text encodings for the captions at timesteps t (ids: per text encoder [B, 77]):
+    (L x [B, 77, D] keys' source, L x values' source, pooled [B, P] or None). NeTI / XTI: the L
+    layers' rows in one batch of L B per encoder; TI: one pass. The pooled embedding (SDXL) is
+    encoded with the rows of the family's pooled layer, as at inference (sd.encoders)."""
+    from ..sd.encoders import encode_all, pooled_rows
+    m = run.model
+    L, pl = m.family.num_layers, m.family.pooled_layer
     if run.cfg.method == "ti":  # one row for every layer: encode once
         token, bypass = run.trainable.layer_rows(t, 0)
-        e, eb = encode(te, ids, mask, token, bypass)
-        return [e] * L, [eb] * L
+        e, eb = encode_all(m, ids, mask, token, bypass)
+        return [e] * L, [eb] * L, None if pl is None else pooled_rows(m, ids, _slots(mask), token)
     rows = [run.trainable.layer_rows(t, l) for l in range(L)]
     token = torch.cat([r[0] for r in rows])
     bypass = None if rows[0][1] is None else torch.cat([r[1] for r in rows])
-    e, eb = encode(te, ids.repeat(L, 1), mask.repeat(L, 1), token, bypass)
-    return list(e.split(B)), list(eb.split(B))
+    e, eb = encode_all(m, [x.repeat(L, 1) for x in ids], mask.repeat(L, 1), token, bypass)
+    return list(e.split(B)), list(eb.split(B)), None if pl is None else pooled_rows(m, ids, _slots(mask), rows[pl][0])
+
+
+def _slots(mask: torch.Tensor) -> torch.Tensor:
+    """A one-concept mask [B, 77] as slots (0 at the concept, -1 elsewhere)."""
+    return torch.where(mask, 0, -1)
 
 
 def _text_autocast(model):
@@ -402,16 +411,21 @@ def _micro_step(run: _Run, state) -> float:
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
     t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=gen)
     noisy = sched.add_noise(latents, noise, t.to(device))
-    toks = [tokenize(run.tokenizer, c, [cfg.placeholder]) for c in captions]
-    ids = torch.stack([x.input_ids for x in toks])
-    mask = torch.stack([x.mask for x in toks])
+    toks = [[tokenize(tok, c, [cfg.placeholder]) for c in captions] for tok in run.tokenizers]
+    ids = [torch.stack([x.input_ids for x in tk]) for tk in toks]
+    mask = torch.stack([x.mask for x in toks[0]])
     t_dev = t.to(device)
     with _text_autocast(m):
-        enc, enc_b = _text_rows(run, ids, mask, t_dev, B)
+        enc, enc_b, pooled = _text_rows(run, ids, mask, t_dev, B)
     state.mode = "layers"
     state.enc = [x.to(dtype) for x in enc]
     state.enc_bypass = [x.to(dtype) for x in enc_b]
-    pred = run.unet(noisy.to(dtype), t_dev, encoder_hidden_states=state.enc[0]).sample
+    added = None
+    if pooled is not None:  # SDXL: the images are cropped to `size` x `size`: that is every time id
+        size = noisy.shape[-1] * m.vae_scale_factor
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device).expand(B, -1)
+        added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+    pred = run.unet(noisy.to(dtype), t_dev, encoder_hidden_states=state.enc[0], added_cond_kwargs=added).sample
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t_dev)
     loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
     run.scaler.scale(loss / cfg.grad_accum).backward()

@@ -368,8 +368,8 @@ def test_errors_name_the_file(tmp_path):
     bad(tmp_path / "trunc.bin")
     save_file({"foo": torch.randn(2, 3), "bar": torch.randn(3)}, tmp_path / "unknown.safetensors")
     bad(tmp_path / "unknown.safetensors", "no known concept tensors")
-    save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, tmp_path / "sdxl.safetensors")
-    bad(tmp_path / "sdxl.safetensors", "SDXL")
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(1, 1280)}, tmp_path / "sdxl.safetensors")
+    bad(tmp_path / "sdxl.safetensors", "different numbers of vectors")
     save_file({"emb": torch.randn(2, 3, 4)}, tmp_path / "3d.safetensors")
     bad(tmp_path / "3d.safetensors")
     torch.save({"a": torch.randn(D), "b": torch.randn(D)}, tmp_path / "twokeys.bin")
@@ -419,3 +419,24 @@ def test_sd2_embeddings_import_in_every_format(tmp_path):
         assert (c.method, c.text_dim, c.family) == ("ti", 1024, SD2) and torch.equal(c.embeds, v), name
         c.save(tmp_path / f"{name}.concept.safetensors")            # and back as a neti-fast concept
         assert load_concept(tmp_path / f"{name}.concept.safetensors").family is SD2
+
+
+def test_sdxl_embeddings(tmp_path):
+    """A1111 / civitai SDXL files (clip_l + clip_g in one .safetensors) and diffusers' two files
+    (learned_embeds + learned_embeds_2) read as one SDXL TI concept: CLIP-L's vector, then bigG's."""
+    from neti_fast.sd.families import SDXL
+    lv, gv = torch.randn(1, 768), torch.randn(1, 1280)
+    save_file({"clip_l": lv, "clip_g": gv}, tmp_path / "xlstyle.safetensors")
+    c = load_concept(tmp_path / "xlstyle.safetensors")
+    assert (c.method, c.family, c.text_dim, c.placeholder, c.source) == ("ti", SDXL, 2048, "<xlstyle>", "a1111")
+    assert torch.equal(c.embeds, torch.cat([lv, gv], dim=-1))
+    c.save(tmp_path / "c.safetensors")
+    assert load_concept(tmp_path / "c.safetensors").family is SDXL
+    for suffix, write in ((".safetensors", lambda d, p: save_file(d, p)), (".bin", lambda d, p: torch.save(d, p))):
+        write({"<tok>": lv}, tmp_path / f"learned_embeds{suffix}")
+        write({"<tok>": gv[0]}, tmp_path / f"learned_embeds_2{suffix}")
+        c = load_concept(tmp_path / f"learned_embeds{suffix}")
+        assert (c.family, c.placeholder) == (SDXL, "<tok>") and torch.equal(c.embeds, torch.cat([lv, gv], dim=-1))
+    write({"<other>": gv}, tmp_path / "learned_embeds_2.bin")
+    with pytest.raises(NetiError, match="learned_embeds_2.bin: holds '<other>'"):
+        load_concept(tmp_path / "learned_embeds.bin")
