@@ -101,7 +101,9 @@ def check_settings(cfg: GenerateConfig) -> None:
 def check_request(model: Model, req: Request) -> None:
     """Validate a request before any work: CLIP skip, concept widths, truncation, prompt (markers,
     length) and negative prompt (plain text: no markers)."""
-    layers = model.text_encoder.config.num_hidden_layers
+    # the deepest CLIP skip every text encoder has layers for (SDXL's start at hidden state -2: one fewer)
+    layers = min(te.config.num_hidden_layers + 1 + spec.hidden_state
+                 for te, spec in zip(model.text_encoders, model.family.encoders))
     if isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int) or not 1 <= req.clip_skip <= layers:
         raise NetiError(f"must be an integer from 1 (CLIP's last layer) to {layers} (this model's text encoder "
                         f"has {layers} layers)", field="clip_skip", value=req.clip_skip)

@@ -92,3 +92,24 @@ def test_seed_independent_of_batch_composition(max_diff, tiny_xl_model, make_con
     batched = Engine(m, _cfg(batch_size=4)).generate(mixed)
     assert max_diff(alone, batched[1]) <= TOL
     assert int(np.abs(batched[0].astype(int) - batched[2].astype(int)).max()) > 10
+
+
+@pytest.mark.parametrize("backend", ["compile", "onnx"])
+def test_compiled_and_exported_backends_are_refused_in_one_line(tiny_xl_model, backend):
+    from neti_fast.engine.backends import make_denoiser
+    from neti_fast.errors import NetiError
+    with pytest.raises(NetiError) as e:
+        make_denoiser(tiny_xl_model, backend)
+    assert "\n" not in str(e.value) and "SDXL" in str(e.value) and "--backend eager" in str(e.value)
+
+
+def test_clip_skip_counts_from_sdxl_hidden_state(max_diff, tiny_xl_model):
+    """CLIP skip 1 is SDXL's own hidden state -2; 2 is diffusers' clip_skip=1 (hidden state -3)."""
+    from neti_fast.sd.encoders import encode_plain_all
+    m = tiny_xl_model
+    with torch.no_grad():
+        ours = encode_plain_all(m, "a photo of a dog", clip_skip=2)
+        ids = [t("a photo of a dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
+               for t in m.tokenizers]
+        want = torch.cat([te(x, output_hidden_states=True).hidden_states[-3] for te, x in zip(m.text_encoders, ids)], -1)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
