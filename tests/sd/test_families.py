@@ -108,3 +108,15 @@ def test_raw_embeddings_take_the_family_of_their_width(tmp_path):
     torch.save({"<x>": torch.randn(768)}, tmp_path / "l768.bin")
     assert load_concept(tmp_path / "l768.bin").family is SD1
     assert tiny_model_dir("tiny-sd2").name.startswith("tiny-sd2-v")
+
+
+def test_layer_mix_uses_the_family_layer_names():
+    from neti_fast.concepts.mixing import parse_layer_mix
+    a = precompute(random_concept("xti", dim=96, seed=1, family=SDXL), progress=False)
+    b = precompute(random_concept("xti", dim=96, seed=2, family=SDXL, placeholder="<d>"), progress=False)
+    mix = parse_layer_mix("IN04-IN08:c,MID-OUT05:d", {"c": a, "d": b})
+    assert mix.layer_part == [0] * 4 + [1] * 7 and mix.family is SDXL
+    token, _ = mix.schedule_rows(torch.tensor([999.0, 500.0]))
+    assert token.shape == (2, 11, 96)
+    with pytest.raises(NetiError, match="unknown layer 'IN01'; layers are IN04, IN05"):
+        parse_layer_mix("IN01-IN08:c,MID-OUT05:d", {"c": a, "d": b})
