@@ -71,10 +71,10 @@ def official_micro_step(run, state, batched_text: bool = False) -> float:
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
     t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=gen).to(device)
     noisy = sched.add_noise(latents, noise, t)
-    toks = [tokenize(run.tokenizer, c, [cfg.placeholder]) for c in captions]
+    toks = [tokenize(run.tokenizers[0], c, [cfg.placeholder]) for c in captions]   # SD 1.x: one text encoder
     ids, mask = torch.stack([x.input_ids for x in toks]), torch.stack([x.mask for x in toks])
     if batched_text:
-        enc, enc_b = _text_rows(run, ids, mask, t, B)
+        enc, enc_b, _ = _text_rows(run, [ids], mask, t, B)
     else:
         enc, enc_b = [], []
         for layer in range(NUM_LAYERS):  # the coach's loop over UNET_LAYERS: one CLIP pass each

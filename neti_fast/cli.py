@@ -35,7 +35,7 @@ def _quiet_libraries():
 
 def cmd_tiny_model(args):
     from .sd.models import build_tiny
-    print(f"wrote {build_tiny(args.dir)}")
+    print(f"wrote {build_tiny(args.dir, args.model)}")
 
 
 def cmd_import(args):
@@ -124,7 +124,7 @@ def cmd_train(args):
 
 def cmd_demo(args):
     from .demo import run_demo
-    run_demo(args.out)
+    run_demo(args.out, model=args.model)
 
 
 def cmd_bench(args):
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, precompute and generate on the built-in tiny model (about 25 s on 2 CPU cores; "
                                     "its weights are random, so the images are noise)")
     p.add_argument("--out", default="neti-fast-demo", help="output folder (default: ./neti-fast-demo)")
+    p.add_argument("--model", default="tiny", choices=["tiny", "tiny-sd2", "tiny-xl"],
+                   help="built-in model: tiny (SD 1.x, the default), tiny-sd2 (SD 2.x) or tiny-xl (SDXL)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a NeTI (default), XTI or TI concept from 3-5 images")
@@ -204,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_arguments(p)
     p.set_defaults(func=jobs.main)
 
-    p = sub.add_parser("tiny-model", help="write the built-in tiny model as a diffusers folder")
+    p = sub.add_parser("tiny-model", help="write a built-in tiny model as a diffusers folder")
     p.add_argument("dir")
+    p.add_argument("--model", default="tiny", choices=["tiny", "tiny-sd2", "tiny-xl"],
+                   help="which: tiny (SD 1.x, the default), tiny-sd2 (SD 2.x) or tiny-xl (SDXL)")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("export", help="export the U-Net (with per-layer K/V table inputs) to ONNX or TensorRT")

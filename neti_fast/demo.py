@@ -1,4 +1,6 @@
-"""`neti-fast demo`: the whole workflow on the built-in tiny model, in about 25 s on 2 CPU cores.
+"""`neti-fast demo`: the whole workflow on a built-in tiny model, in about 25 s on 2 CPU cores
+(`--model tiny`, the default; `tiny-sd2` and `tiny-xl` run the same workflow on SD 2.x and SDXL).
+Generation uses the model family's default sampler and guidance (families.Family).
 
 1. draws a few training images of a made-up object (a striped ball) procedurally;
 2. trains a NeTI concept on them for a few dozen steps;
@@ -19,7 +21,7 @@ from PIL import Image, ImageDraw
 from .api import generate_to_folder, load_model, precompute
 from .engine.request import GenerateConfig
 
-NOISE_NOTE = ("\nNote: the built-in `tiny` model has random weights, so these images are noise-like patterns, "
+NOISE_NOTE = ("\nNote: the built-in `{model}` model has random weights, so these images are noise-like patterns, "
               "not pictures of the prompts. The demo shows that every stage runs; for real images train and "
               "generate with Stable Diffusion 1.x weights (--model stable-diffusion-v1-5/stable-diffusion-v1-5 "
               "or a local diffusers folder).")
@@ -44,17 +46,17 @@ def make_training_images(folder: Path, n: int = 4, size: int = 64) -> Path:
     return folder
 
 
-def run_demo(out: str | Path = "neti-fast-demo", train_steps: int = 30, gen_steps: int = 20) -> dict:
+def run_demo(out: str | Path = "neti-fast-demo", train_steps: int = 30, gen_steps: int = 20, model: str = "tiny") -> dict:
     from .training.trainer import train
     from .training.config import TrainConfig
 
     out = Path(out)
     t0 = time.perf_counter()
-    model = load_model("tiny")
+    name, model = model, load_model(model)
     images = make_training_images(out / "train-images")
     concept_dir = out / "concept"
     resume = "latest" if any(concept_dir.glob("checkpoint-*.safetensors")) else None
-    cfg = TrainConfig(images=str(images), placeholder="<striped-ball>", init_word="ball", model="tiny",
+    cfg = TrainConfig(images=str(images), placeholder="<striped-ball>", init_word="ball", model=name,
                       out=str(concept_dir), steps=train_steps, batch_size=2, grad_accum=1, save_every=0,
                       resume=resume)
     concept_path = train(cfg, model=model)
@@ -62,13 +64,14 @@ def run_demo(out: str | Path = "neti-fast-demo", train_steps: int = 30, gen_step
     table = precompute(load_concept(concept_path), truncations=[t for t in TRUNCATIONS if t])
     table_path = table.save(out / "table.safetensors")
     gen_dir = out / "images"
-    gcfg = GenerateConfig(steps=gen_steps, batch_size=8)
+    gcfg = GenerateConfig(steps=gen_steps, batch_size=8, guidance=model.family.default_guidance,
+                          scheduler=model.family.default_scheduler)
     generate_to_folder(model, table, PROMPTS, seeds=[0, 1, 2, 3], out=gen_dir, truncations=TRUNCATIONS, cfg=gcfg,
-                       model_name="tiny", concept_name=str(table_path))
+                       model_name=name, concept_name=str(table_path))
     print(f"\nneti-fast demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"  training images : {images}")
     print(f"  concept         : {concept_path}")
     print(f"  table           : {table_path}")
     print(f"  images + grids  : {gen_dir} (rows: no truncation / truncation 16, columns: seeds 0-3; manifest.jsonl)")
-    print(NOISE_NOTE)
+    print(NOISE_NOTE.format(model=name))
     return {"concept": concept_path, "table": table_path, "images": gen_dir}

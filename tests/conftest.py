@@ -25,9 +25,23 @@ def tiny_model(_cache_dir):
     return load_model("tiny")
 
 
-def _make_concept(method: str = "neti", dim: int = 32, seed: int = 0, bypass: bool = True, placeholder: str = "<c>"):
+@pytest.fixture(scope="session")
+def tiny_sd2_model(_cache_dir):
+    from neti_fast.sd.models import load_model
+    return load_model("tiny-sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_model(_cache_dir):
+    from neti_fast.sd.models import load_model
+    return load_model("tiny-xl")
+
+
+def _make_concept(method: str = "neti", dim: int = 32, seed: int = 0, bypass: bool = True, placeholder: str = "<c>",
+                  family=None):
     from neti_fast.concepts.concept import random_concept
-    return random_concept(method, dim, seed, placeholder, bypass)
+    from neti_fast.sd.families import DEFAULT
+    return random_concept(method, dim, seed, placeholder, bypass, family or DEFAULT)
 
 
 @pytest.fixture(scope="session")

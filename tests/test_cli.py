@@ -32,10 +32,23 @@ def test_tiny_model_folder_loads_in_diffusers(cli, one_line_error, tmp_path, cap
     code, out, _ = cli("tiny-model", tmp_path / "tiny")
     assert code == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "tiny"))
+    from neti_fast.sd.families import SD1
     from neti_fast.sd.models import UNET_LAYERS, cross_attention_modules
-    assert len(cross_attention_modules(pipe.unet)) == len(UNET_LAYERS) == 16
+    assert len(cross_attention_modules(pipe.unet, SD1)[0]) == len(UNET_LAYERS) == 16
     code, _, err = cli("tiny-model", tmp_path / "tiny")
     one_line_error(code, err, "not empty")
+
+
+def test_tiny_xl_folder_loads_in_diffusers(cli, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from neti_fast.sd.families import SDXL
+    from neti_fast.sd.models import cross_attention_modules
+    code, out, _ = cli("tiny-model", tmp_path / "xl", "--model", "tiny-xl")
+    assert code == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "xl"), add_watermarker=False)
+    mods, layers = cross_attention_modules(pipe.unet, SDXL)
+    assert (len(mods), max(layers) + 1) == (70, 11) and pipe.text_encoder_2.config.projection_dim == 64
 
 
 def test_tiny_is_deterministic(tmp_path):

@@ -3,10 +3,12 @@
 
 Stored as safetensors (never pickle). Tensors:
     neti: `mapper.<state_dict key>` (including `mapper.encoder.w`), optional `placeholder_embed` [D]
-    xti:  `embeds` [16, D]        ti: `embeds` [n, D] (n vectors: n token positions in a prompt)
+    xti:  `embeds` [L, D] (L: the family's layers, 16 for SD 1.x)
+    ti:   `embeds` [n, D] (n vectors: n token positions in a prompt)
 Metadata (string -> string): neti_fast.format=concept, version, method, placeholder, init_word,
-text_dim, vectors, mapper_config (JSON), base_model, source. `vectors` came with multi-vector TI;
-a file without it is single-vector.
+text_dim, vectors, mapper_config (JSON), base_model, source, and `family` (sd2, sdxl; not written for
+SD 1.x, which is what every file without it was made for, so SD 1.x files stay as they were).
+`vectors` came with multi-vector TI; a file without it is single-vector.
 
 `Concept.embeddings_at(t, l, truncation)` is the one function that turns a concept into token / bypass rows;
 precompute and the on-the-fly path both call it, so the table equals the mapper by construction.
@@ -20,7 +22,8 @@ import torch
 
 from ..errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
-from ..sd.models import NUM_LAYERS
+from ..sd import families
+from ..sd.families import Family
 from ..utils import METHODS, atomic_write, first_line
 FORMAT_VERSION = "1"
 
@@ -31,11 +34,12 @@ class Concept:
     placeholder: str                     # token written into prompts in place of `{}`
     text_dim: int                        # D: 768 for SD 1.x
     mapper: NeTIMapper | None = None     # neti
-    embeds: torch.Tensor | None = None   # xti [16, D] / ti [n, D]
+    embeds: torch.Tensor | None = None   # xti [L, D] / ti [n, D]
     init_word: str | None = None
     base_model: str | None = None
     source: str = "neti-fast"
     placeholder_embed: torch.Tensor | None = None  # official NeTI's learned_embeds row (kept, unused at inference)
+    family: Family = families.DEFAULT    # the model family it was made for
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -87,7 +91,11 @@ class Concept:
     def metadata(self) -> dict[str, str]:
         md = {"neti_fast.format": "concept", "version": FORMAT_VERSION, "method": self.method,
               "placeholder": self.placeholder, "text_dim": str(self.text_dim), "source": self.source,
-              "init_word": self.init_word or "", "base_model": self.base_model or "", "vectors": str(self.vectors)}
+              "init_word": self.init_word or "", "base_model": self.base_model or ""}
+        if self.vectors > 1:  # written only where it says something: single-vector files stay as they were
+            md["vectors"] = str(self.vectors)
+        if self.family != families.DEFAULT:
+            md["family"] = self.family.name
         if self.mapper is not None:
             md["mapper_config"] = self.mapper.cfg.to_json()
         return md
@@ -113,6 +121,7 @@ class Concept:
             method, placeholder, text_dim = md["method"], md["placeholder"], int(md["text_dim"])
         except (KeyError, ValueError) as e:
             raise NetiError(f"{where}: concept metadata is missing or malformed ({e})") from None
+        family = families.get(md.get("family", families.DEFAULT.name), where)
         mapper = embeds = None
         if method == "neti":
             try:
@@ -121,10 +130,12 @@ class Concept:
                 mapper.load_tensors({k[len("mapper."):]: v for k, v in tensors.items() if k.startswith("mapper.")})
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise NetiError(f"{where}: mapper weights do not match its config ({first_line(e)})") from None
+            if cfg.num_layers != family.num_layers:
+                raise NetiError(f"{where}: mapper covers {cfg.num_layers} layers; {family.title} has {family.num_layers}")
         elif method in ("xti", "ti"):
             embeds = tensors.get("embeds")
             try:
-                want = NUM_LAYERS if method == "xti" else int(md.get("vectors", "1"))  # older files: 1 vector
+                want = family.num_layers if method == "xti" else int(md.get("vectors", "1"))  # older files: 1 vector
             except ValueError:
                 raise NetiError(f"{where}: concept metadata `vectors` is malformed ({md['vectors']!r})") from None
             if embeds is None or embeds.ndim != 2 or embeds.shape != (want, text_dim):
@@ -132,7 +143,8 @@ class Concept:
                 raise NetiError(f"{where}: {method} concept needs `embeds` of shape [{want}, {text_dim}], got {got}")
         c = cls(method=method, placeholder=placeholder, text_dim=text_dim, mapper=mapper, embeds=embeds,
                 init_word=md.get("init_word") or None, base_model=md.get("base_model") or None,
-                source=md.get("source", "neti-fast"), placeholder_embed=tensors.get("placeholder_embed"))
+                source=md.get("source", "neti-fast"), placeholder_embed=tensors.get("placeholder_embed"),
+                family=family)
         c.check_finite(where)
         return c
 
@@ -142,21 +154,25 @@ class Concept:
                 raise NetiError(f"{where}: tensor {k!r} contains NaN or Inf; the concept is corrupt (was training diverging?)")
 
     def check_model(self, model, where: str) -> None:
-        """Refuse a concept trained for another text width (e.g. SD 2's 1024 on SD 1's 768)."""
+        """Refuse a concept made for another model family, or for another text width."""
+        if self.family != model.family:
+            raise NetiError(f"{where}: concept is for {self.family.title} ({self.family.name}), "
+                            f"but the model is {model.family.title} ({model.family.name})")
         if self.text_dim != model.text_dim:
             raise NetiError(f"{where}: concept is for a text encoder of width {self.text_dim}, "
                             f"but the model's is {model.text_dim} (SD 1.x is 768, SD 2.x is 1024)")
 
 
 def random_concept(method: str = "neti", dim: int = 768, seed: int = 0, placeholder: str = "<c>",
-                   bypass: bool = True) -> Concept:
+                   bypass: bool = True, family: Family = families.DEFAULT) -> Concept:
     """A concept with deterministic random weights (tests, benchmarks: nothing trained): a NeTI
-    mapper, XTI [16, D] or TI [1, D] embeddings. The global RNG is left as it was."""
+    mapper, XTI [L, D] or TI [1, D] embeddings for `family`. The global RNG is left as it was."""
     g = torch.Generator().manual_seed(seed)
     if method == "neti":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # nn.Linear init draws from the default generator
-            mapper = NeTIMapper(MapperConfig(output_dim=dim, target_norm=0.4, output_bypass=bypass), generator=g).eval()
-        return Concept("neti", placeholder, dim, mapper=mapper)
-    rows = NUM_LAYERS if method == "xti" else 1
-    return Concept(method, placeholder, dim, embeds=torch.randn(rows, dim, generator=g) * 0.1)
+            mapper = NeTIMapper(MapperConfig(output_dim=dim, num_layers=family.num_layers, target_norm=0.4,
+                                             output_bypass=bypass), generator=g).eval()
+        return Concept("neti", placeholder, dim, mapper=mapper, family=family)
+    rows = family.num_layers if method == "xti" else 1
+    return Concept(method, placeholder, dim, embeds=torch.randn(rows, dim, generator=g) * 0.1, family=family)

@@ -3,7 +3,9 @@
 Formats:
     neti-fast safetensors   metadata neti_fast.format = concept | table
     Automatic1111           .safetensors with `emb_params` [n, D]; .pt dict with `string_to_param`
-    diffusers / official TI learned_embeds.bin (or .safetensors): {token: [D] or [n, D]}
+    A1111 / civitai SDXL    .safetensors with one tensor per text encoder: `clip_l` [n, 768], `clip_g` [n, 1280]
+    diffusers / official TI learned_embeds.bin (or .safetensors): {token: [D] or [n, D]}; for SDXL
+                            diffusers writes one file per encoder, learned_embeds_2.* beside it (read together)
 Multi-vector embeddings ([n, D], n > 1) take n token positions in a prompt, as in A1111 and diffusers.
     official NeTI           mapper-steps-N.pt ({state_dict, cfg, encoder}) + learned_embeds-steps-N.bin
 
@@ -26,7 +28,7 @@ import torch
 from .concept import Concept
 from ..errors import NetiError
 from .mapper import MapperConfig, NeTIMapper
-from ..sd.models import NUM_LAYERS
+from ..sd import families
 from ..utils import first_line as _first_line
 
 NETI_FAST_FORMATS = ("concept", "table")
@@ -122,13 +124,50 @@ def _vectors(path: Path, t, what: str) -> torch.Tensor:
 MAX_VECTORS = 75  # one CLIP chunk's worth of token positions (77 less start and end)
 
 
-def _ti_concept(path: Path, vec: torch.Tensor, placeholder: str, source: str) -> Concept:
+def _ti_concept(path: Path, vec: torch.Tensor, placeholder: str, source: str, family=None) -> Concept:
+    """`family`: where the format says (several encoders' vectors side by side); else by the width."""
     n, d = vec.shape
     if n > MAX_VECTORS:
         raise NetiError(f"{path}: an embedding of {n} vectors cannot fit a prompt (at most {MAX_VECTORS})")
-    c = Concept(method="ti", placeholder=placeholder, text_dim=d, embeds=vec, source=source)
+    c = Concept(method="ti", placeholder=placeholder, text_dim=d, embeds=vec, source=source,
+                family=family or _family_of(d))
     c.check_finite(str(path))
     return c
+
+
+def _family_of(d: int):
+    """A file that records no family is for the one whose text encoder has its width (768: SD 1.x,
+    1024: SD 2.x); any other width (a toy model's) is taken for SD 1.x, as it always was."""
+    return families.by_widths((d,)) or families.DEFAULT
+
+
+def _diffusers_ti(path: Path, token: str, vec: torch.Tensor, placeholder: str | None) -> Concept:
+    """A diffusers {token: vector} file; with its siblings learned_embeds_2.*, ... (diffusers' SDXL
+    textual inversion writes one file per text encoder) the vectors side by side, for that family."""
+    vecs, i = [vec], 2
+    while (p := path.with_name(f"{path.stem}_{i}{path.suffix}")).is_file():
+        obj = _read_single(p)
+        if set(obj) != {token}:
+            raise NetiError(f"{p}: holds {', '.join(map(repr, obj)) or 'nothing'}; {path} beside it is for {token!r}")
+        vecs.append(_vectors(p, obj[token], f"embedding {token!r}"))
+        i += 1
+    family = None if len(vecs) == 1 else families.by_encoder_count(len(vecs))
+    if len(vecs) > 1 and family is None:
+        raise NetiError(f"{path}: {len(vecs)} files of one embedding; no model family has {len(vecs)} text encoders")
+    if len({v.shape[0] for v in vecs}) != 1:
+        raise NetiError(f"{path}: the files beside it hold different numbers of vectors")
+    return _ti_concept(path, torch.cat(vecs, dim=-1), placeholder or token, "diffusers-ti", family)
+
+
+def _read_single(path: Path) -> dict:
+    """A diffusers {token: tensor} file, safetensors or a torch checkpoint."""
+    if _sniff(path) == "safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise NetiError(f"{path}: expected a {{token: tensor}} embedding file")
+    return obj
 
 
 def _a1111_placeholder(path: Path, name, placeholder: str | None) -> str:
@@ -167,12 +206,13 @@ def _import_safetensors(path: Path, placeholder: str | None) -> Concept:
                 tensors = {k: f.get_tensor(k) for k in wanted}
             elif "emb_params" in keys:
                 tensors = {"emb_params": f.get_tensor("emb_params")}
+            elif families.by_file_keys(keys) is not None:
+                tensors = {k: f.get_tensor(k) for k in keys}
             elif len(keys) == 1 and _looks_like_ti(keys[0], f.get_slice(keys[0]).get_shape()):
                 tensors = {keys[0]: f.get_tensor(keys[0])}
             else:
                 shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "") or "none"
-                hint = " (SDXL embeddings with clip_l / clip_g are not supported)" if {"clip_l", "clip_g"} & set(keys) else ""
-                raise NetiError(f"{path}: safetensors file holds no known concept tensors (tensors: {shown}){hint}")
+                raise NetiError(f"{path}: safetensors file holds no known concept tensors (tensors: {shown})")
     except NetiError:
         raise
     except Exception as e:
@@ -186,8 +226,16 @@ def _import_safetensors(path: Path, placeholder: str | None) -> Concept:
     if "emb_params" in tensors:
         vec = _vectors(path, tensors["emb_params"], "emb_params")
         return _ti_concept(path, vec, _a1111_placeholder(path, md.get("name"), placeholder), "a1111")
-    (token, t), = tensors.items()  # diffusers learned_embeds.safetensors: {token: [D] / [n, D]}
-    c = _ti_concept(path, _vectors(path, t, f"embedding {token!r}"), placeholder or token, "diffusers-ti")
+    family = families.by_file_keys(tensors)
+    if family is not None:  # one vector per text encoder, side by side in the family's order
+        vecs = [_vectors(path, tensors[e.file_key], e.file_key) for e in family.encoders]
+        if len({v.shape[0] for v in vecs}) != 1:
+            raise NetiError(f"{path}: {' / '.join(e.file_key for e in family.encoders)} hold different numbers "
+                            f"of vectors ({', '.join(str(v.shape[0]) for v in vecs)})")
+        return _ti_concept(path, torch.cat(vecs, dim=-1), _a1111_placeholder(path, md.get("name"), placeholder),
+                           "a1111", family)
+    (token, t), = tensors.items()  # diffusers learned_embeds.safetensors: {token: [D] / [1, D]}
+    c = _diffusers_ti(path, token, _vectors(path, t, f"embedding {token!r}"), placeholder)
     warnings.warn(f"{path}: no neti-fast metadata; read as a Textual Inversion embedding for the token {token!r} "
                   f"(diffusers learned_embeds format)", stacklevel=3)
     return c
@@ -217,7 +265,7 @@ def _import_pickle(path: Path, placeholder: str | None, embeds_path) -> Concept:
     if len(obj) == 1:
         (token, t), = obj.items()
         if isinstance(token, str) and token and isinstance(t, torch.Tensor):
-            return _ti_concept(path, _vectors(path, t, f"embedding {token!r}"), placeholder or token, "diffusers-ti")
+            return _diffusers_ti(path, token, _vectors(path, t, f"embedding {token!r}"), placeholder)
     shown = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
     raise NetiError(f"{path}: unrecognized checkpoint dict (keys: {shown}); expected an A1111 embedding, "
                     f"a learned_embeds.bin or an official NeTI mapper")
@@ -293,7 +341,8 @@ def _import_official_neti(path: Path, obj: dict, placeholder: str | None, embeds
             sd[f"encoder.{name}"] = v.float()
         num_w = MapperConfig.num_w
 
-    mcfg = MapperConfig(output_dim=d, num_layers=NUM_LAYERS, use_nested_dropout=use_nd, nested_dropout_prob=nd_prob,
+    family = _family_of(d)
+    mcfg = MapperConfig(output_dim=d, num_layers=family.num_layers, use_nested_dropout=use_nd, nested_dropout_prob=nd_prob,
                         target_norm=None if target_norm is None else float(target_norm),
                         use_positional_encoding=use_pe, num_pe_time_anchors=n_anchors,
                         sigma_t=sigma_t, sigma_l=sigma_l, num_w=num_w, output_bypass=bypass)
@@ -324,7 +373,7 @@ def _import_official_neti(path: Path, obj: dict, placeholder: str | None, embeds
         placeholder_embed = vec[0]
 
     c = Concept(method="neti", placeholder=ph, text_dim=d, mapper=mapper, init_word=init_word or None,
-                base_model=base or None, source="official-neti", placeholder_embed=placeholder_embed)
+                base_model=base or None, source="official-neti", placeholder_embed=placeholder_embed, family=family)
     c.check_finite(str(path))
     return c
 

@@ -3,7 +3,7 @@
 A `MixedTable` is a concept made of others: at each (t, l) exactly one part serves the token and
 bypass rows. XTI's style mixing sends one concept to the coarse layers and another to the rest:
 
-    --layer-mix "IN01-IN08:cat,MID-OUT11:painting"      (layer names: neti_fast.sd.models.UNET_LAYERS)
+    --layer-mix "IN01-IN08:cat,MID-OUT11:painting"      (layer names: the family's, sd.families.Family.layers)
     --time-mix  "t>=600:cat,t<600:painting"              (t: the scheduler's timestep, 999 = pure noise)
 
 Every layer (every t in 0..999) must be covered exactly once. The mix is named `mix` (or
@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import NetiError
-from ..sd.models import NUM_LAYERS, UNET_LAYERS
 from .table import NUM_TIMESTEPS, new_uid, stack_rows
 
 
 @dataclass
 class MixedTable:
     parts: list                                   # Tables
-    layer_part: list | None = None                # layer mix: part index for each of the 16 layers
+    layer_part: list | None = None                # layer mix: part index for each of the family's layers
     time_rules: list | None = None                # time mix: [(lo, hi, part index)], lo <= t < hi
     name: str = "mix"
     spec: str = ""
@@ -35,6 +34,10 @@ class MixedTable:
     @property
     def placeholder(self) -> str:
         return f"<{self.name}>"
+
+    @property
+    def family(self):
+        return self.parts[0].family
 
     @property
     def time_varying(self) -> bool:
@@ -79,10 +82,11 @@ class MixedTable:
         return token.gather(0, pick)[0], None if bypass is None else bypass.gather(0, pick)[0]
 
     def schedule_rows(self, timesteps: torch.Tensor, truncation: int | None = None):
-        """As `Table.schedule_rows`: ([S, 16, D], [S, 16, D] or None)."""
+        """As `Table.schedule_rows`: ([S, L, D], [S, L, D] or None)."""
         ts = timesteps.detach().float().cpu()
-        t = ts[:, None].expand(-1, NUM_LAYERS)
-        l = torch.arange(NUM_LAYERS)[None].expand(len(ts), -1)
+        L = self.family.num_layers
+        t = ts[:, None].expand(-1, L)
+        l = torch.arange(L)[None].expand(len(ts), -1)
         return self._select([p.schedule_rows(ts, truncation) for p in self.parts], self.which(t, l))
 
     def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
@@ -113,41 +117,45 @@ def _entries(spec: str, body: str, flag: str, tables: dict) -> list[tuple[str, o
     return out
 
 
-def _parts(entries) -> tuple[list, list[int]]:
+def _parts(entries, spec: str, flag: str) -> tuple[list, list[int]]:
     parts, index = [], []
     for _, table in entries:
         if all(p is not table for p in parts):
             parts.append(table)
         index.append(next(i for i, p in enumerate(parts) if p is table))
+    if len({p.family for p in parts}) > 1:
+        raise NetiError(f"{flag} {spec!r}: mixes concepts of different model families "
+                        f"({', '.join(dict.fromkeys(p.family.title for p in parts))})")
     return parts, index
 
 
-def _layer(name: str, spec: str) -> int:
+def _layer(name: str, spec: str, layers: tuple) -> int:
     upper = name.strip().upper()
-    if upper not in UNET_LAYERS:
-        raise NetiError(f"--layer-mix {spec!r}: unknown layer {name.strip()!r}; layers are {', '.join(UNET_LAYERS)}")
-    return UNET_LAYERS.index(upper)
+    if upper not in layers:
+        raise NetiError(f"--layer-mix {spec!r}: unknown layer {name.strip()!r}; layers are {', '.join(layers)}")
+    return layers.index(upper)
 
 
 def parse_layer_mix(spec: str, tables: dict) -> MixedTable:
     """`[NAME=]IN01-IN08:cat,MID-OUT11:painting` -> a MixedTable; every layer covered exactly once."""
     name, body = _split_name(spec, "--layer-mix")
     entries = _entries(spec, body, "--layer-mix", tables)
-    parts, index = _parts(entries)
-    owner = [None] * NUM_LAYERS
+    parts, index = _parts(entries, spec, "--layer-mix")
+    layers = parts[0].family.layers
+    owner = [None] * len(layers)
     for (rng, _), k in zip(entries, index):
         if rng.lower() == "all":
-            lo, hi = 0, NUM_LAYERS - 1
+            lo, hi = 0, len(layers) - 1
         else:
             a, _, b = rng.partition("-")
-            lo, hi = _layer(a, spec), _layer(b or a, spec)
+            lo, hi = _layer(a, spec, layers), _layer(b or a, spec, layers)
         if hi < lo:
-            raise NetiError(f"--layer-mix {spec!r}: range {rng!r} runs backwards (order: {', '.join(UNET_LAYERS)})")
+            raise NetiError(f"--layer-mix {spec!r}: range {rng!r} runs backwards (order: {', '.join(layers)})")
         for l in range(lo, hi + 1):
             if owner[l] is not None:
-                raise NetiError(f"--layer-mix {spec!r}: layer {UNET_LAYERS[l]} is given twice")
+                raise NetiError(f"--layer-mix {spec!r}: layer {layers[l]} is given twice")
             owner[l] = k
-    missing = [UNET_LAYERS[l] for l in range(NUM_LAYERS) if owner[l] is None]
+    missing = [layers[l] for l in range(len(layers)) if owner[l] is None]
     if missing:
         raise NetiError(f"--layer-mix {spec!r}: no concept for layer(s) {', '.join(missing)}")
     return MixedTable(parts, layer_part=owner, name=name, spec=spec)
@@ -165,7 +173,7 @@ def parse_time_mix(spec: str, tables: dict) -> MixedTable:
     """
     name, body = _split_name(spec, "--time-mix")
     entries = _entries(spec, body, "--time-mix", tables)
-    parts, index = _parts(entries)
+    parts, index = _parts(entries, spec, "--time-mix")
     rules, owner = [], [None] * NUM_TIMESTEPS
     for (cond, _), k in zip(entries, index):
         for rx, bounds in _TIME:

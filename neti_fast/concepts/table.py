@@ -2,11 +2,12 @@
 
 After `precompute`, TI, XTI and NeTI concepts look the same to the engine: rows of token and bypass
 embeddings indexed by (t, l). File (safetensors):
-    token                 [1000, 16, D] float32      bypass            [1000, 16, D] (NeTI with bypass)
+    token                 [1000, L, D] float32      bypass            [1000, L, D] (NeTI with bypass)
     token.trunc{K}        same, with nested-dropout truncation K      bypass.trunc{K}
-    a multi-vector TI concept's token rows are [1000, 16, n, D] (metadata `vectors` = n)
+    a multi-vector TI concept's token rows are [1000, L, n, D] (metadata `vectors` = n)
     + the concept's own tensors and metadata (neti_fast.format=table), so a table is also a concept
       file and fractional timesteps (e.g. Euler's) are served exactly by evaluating the mapper.
+L is the concept's family's cross-attention layer count (16 for SD 1.x and 2.x, 11 for SDXL).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from tqdm.auto import tqdm
 
 from .concept import Concept
 from ..errors import NetiError
-from ..sd.models import NUM_LAYERS
 from ..utils import atomic_write, first_line
 
 NUM_TIMESTEPS = 1000
@@ -66,6 +66,10 @@ class TableLike(Protocol):
     uid: int              # process-unique: caches key on it
 
     @property
+    def family(self):
+        """The model family (sd.families.Family) its rows are for."""
+
+    @property
     def placeholder(self) -> str: ...
 
     @property
@@ -87,7 +91,7 @@ class TableLike(Protocol):
         """NetiError if it cannot serve `model` at `truncation`."""
 
     def schedule_rows(self, timesteps: torch.Tensor, truncation: int | None = None):
-        """([S, 16, D] token rows ([S, 16, n, D] for n vectors), bypass rows or None) for a step schedule."""
+        """([S, L, D] token rows ([S, L, n, D] for n vectors), bypass rows or None) for a step schedule."""
 
     def embeddings_at(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None):
         """([N, D], [N, D] or None) at each (t[i], l[i]), any t (fractional too)."""
@@ -118,7 +122,7 @@ def default_name(placeholder: str) -> str:
 @dataclass
 class Table:
     concept: Concept
-    token: dict = field(default_factory=dict)    # truncation (None = full) -> [1000, 16, D]
+    token: dict = field(default_factory=dict)    # truncation (None = full) -> [1000, L, D]
     bypass: dict = field(default_factory=dict)
     name: str | None = None                      # `{name}` in prompts; default from the placeholder
     uid: int = field(default_factory=new_uid, compare=False, repr=False)
@@ -135,6 +139,10 @@ class Table:
         return self.concept.time_varying
 
     @property
+    def family(self):
+        return self.concept.family
+
+    @property
     def has_bypass(self) -> bool:
         return self.concept.has_bypass
 
@@ -148,7 +156,7 @@ class Table:
         return self.concept.method == "neti"
 
     def check(self, model, truncation: int | None, where: str) -> None:
-        """Refuse a model of another text width or an out-of-range truncation."""
+        """Refuse a model of another family or text width, or an out-of-range truncation."""
         self.concept.check_model(model, where)
         if self.truncatable:
             self.concept.check_truncation(truncation)
@@ -162,7 +170,7 @@ class Table:
         return [k for k in self.token if k is not None]
 
     def schedule_rows(self, timesteps: torch.Tensor, truncation: int | None = None):
-        """Rows for a step schedule: ([S, 16, D], [S, 16, D] or None), float32 on CPU.
+        """Rows for a step schedule: ([S, L, D], [S, L, D] or None), float32 on CPU.
 
         Integer timesteps with a precomputed truncation are a lookup; anything else (fractional t,
         a truncation not in the file) evaluates the concept, which is what the table holds anyway.
@@ -175,12 +183,13 @@ class Table:
             idx = ts.long()
             byp = self.bypass.get(truncation)
             return self.token[truncation][idx], None if byp is None else byp[idx]
-        t = ts.repeat_interleave(NUM_LAYERS)
-        l = torch.arange(NUM_LAYERS).repeat(S).float()
+        L = self.family.num_layers
+        t = ts.repeat_interleave(L)
+        l = torch.arange(L).repeat(S).float()
         with torch.no_grad():
             token, bypass = self.embeddings_at(t, l, truncation)
         D = token.shape[-1]
-        return token.cpu().reshape(S, NUM_LAYERS, *token.shape[1:]), None if bypass is None else bypass.cpu().view(S, NUM_LAYERS, D)
+        return token.cpu().reshape(S, L, *token.shape[1:]), None if bypass is None else bypass.cpu().view(S, L, D)
 
 
     def save(self, path: str | Path) -> Path:
@@ -202,12 +211,13 @@ class Table:
 
 
 def precompute(concept: Concept, truncations=(), progress: bool = True, chunk: int = 4000) -> Table:
-    """Evaluate `concept` at all 1000 integer timesteps x 16 layers, for full and each truncation."""
+    """Evaluate `concept` at all 1000 integer timesteps x its family's layers, for full and each truncation."""
     for k in truncations:
         concept.check_truncation(k)
     table = Table(concept)
-    t = torch.arange(NUM_TIMESTEPS).repeat_interleave(NUM_LAYERS).float()
-    l = torch.arange(NUM_LAYERS).repeat(NUM_TIMESTEPS).float()
+    L = concept.family.num_layers
+    t = torch.arange(NUM_TIMESTEPS).repeat_interleave(L).float()
+    l = torch.arange(L).repeat(NUM_TIMESTEPS).float()
     todo = [None] + [k for k in dict.fromkeys(truncations)]
     bar = tqdm(total=len(todo) * len(t), desc="precompute", unit="row", disable=not progress)
     for trunc in todo:
@@ -219,21 +229,21 @@ def precompute(concept: Concept, truncations=(), progress: bool = True, chunk: i
                 if byp is not None:
                     byps.append(byp.float().cpu())
                 bar.update(len(tok))
-        table.token[trunc] = torch.cat(toks).view(NUM_TIMESTEPS, NUM_LAYERS, *toks[0].shape[1:])
+        table.token[trunc] = torch.cat(toks).view(NUM_TIMESTEPS, L, *toks[0].shape[1:])
         if byps:
-            table.bypass[trunc] = torch.cat(byps).view(NUM_TIMESTEPS, NUM_LAYERS, -1)
+            table.bypass[trunc] = torch.cat(byps).view(NUM_TIMESTEPS, L, -1)
     bar.close()
     return table
 
 
 def _add_rows(table: Table, tensors: dict, where) -> Table:
     """Fill a table's token / bypass rows from a table file's tensors, validating their shapes."""
-    dim, n = table.concept.text_dim, table.concept.vectors
+    dim, n, L = table.concept.text_dim, table.concept.vectors, table.family.num_layers
     for key, v in tensors.items():
         base, _, trunc = key.partition(".trunc")
         if base not in ("token", "bypass"):
             continue
-        want = (NUM_TIMESTEPS, NUM_LAYERS) + ((n,) if n > 1 and base == "token" else ()) + (dim,)
+        want = (NUM_TIMESTEPS, L) + ((n,) if n > 1 and base == "token" else ()) + (dim,)
         if tuple(v.shape) != want:
             raise NetiError(f"{where}: table tensor has shape {tuple(v.shape)}, expected {list(want)}")
         if not torch.isfinite(v).all():

@@ -1,4 +1,4 @@
-"""NeTI inside an existing diffusers `StableDiffusionPipeline`.
+"""NeTI inside an existing diffusers `StableDiffusionPipeline` (SD 1.x, SD 2.x) or `StableDiffusionXLPipeline`.
 
     from diffusers import StableDiffusionPipeline, DPMSolverMultistepScheduler
     import neti_fast as nf
@@ -18,12 +18,16 @@ sample's prompt and negative prompt (and returns their plain CLIP encodings, whi
 only uses for shapes); the U-Net's 16 cross-attention layers get neti-fast's bound processors, and
 a pre-hook on the U-Net reads the scheduler's step index and points them at the engine's
 per-layer K / V tables and that step's rows (built on the first step of a call, cached across calls).
+On SDXL the hook also replaces the U-Net's pooled `text_embeds` by neti-fast's (they follow the
+concept, README "Model families"); the pipeline's own time ids are kept. An empty negative prompt is
+zero conditioning there (force_zeros_for_empty_prompt), as neti-fast's engine treats it.
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import NetiError
+from ..sd import families
 from ..sd.models import Model
 from .engine import Engine
 from .request import GenerateConfig, Request, check_request
@@ -32,8 +36,14 @@ from .request import GenerateConfig, Request, check_request
 class Attachment:
     def __init__(self, pipe, table, truncation: int | None = None, attention: str = "auto"):
         self.pipe, self.table, self.truncation = pipe, table, truncation
+        family = families.detect({"_class_name": type(pipe).__name__}, pipe.text_encoder.config.to_dict(),
+                                 "neti_fast.attach")
+        more = family.encoders[1:]
         model = Model(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, dict(pipe.scheduler.config),
-                      name=getattr(pipe, "name_or_path", None) or "pipeline")
+                      name=getattr(pipe, "name_or_path", None) or "pipeline", family=family,
+                      more_tokenizers=[getattr(pipe, e.tokenizer_subfolder) for e in more],
+                      more_text_encoders=[getattr(pipe, e.subfolder) for e in more],
+                      zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
         self.engine = Engine(model, GenerateConfig(attention=attention))  # binds the processors to pipe.unet
         self.state = model.attn_state
         self._requests: list[Request] = []
@@ -58,13 +68,18 @@ class Attachment:
             check_request(m, r)
         self._packed = None
         enc = self._plain([r.negative_prompt for r in self._requests]).to(device)  # shapes only: tables carry the text
-        return enc, (enc if do_classifier_free_guidance else None)
+        out = (enc, (enc if do_classifier_free_guidance else None))
+        if m.family.added_conditioning:  # SDXL's pooled embeddings: shapes only too, replaced per step (_before)
+            width = sum(te.config.projection_dim for te, e in zip(m.text_encoders, m.family.encoders) if e.pooled)
+            pooled = enc.new_zeros(len(self._requests), width)
+            out += (pooled, pooled if do_classifier_free_guidance else None)
+        return out
 
     def _plain(self, texts: list[str]) -> torch.Tensor:
-        from ..sd.conditioning import encode_plain
+        from ..sd.encoders import encode_plain_all
         m = self.engine.model
         with torch.no_grad():
-            return torch.cat([encode_plain(m.text_encoder, m.tokenizer, t) for t in texts])
+            return torch.cat([encode_plain_all(m, t) for t in texts])
 
     def _before(self, _module, args, kwargs):
         if not self._requests:
@@ -81,12 +96,17 @@ class Attachment:
         if self._packed is None or self._packed[0] is not ts or self._packed[1] != guided:
             k_tables, v_tables, base, stride = self.engine.kv_tables(self._requests, ts, guided)
             rows = base[None] + torch.arange(len(ts), device=base.device)[:, None] * stride[None]  # [steps, B]
-            self._packed = (ts, guided, k_tables, v_tables, rows)
-        _, _, k_tables, v_tables, rows = self._packed
+            f = self.engine.model.vae_scale_factor
+            added = self.engine.added_conditioning(self._requests, ts, guided, x.shape[-2] * f, x.shape[-1] * f)
+            self._packed = (ts, guided, k_tables, v_tables, rows, added)
+        _, _, k_tables, v_tables, rows, added = self._packed
         st = self.state
+        step = self._step(ts, t)
         st.mode, st.backend, st.k_tables, st.v_tables = "tables", self.engine.cfg.attention, k_tables, v_tables
-        st.row_idx = rows[self._step(ts, t)]
-        return None
+        st.row_idx = rows[step]
+        if added is None:
+            return None
+        return args, {**kwargs, "added_cond_kwargs": {**kwargs["added_cond_kwargs"], "text_embeds": added[0][step]}}
 
     def _step(self, ts: torch.Tensor, t) -> int:
         """Index of this U-Net call's timestep in the schedule. Schedulers that count their steps
@@ -125,5 +145,6 @@ def attach(pipe, table, truncation: int | None = None, attention: str = "auto") 
     """Make `pipe("... {} ...")` generate with `table` (see the module docstring); returns a handle to `detach()`."""
     for name in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
         if getattr(pipe, name, None) is None:
-            raise NetiError(f"neti_fast.attach: the pipeline has no {name}; a StableDiffusionPipeline (SD 1.x) is needed")
+            raise NetiError(f"neti_fast.attach: the pipeline has no {name}; a StableDiffusionPipeline (SD 1.x / 2.x) "
+                            "or StableDiffusionXLPipeline is needed")
     return Attachment(pipe, table, truncation, attention)

@@ -29,7 +29,8 @@ class TorchDenoiser:
         self.unet = torch.compile(model.unet, dynamic=False, backend=compile_backend) if compile else model.unet
         self._seen: set = set()
 
-    def __call__(self, x, t, row_idx, k_tables, v_tables):
+    def __call__(self, x, t, row_idx, k_tables, v_tables, added: dict | None = None):
+        """`added`: the U-Net's added_cond_kwargs where the family has them (SDXL's text_embeds, time_ids)."""
         st = self.state
         st.mode, st.backend, st.row_idx, st.k_tables, st.v_tables = "tables", self.attention, row_idx, k_tables, v_tables
         unet = self.unet
@@ -41,6 +42,6 @@ class TorchDenoiser:
                 self._seen.add(key)
                 unet = self.model.unet
         try:
-            return unet(x, t, encoder_hidden_states=None).sample
+            return unet(x, t, encoder_hidden_states=None, added_cond_kwargs=added).sample
         finally:
             st.mode, st.row_idx, st.k_tables, st.v_tables = "plain", None, [], []

@@ -84,11 +84,11 @@ def setup_distributed(device: str | None) -> Dist:
 
 
 def prepare_builtin(spec: str, d: Dist) -> None:
-    """Rank 0 builds the cached `tiny` model before the others load it (ranks must not race to build it)."""
-    if spec == "tiny" and d.world > 1:
+    """Rank 0 builds a cached built-in folder (`tiny`, ...) before the others load it (ranks must not race to build it)."""
+    from ..sd.models import TINY, tiny_model_dir
+    if spec in TINY and d.world > 1:
         if d.rank == 0:
-            from ..sd.models import tiny_model_dir
-            tiny_model_dir()
+            tiny_model_dir(spec)
         d.barrier()
 
 

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import NetiError
 from ..concepts.table import slot_rows
-from ..sd.conditioning import MAX_TOKENS, encode_plain, encode_rows, pad_chunks
+from ..sd.conditioning import MAX_TOKENS, pad_chunks
+from ..sd.encoders import encode_plain_all, encode_rows_all, pooled_all
 from ..sd.models import Model
 from ..utils import ByteLRU
 from .denoiser import TorchDenoiser
@@ -35,18 +36,21 @@ from .sampling import decode, image_generators, make_scheduler, step_kwargs
 
 @dataclass
 class LayerKV:
-    """One conditioning's per-layer K / V rows: 16 x [S, 77 k, C_l]; S = steps or 1, k chunks."""
+    """One conditioning's K / V rows, per cross-attention module: [S, 77 k, C_m]; S = steps or 1, k
+    CLIP chunks; and where the family has one (SDXL), its pooled text embedding per step [S, P]."""
     k: list
     v: list
     time_varying: bool
+    pooled: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        pooled = [] if self.pooled is None else [self.pooled]
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + pooled)
 
 
 def concept_rows(tables: dict, timesteps: torch.Tensor, truncation: int | None):
-    """Every concept's rows for a schedule, one slot per vector: ([S, 16, K, D], same or None).
+    """Every concept's rows for a schedule, one slot per vector: ([S, L, K, D], same or None).
 
     S = len(timesteps) if any concept varies over time, else 1 (one row serves every step). A
     concept without a bypass gets zero rows beside one with it (a zero bypass changes nothing).
@@ -75,9 +79,9 @@ class Engine:
 
     # ------------------------------------------------------------------ conditioning
     def _kv(self, enc: torch.Tensor, enc_b: torch.Tensor) -> tuple[list, list]:
-        """enc, enc_b: [S, 16, 77, D] or [S, 77, D] (same for all layers) -> per-layer K, V."""
+        """enc, enc_b: [S, L, 77, D] or [S, 77, D] (same for all layers) -> per-module K, V."""
         ks, vs = [], []
-        for l, attn in enumerate(self.model.cross_attention):
+        for attn, l in zip(self.model.cross_attention, self.model.attn_layer):
             e, eb = (enc[:, l], enc_b[:, l]) if enc.ndim == 4 else (enc, enc_b)
             ks.append(attn.to_k(e))
             vs.append(attn.to_v(eb))
@@ -94,14 +98,17 @@ class Engine:
         if enc.shape[-2] >= chunks * MAX_TOKENS:
             return enc
         m = self.model
-        return pad_chunks(enc, chunks, encode_plain(m.text_encoder, m.tokenizer, "", clip_skip))
+        return pad_chunks(enc, chunks, encode_plain_all(m, "", clip_skip))
 
     def negative(self, prompt: str, clip_skip: int = 1, syntax: str = "plain", chunks: int = 1) -> LayerKV:
         m = self.model
 
         def build():
-            enc = self._padded(encode_plain(m.text_encoder, m.tokenizer, prompt, clip_skip, syntax), chunks, clip_skip)
-            return LayerKV(*self._kv(enc, enc), time_varying=False)
+            enc = self._padded(encode_plain_all(m, prompt, clip_skip, syntax), chunks, clip_skip)
+            pooled = pooled_all(m, tokenize_request(m, prompt, {}, syntax), None)
+            if m.zero_empty_negative and not prompt:  # force_zeros_for_empty_prompt: diffusers' zeros (every chunk)
+                enc, pooled = torch.zeros_like(enc), None if pooled is None else torch.zeros_like(pooled)
+            return LayerKV(*self._kv(enc, enc), time_varying=False, pooled=pooled)
         key = ("neg", prompt, m.dtype) + self._key_tail(clip_skip, syntax, chunks)
         return self.conditionings.get_or_build(key, build)
 
@@ -116,16 +123,18 @@ class Engine:
 
         def build():
             toks = tokenize_request(m, prompt, tables, syntax)
-            token, bypass = concept_rows(tables, timesteps, truncation)     # [S, 16, K, D]
+            token, bypass = concept_rows(tables, timesteps, truncation)     # [S, L, K, D]
             S, L, K, D = token.shape
             dt = m.text_encoder.dtype
-            enc, enc_b = encode_rows(m.text_encoder, toks, token.reshape(S * L, K, D).to(dt),
-                                     None if bypass is None else bypass.reshape(S * L, K, D).to(dt),
-                                     dedup=S == 1,  # time-varying rows are all distinct: no point sorting them
-                                     clip_skip=clip_skip)
+            enc, enc_b = encode_rows_all(m, toks, token.reshape(S * L, K, D).to(dt),
+                                         None if bypass is None else bypass.reshape(S * L, K, D).to(dt),
+                                         dedup=S == 1,  # time-varying rows are all distinct: no point sorting them
+                                         clip_skip=clip_skip)
             enc, enc_b = enc.view(S, L, *enc.shape[1:]), enc_b.view(S, L, *enc_b.shape[1:])
             enc, enc_b = self._padded(enc, chunks, clip_skip), self._padded(enc_b, chunks, clip_skip)
-            return LayerKV(*self._kv(enc, enc_b), time_varying=S > 1)
+            pl = m.family.pooled_layer
+            pooled = None if pl is None else pooled_all(m, toks, token[:, pl].to(dt))
+            return LayerKV(*self._kv(enc, enc_b), time_varying=S > 1, pooled=pooled)
         key = ("cond", prompt, tuple((n, t.uid) for n, t in tables.items()), truncation,
                tuple(timesteps.tolist()), m.dtype) + self._key_tail(clip_skip, syntax, chunks)
         return self.conditionings.get_or_build(key, build)
@@ -158,8 +167,19 @@ class Engine:
         `base[b] + step * stride[b]`; stride is 0 for conditionings constant over time.
         Every request's K / V have 77 x `request.context_chunks` keys, the same for all of them
         (NetiError otherwise: the batch planners group by it).
-        Returns (k_tables 16 x [R, 77 k, C_l], v_tables, base [B'], stride [B']).
+        Returns (k_tables per module [R, 77 k, C_m], v_tables, base [B'], stride [B']).
         """
+        m = self.model
+        rows = self._rows(reqs, timesteps, guided)
+        distinct = list({id(c): c for c in rows}.values())
+        arena = self.arena(distinct[0])
+        starts = arena.place(distinct)
+        base = [starts[id(c)] for c in rows]
+        stride = [int(c.time_varying) for c in rows]
+        return arena.k, arena.v, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
+
+    def _rows(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool) -> list:
+        """The conditioning of each U-Net batch row: negative halves first when `guided`."""
         m, cfg = self.model, self.cfg
         chunks = {context_chunks(m, r, cfg) for r in reqs}
         if len(chunks) > 1:
@@ -170,13 +190,19 @@ class Engine:
                  for r in reqs]
         negs = [self.negative(negative_text(r, cfg), r.clip_skip, r.prompt_syntax, k)
                 for r in reqs] if guided else []  # A1111 skips CLIP layers for the negative prompt too
-        rows = negs + conds
-        distinct = list({id(c): c for c in rows}.values())
-        arena = self.arena(distinct[0])
-        starts = arena.place(distinct)
-        base = [starts[id(c)] for c in rows]
-        stride = [int(c.time_varying) for c in rows]
-        return arena.k, arena.v, torch.tensor(base, device=m.device), torch.tensor(stride, device=m.device)
+        return negs + conds
+
+    def added_conditioning(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool, h: int, w: int):
+        """The U-Net's added inputs where the family has them (SDXL), for kv_tables' rows: (pooled text
+        embeddings [steps, B', P], time ids [B', 6]: original size, crop top-left, target size, as
+        diffusers' _get_add_time_ids with its defaults); None for SD 1.x / 2.x."""
+        if not self.model.family.added_conditioning:
+            return None
+        rows = self._rows(reqs, timesteps, guided)   # cached conditionings: lookups only
+        step = torch.arange(len(timesteps))
+        pooled = torch.stack([c.pooled[step if c.time_varying else torch.zeros_like(step)] for c in rows], dim=1)
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=pooled.dtype, device=pooled.device).expand(len(rows), -1)
+        return pooled, time_ids
 
     def arena(self, cond: LayerKV) -> KVArena:
         """The engine's K / V arena for `cond`'s dtype, device and context length (made on first use)."""
@@ -208,6 +234,7 @@ class Engine:
         guided = cfg.guidance != 1.0
 
         k_tables, v_tables, base, stride = self.kv_tables(reqs, ts, guided)
+        added = self.added_conditioning(reqs, ts, guided, h, w)
         gens = image_generators([r.seed for r in reqs])
         step_kw = step_kwargs(cfg.scheduler, sched, gens, [r.seed for r in reqs], cfg.eta)
         latents, blend = start_latents(m, sched, ts, reqs, gens, (m.unet.config.in_channels, h // m.vae_scale_factor,
@@ -219,7 +246,8 @@ class Engine:
         for i, t in enumerate(tqdm(ts, desc="denoise", leave=False, disable=not progress)):
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
-            eps = self.denoiser(x, ts_dev[i], row_idx[i], k_tables, v_tables)
+            extra = {} if added is None else {"added": {"text_embeds": added[0][i], "time_ids": added[1]}}
+            eps = self.denoiser(x, ts_dev[i], row_idx[i], k_tables, v_tables, **extra)
             if guided:
                 u, c = eps.chunk(2)
                 eps = u + cfg.guidance * (c - u)

@@ -13,6 +13,7 @@ from typing import Union
 from ..concepts.table import TableLike
 from ..errors import NetiError
 from ..sd.conditioning import markers, tokenize
+from ..sd.encoders import tokenize_all
 from ..sd.models import Model
 from ..utils import SAMPLING_RANGES, Range, image_size
 from .img2img import Init
@@ -71,9 +72,10 @@ def _default_marker(tables: dict) -> str | None:
     return mixes[0] if len(tables) > 1 and len(mixes) == 1 else None
 
 
-def tokenize_request(model: Model, prompt: str, tables: dict, syntax: str = "plain"):
-    return tokenize(model.tokenizer, prompt, list(tables) if tables else None, _default_marker(tables),
-                    [t.vectors for t in tables.values()], syntax)
+def tokenize_request(model: Model, prompt: str, tables: dict, syntax: str = "plain") -> list:
+    """The prompt's tokens for each of the model's text encoders (sd.encoders.tokenize_all)."""
+    return tokenize_all(model, prompt, list(tables) if tables else None, _default_marker(tables),
+                        [t.vectors for t in tables.values()], syntax)
 
 
 def negative_text(req: Request, cfg: GenerateConfig) -> str:
@@ -86,10 +88,10 @@ def context_chunks(model: Model, req: Request, cfg: GenerateConfig) -> int:
     chunks (conditioning.pad_chunks, A1111's "Pad prompt/negative prompt"). Images of one U-Net
     batch share it (their K / V tables have 77 x chunks keys): the batch planners group by it
     rather than pad a request to its batch-mates' length, which would make an image depend on
-    what shares its batch."""
+    what shares its batch. The family's tokenizers share CLIP's BPE: the first one counts."""
     if req.prompt_syntax == "plain":
         return 1  # one chunk or refused (check_request): no tokenizing per batch for the default
-    n = tokenize_request(model, req.prompt, req.tables, req.prompt_syntax).chunks
+    n = tokenize_request(model, req.prompt, req.tables, req.prompt_syntax)[0].chunks
     if cfg.guidance != 1.0:
         n = max(n, tokenize(model.tokenizer, negative_text(req, cfg), None, syntax=req.prompt_syntax).chunks)
     return n
@@ -121,7 +123,9 @@ def check_settings(cfg: GenerateConfig) -> None:
 def check_request(model: Model, req: Request) -> None:
     """Validate a request before any work: CLIP skip, concept widths, truncation, prompt (markers,
     length) and negative prompt (plain text: no markers)."""
-    layers = model.text_encoder.config.num_hidden_layers
+    # the deepest CLIP skip every text encoder has layers for (SDXL's start at hidden state -2: one fewer)
+    layers = min(te.config.num_hidden_layers + 1 + spec.hidden_state
+                 for te, spec in zip(model.text_encoders, model.family.encoders))
     if isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int) or not 1 <= req.clip_skip <= layers:
         raise NetiError(f"must be an integer from 1 (CLIP's last layer) to {layers} (this model's text encoder "
                         f"has {layers} layers)", field="clip_skip", value=req.clip_skip)

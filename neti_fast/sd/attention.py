@@ -1,9 +1,11 @@
 """Cross-attention processors bound to their layer, and the attention dispatcher.
 
-Each of the U-Net's 16 cross-attention modules gets a `NetiCrossAttnProcessor` that knows its
-layer index from the start (no counter mutating during the forward pass, so tracing, compile and
-export see a static graph). All 16 read one shared `CrossAttnState`, which the caller fills before
-a U-Net call, in one of three modes:
+Each of the U-Net's cross-attention modules gets a `NetiCrossAttnProcessor` that knows its index
+and its layer from the start (no counter mutating during the forward pass, so tracing, compile and
+export see a static graph). A layer is the family's NeTI layer l (16 in SD 1.x / 2.x, each one
+module; 11 in SDXL, holding 70 modules); a module has its own K / V projection, so the K / V
+tables are per module and the text encodings per layer. All read one shared `CrossAttnState`,
+which the caller fills before a U-Net call, in one of three modes:
 
 - `plain`:  K = V-source = the `encoder_hidden_states` passed to the U-Net (plain SD; the
             reference path's unconditional call; training with no concept).
@@ -37,9 +39,9 @@ from ..utils import ATTENTIONS, ATTENTIONS_RENAMED, first_line
 @dataclass
 class CrossAttnState:
     mode: str = "plain"                                  # plain | layers | tables
-    enc: list | None = None                              # layers: 16 x [B, 77, D] (keys' source)
-    enc_bypass: list | None = None                       # layers: 16 x [B, 77, D] (values' source)
-    k_tables: list = field(default_factory=list)         # tables: 16 x [R, 77, C_l]
+    enc: list | None = None                              # layers: per layer [B, 77, D] (keys' source)
+    enc_bypass: list | None = None                       # layers: per layer [B, 77, D] (values' source)
+    k_tables: list = field(default_factory=list)         # tables: per module [R, 77, C_m]
     v_tables: list = field(default_factory=list)
     row_idx: torch.Tensor | None = None                  # tables: [B] rows, one per sample
     backend: str = "auto"                                # one of utils.ATTENTIONS
@@ -235,17 +237,19 @@ def attend_rows(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, r
 
 
 class NetiCrossAttnProcessor:
-    """diffusers attention processor for one cross-attention layer of SD 1.x (`attn2`)."""
+    """diffusers attention processor for one cross-attention module (`attn2`): module `index` of
+    the U-Net's, in its family's layer `layer`."""
 
-    def __init__(self, layer: int, state: CrossAttnState):
+    def __init__(self, index: int, layer: int, state: CrossAttnState):
+        self.index = index
         self.layer = layer
         self.state = state
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        st, l = self.state, self.layer
+        st, l, i = self.state, self.layer, self.index
         q = attn.to_q(hidden_states)
         if st.mode == "tables":
-            out = attend_rows(q, st.k_tables[l], st.v_tables[l], st.row_idx, attn.heads, st.backend, attn)
+            out = attend_rows(q, st.k_tables[i], st.v_tables[i], st.row_idx, attn.heads, st.backend, attn)
         else:
             if st.mode == "layers":
                 ek, ev = st.enc[l], st.enc_bypass[l]
@@ -257,11 +261,11 @@ class NetiCrossAttnProcessor:
 
 
 def install_processors(model) -> CrossAttnState:
-    """Bind a processor to each of the 16 cross-attention layers (once per model); returns their state."""
+    """Bind a processor to each cross-attention module (once per model); returns their state."""
     state = getattr(model, "attn_state", None)
     if state is None:
         state = CrossAttnState()
-        for i, attn in enumerate(model.cross_attention):
-            attn.set_processor(NetiCrossAttnProcessor(i, state))
+        for i, (attn, l) in enumerate(zip(model.cross_attention, model.attn_layer)):
+            attn.set_processor(NetiCrossAttnProcessor(i, l, state))
         model.attn_state = state
     return state

@@ -14,6 +14,8 @@ what no row changes (`PromptState`: the causal prefix, and the first layer's sha
 CLIP skip n (A1111's "Clip skip", diffusers' `clip_skip` n - 1): the state n - 1 layers before the
 last one stands for CLIP's last hidden state above, final layer norm and bypass included; the
 skipped layers are never run. n = 1 is the plain encoding, computed exactly as without it.
+`final_norm=False` (SDXL's text encoders, whose penultimate hidden state conditions the U-Net as
+it is): the state is used without the final layer norm, the bypass added to it likewise.
 
 Several concepts in one prompt (`{cat} ... {painting}`): each marker is a slot k with its own token
 and bypass rows; the bypass is added at every slot's position with that slot's vector. A
@@ -196,7 +198,8 @@ def _hooks(text_encoder, slot, token):
 
 
 def encode(text_encoder, input_ids: torch.Tensor, slot: torch.Tensor | None = None,
-           token: torch.Tensor | None = None, bypass: torch.Tensor | None = None, clip_skip: int = 1):
+           token: torch.Tensor | None = None, bypass: torch.Tensor | None = None, clip_skip: int = 1,
+           final_norm: bool = True):
     """CLIP encodings for a batch of B prompts with K concept slots.
 
     input_ids [B, 77]; slot [B, 77] long (k or -1) or bool (one concept); token / bypass [B, K, D]
@@ -218,19 +221,21 @@ def encode(text_encoder, input_ids: torch.Tensor, slot: torch.Tensor | None = No
             enc = text_encoder(input_ids).last_hidden_state
         else:  # hidden_states[-1] is the last layer's output before the final LN (captured["pre_ln"])
             h = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
-            captured["pre_ln"], enc = h, _text_model(text_encoder).final_layer_norm(h)
+            captured["pre_ln"], enc = h, _text_model(text_encoder).final_layer_norm(h) if final_norm else h
     if bypass is None:
         return enc, enc
-    return enc, _bypassed(text_encoder, captured["pre_ln"], slot, bypass)
+    return enc, _bypassed(text_encoder, captured["pre_ln"], slot, bypass, final_norm)
 
 
-def _bypassed(text_encoder, h: torch.Tensor, slot: torch.Tensor, bypass: torch.Tensor) -> torch.Tensor:
+def _bypassed(text_encoder, h: torch.Tensor, slot: torch.Tensor, bypass: torch.Tensor,
+              final_norm: bool = True) -> torch.Tensor:
     """LN(h + 0.2 b / ||b|| ||h||) at each slot's positions; h is CLIP's state before its final LN."""
     b = bypass.to(h.device, h.dtype)
     b = b[:, None] if b.ndim == 2 else b
     unit = b / b.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)  # 0 stays 0
     step = BYPASS_SCALE * _per_position(unit, slot) * h.norm(dim=-1, keepdim=True)
-    return _text_model(text_encoder).final_layer_norm(h + (slot >= 0)[..., None] * step)
+    out = h + (slot >= 0)[..., None] * step
+    return _text_model(text_encoder).final_layer_norm(out) if final_norm else out
 
 
 # ----------------------------------------------------------------------------- shared work
@@ -285,8 +290,9 @@ def _clip_blocks(layers, x: torch.Tensor, start: int, cache: list | None):
 class PromptState:
     """The part of a prompt's encoding that no concept row changes (see the comment above)."""
 
-    def __init__(self, text_encoder, tokens: PromptTokens, clip_skip: int = 1):
+    def __init__(self, text_encoder, tokens: PromptTokens, clip_skip: int = 1, final_norm: bool = True):
         tm, dev = _text_model(text_encoder), text_encoder.device
+        self.final_norm = final_norm
         layers = _layers(text_encoder)
         layers = layers[:len(layers) - (clip_skip - 1)]   # CLIP skip: the last clip_skip - 1 layers never run
         self.text_encoder, self.layers = text_encoder, layers
@@ -353,7 +359,8 @@ class PromptState:
         """`_bypassed`, computed only at the slot positions (the final LN is per position)."""
         at = self.p + self.slot_pos
         out = enc.clone()
-        out[:, at] = _bypassed(self.text_encoder, h[:, at], self.slot[at].expand(h.shape[0], -1), bypass)
+        out[:, at] = _bypassed(self.text_encoder, h[:, at], self.slot[at].expand(h.shape[0], -1), bypass,
+                               self.final_norm)
         return out
 
 
@@ -362,7 +369,7 @@ def encode_shared(text_encoder, tokens: PromptTokens, token: torch.Tensor | None
     """`encode` for N rows of one prompt (token / bypass [N, K, D]), sharing what no row changes.
     A plain prompt (no slot, token None) gives its one encoding ([1, 77, D], same)."""
     state = state or PromptState(text_encoder, tokens)
-    ln = _text_model(text_encoder).final_layer_norm
+    ln = _text_model(text_encoder).final_layer_norm if state.final_norm else (lambda h: h)
     if token is None:
         enc = ln(state.prefix)
         return enc, enc
@@ -374,7 +381,7 @@ def encode_shared(text_encoder, tokens: PromptTokens, token: torch.Tensor | None
 
 
 def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor | None, bypass: torch.Tensor | None,
-                chunk: int | None = None, dedup: bool = True, clip_skip: int = 1):
+                chunk: int | None = None, dedup: bool = True, clip_skip: int = 1, final_norm: bool = True):
     """One prompt encoded for N rows of concept tokens: token / bypass [N, K, D] (or [N, D]) ->
     ([N, 77 k, D], [N, 77 k, D]); a plain prompt (token None) -> ([1, 77 k, D], same); k chunks.
 
@@ -384,26 +391,26 @@ def encode_rows(text_encoder, tokens: PromptTokens, token: torch.Tensor | None, 
     encoded once for all rows.
     """
     if tokens.chunks == 1 and tokens.weight is None:
-        return _encode_chunk(text_encoder, tokens, token, bypass, chunk, dedup, clip_skip)
-    parts = [_encode_chunk(text_encoder, tokens.chunk(i), token, bypass, chunk, dedup, clip_skip)
+        return _encode_chunk(text_encoder, tokens, token, bypass, chunk, dedup, clip_skip, final_norm)
+    parts = [_encode_chunk(text_encoder, tokens.chunk(i), token, bypass, chunk, dedup, clip_skip, final_norm)
              for i in range(tokens.chunks)]
     N = max(e.shape[0] for e, _ in parts)
     return tuple(torch.cat([p[j].expand(N, -1, -1) for p in parts], dim=1) for j in (0, 1))
 
 
-def _encode_chunk(text_encoder, tokens: PromptTokens, token, bypass, chunk, dedup, clip_skip):
+def _encode_chunk(text_encoder, tokens: PromptTokens, token, bypass, chunk, dedup, clip_skip, final_norm):
     """`encode_rows` of one 77-token chunk, emphasized when it has weights."""
     if not bool(tokens.mask.any()):
         token = bypass = None
-    enc, enc_b = _encode_rows77(text_encoder, tokens, token, bypass, chunk, dedup, clip_skip)
+    enc, enc_b = _encode_rows77(text_encoder, tokens, token, bypass, chunk, dedup, clip_skip, final_norm)
     if tokens.weight is None:
         return enc, enc_b
     e = emphasize(enc, tokens.weight)
     return e, (e if enc_b is enc else emphasize(enc_b, tokens.weight))
 
 
-def _encode_rows77(text_encoder, tokens: PromptTokens, token, bypass, chunk, dedup, clip_skip):
-    state = PromptState(text_encoder, tokens, clip_skip)
+def _encode_rows77(text_encoder, tokens: PromptTokens, token, bypass, chunk, dedup, clip_skip, final_norm):
+    state = PromptState(text_encoder, tokens, clip_skip, final_norm)
     if token is None:
         return encode_shared(text_encoder, tokens, None, None, state)
     N = token.shape[0]
@@ -435,7 +442,8 @@ def encode_plain(text_encoder, tokenizer, prompt: str, clip_skip: int = 1, synta
                        clip_skip=clip_skip)[0]
 
 
-def encode_tokens(text_encoder, tokens: PromptTokens, token=None, bypass=None, clip_skip: int = 1):
+def encode_tokens(text_encoder, tokens: PromptTokens, token=None, bypass=None, clip_skip: int = 1,
+                  final_norm: bool = True):
     """The straightforward `encode` of every chunk (each a 77-token CLIP call), emphasized and
     concatenated: ([B, 77 k, D], same) for B rows (the reference path's text encoding)."""
     B = 1 if token is None else token.shape[0]
@@ -445,7 +453,7 @@ def encode_tokens(text_encoder, tokens: PromptTokens, token=None, bypass=None, c
         has = token is not None and bool(c.mask.any())
         b = B if has else 1
         e, eb = encode(text_encoder, c.input_ids[None].expand(b, -1), c.slot[None].expand(b, -1) if has else None,
-                       token if has else None, bypass if has else None, clip_skip)
+                       token if has else None, bypass if has else None, clip_skip, final_norm)
         if c.weight is not None:
             e, eb = emphasize(e, c.weight), (emphasize(e, c.weight) if eb is e else emphasize(eb, c.weight))
         encs.append(e.expand(B, -1, -1))

@@ -49,7 +49,7 @@ from .checkpoints import (_checkpoints, _rank_seed, _rng_state, _seed_globals, l
 from ..concepts.concept import Concept
 from ..errors import NetiError
 from ..concepts.mapper import MapperConfig, NeTIMapper
-from ..sd.models import NUM_LAYERS
+from ..sd.families import Family
 from .config import TrainConfig, _check_config, _device, config_from_args, default_out
 from ..utils import check_writable, image_size, torch_dtype
 
@@ -71,15 +71,15 @@ def init_token_id(tokenizer, placeholder: str, init_word: str) -> int:
 class Trainable:
     """The concept being trained: parameters, per-(t, l) rows, and conversion to a `Concept`."""
 
-    def __init__(self, cfg: TrainConfig, init_embed: torch.Tensor, text_dim: int):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, init_embed: torch.Tensor, text_dim: int, family: Family):
+        self.cfg, self.family = cfg, family
         self.init_embed = init_embed.detach().float().cpu()
         self.mapper = self.embeds = None
         if cfg.method == "neti":
             target = None
             if cfg.normalize_mapper_output:
                 target = float(cfg.target_norm) if cfg.target_norm is not None else float(self.init_embed.norm())
-            mcfg = MapperConfig(output_dim=text_dim, num_layers=NUM_LAYERS, use_nested_dropout=cfg.use_nested_dropout,
+            mcfg = MapperConfig(output_dim=text_dim, num_layers=family.num_layers, use_nested_dropout=cfg.use_nested_dropout,
                                 nested_dropout_prob=cfg.nested_dropout_prob, target_norm=target,
                                 use_positional_encoding=cfg.use_positional_encoding,
                                 num_pe_time_anchors=cfg.num_pe_time_anchors, sigma_t=cfg.sigma_t,
@@ -89,7 +89,7 @@ class Trainable:
                 self._load_init_concept(cfg.init_concept)
             self.mapper.train()
         else:
-            n = NUM_LAYERS if cfg.method == "xti" else 1
+            n = family.num_layers if cfg.method == "xti" else 1
             self.embeds = torch.nn.Parameter(self.init_embed[None].repeat(n, 1).clone())
 
     def _load_init_concept(self, path: str) -> None:
@@ -147,9 +147,9 @@ class Trainable:
                 mapper = NeTIMapper(self.mapper.cfg)
             mapper.load_tensors({k: v.cpu() for k, v in self.mapper.tensors().items()})
             return Concept("neti", cfg.placeholder, text_dim, mapper=mapper.eval(), init_word=cfg.init_word,
-                           base_model=cfg.model, placeholder_embed=self.init_embed.clone())
+                           base_model=cfg.model, placeholder_embed=self.init_embed.clone(), family=self.family)
         return Concept(cfg.method, cfg.placeholder, text_dim, embeds=self.embeds.detach().float().cpu().clone(),
-                       init_word=cfg.init_word, base_model=cfg.model)
+                       init_word=cfg.init_word, base_model=cfg.model, family=self.family)
 
 
 # ----------------------------------------------------------------------------- training
@@ -271,7 +271,7 @@ class _Run:
     """Everything one training run holds, set up once (`_setup`) before the loop."""
     cfg: TrainConfig
     model: object
-    tokenizer: object              # the model's, copied, with the placeholder added
+    tokenizers: list               # the model's (one per text encoder), copied, with the placeholder added
     dataset: object                # TextualInversionDataset
     train_gen: torch.Generator     # latents' sampling, noise and timesteps (the data order is the dataset's)
     trainable: Trainable
@@ -293,9 +293,10 @@ def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None)
 
     from .data import TextualInversionDataset, preprocess
     device = model.device
-    tokenizer = copy.deepcopy(model.tokenizer)  # the placeholder is added to a copy only
-    init_id = init_token_id(tokenizer, cfg.placeholder, cfg.init_word)
-    init_embed = model.text_encoder.get_input_embeddings().weight[init_id].detach().float().cpu()
+    tokenizers = [copy.deepcopy(t) for t in model.tokenizers]  # the placeholder is added to copies only
+    # the init word's embedding in every text encoder, side by side (a concept row: Model.text_dim)
+    init_embed = torch.cat([te.get_input_embeddings().weight[init_token_id(tok, cfg.placeholder, cfg.init_word)]
+                            for tok, te in zip(tokenizers, model.text_encoders)]).detach().float().cpu()
     size = image_size(model, cfg.resolution)[0]
     images = [preprocess(img, size, cfg.center_crop) for img in decoded]  # as load_images(folder, size) would
 
@@ -304,7 +305,7 @@ def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None)
     data_seed = _rank_seed(cfg.seed, dd.rank)
     dataset = TextualInversionDataset(images, size, cfg.learnable_property, cfg.center_crop, seed=data_seed)
     train_gen = torch.Generator().manual_seed(data_seed + 1)
-    trainable = Trainable(cfg, init_embed, model.text_dim).to(device)
+    trainable = Trainable(cfg, init_embed, model.text_dim, model.family).to(device)
     if dd.world > 1:
         import torch.distributed as dist
         for p in trainable.parameters():  # identical start on every rank, whatever each drew
@@ -335,7 +336,7 @@ def _setup(cfg: TrainConfig, model, dd, decoded: list, resume_path: Path | None)
     unet = model.unet
     if cfg.compile:
         unet = torch.compile(model.unet)
-    return _Run(cfg, model, tokenizer, dataset, train_gen, trainable, optimizer, lr, schedule, scaler, noise_sched,
+    return _Run(cfg, model, tokenizers, dataset, train_gen, trainable, optimizer, lr, schedule, scaler, noise_sched,
                 start, lr_pos, _latent_cache(model, dataset), unet)
 
 
@@ -363,20 +364,28 @@ def _sample_latents(run: _Run, items: list) -> torch.Tensor:
     return (mean + std * z) * run.model.vae.config.scaling_factor
 
 
-def _text_rows(run: _Run, ids, mask, t: torch.Tensor, B: int):
-    """Per-layer text encodings for the captions at timesteps t: (16 x [B, 77, D] keys' source,
-    16 x values' source). NeTI / XTI: the 16 layers' rows in one CLIP batch of 16 B; TI: one pass."""
-    from ..sd.conditioning import encode
-    te = run.model.text_encoder
-    if run.cfg.method == "ti":  # one row for all 16 layers: encode once
+def _text_rows(run: _Run, ids: list, mask, t: torch.Tensor, B: int):
+    """Per-layer text encodings for the captions at timesteps t (ids: per text encoder [B, 77]):
+    (L x [B, 77, D] keys' source, L x values' source, pooled [B, P] or None). NeTI / XTI: the L
+    layers' rows in one batch of L B per encoder; TI: one pass. The pooled embedding (SDXL) is
+    encoded with the rows of the family's pooled layer, as at inference (sd.encoders)."""
+    from ..sd.encoders import encode_all, pooled_rows
+    m = run.model
+    L, pl = m.family.num_layers, m.family.pooled_layer
+    if run.cfg.method == "ti":  # one row for every layer: encode once
         token, bypass = run.trainable.layer_rows(t, 0)
-        e, eb = encode(te, ids, mask, token, bypass)
-        return [e] * NUM_LAYERS, [eb] * NUM_LAYERS
-    rows = [run.trainable.layer_rows(t, l) for l in range(NUM_LAYERS)]
+        e, eb = encode_all(m, ids, mask, token, bypass)
+        return [e] * L, [eb] * L, None if pl is None else pooled_rows(m, ids, _slots(mask), token)
+    rows = [run.trainable.layer_rows(t, l) for l in range(L)]
     token = torch.cat([r[0] for r in rows])
     bypass = None if rows[0][1] is None else torch.cat([r[1] for r in rows])
-    e, eb = encode(te, ids.repeat(NUM_LAYERS, 1), mask.repeat(NUM_LAYERS, 1), token, bypass)
-    return list(e.split(B)), list(eb.split(B))
+    e, eb = encode_all(m, [x.repeat(L, 1) for x in ids], mask.repeat(L, 1), token, bypass)
+    return list(e.split(B)), list(eb.split(B)), None if pl is None else pooled_rows(m, ids, _slots(mask), rows[pl][0])
+
+
+def _slots(mask: torch.Tensor) -> torch.Tensor:
+    """A one-concept mask [B, 77] as slots (0 at the concept, -1 elsewhere)."""
+    return torch.where(mask, 0, -1)
 
 
 def _text_autocast(model):
@@ -402,16 +411,21 @@ def _micro_step(run: _Run, state) -> float:
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
     t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=gen)
     noisy = sched.add_noise(latents, noise, t.to(device))
-    toks = [tokenize(run.tokenizer, c, [cfg.placeholder]) for c in captions]
-    ids = torch.stack([x.input_ids for x in toks])
-    mask = torch.stack([x.mask for x in toks])
+    toks = [[tokenize(tok, c, [cfg.placeholder]) for c in captions] for tok in run.tokenizers]
+    ids = [torch.stack([x.input_ids for x in tk]) for tk in toks]
+    mask = torch.stack([x.mask for x in toks[0]])
     t_dev = t.to(device)
     with _text_autocast(m):
-        enc, enc_b = _text_rows(run, ids, mask, t_dev, B)
+        enc, enc_b, pooled = _text_rows(run, ids, mask, t_dev, B)
     state.mode = "layers"
     state.enc = [x.to(dtype) for x in enc]
     state.enc_bypass = [x.to(dtype) for x in enc_b]
-    pred = run.unet(noisy.to(dtype), t_dev, encoder_hidden_states=state.enc[0]).sample
+    added = None
+    if pooled is not None:  # SDXL: the images are cropped to `size` x `size`: that is every time id
+        size = noisy.shape[-1] * m.vae_scale_factor
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device).expand(B, -1)
+        added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+    pred = run.unet(noisy.to(dtype), t_dev, encoder_hidden_states=state.enc[0], added_cond_kwargs=added).sample
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t_dev)
     loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
     run.scaler.scale(loss / cfg.grad_accum).backward()

@@ -310,7 +310,7 @@ def test_multi_vector_round_trip_and_old_files(tmp_path):
     assert back.vectors == 3 and torch.equal(back.token[None], t.token[None])
     one = Concept("ti", "<o>", D, embeds=torch.randn(1, D))
     tensors, md = precompute(one, progress=False).file_contents()
-    del md["vectors"]  # as written before multi-vector support
+    assert "vectors" not in md  # single-vector files are written as before multi-vector support
     save_file(tensors, tmp_path / "old.safetensors", metadata=md)
     with safe_open(str(tmp_path / "old.safetensors"), "pt") as f:
         assert "vectors" not in f.metadata()
@@ -402,8 +402,8 @@ def test_errors_name_the_file(tmp_path):
     bad(tmp_path / "trunc.bin")
     save_file({"foo": torch.randn(2, 3), "bar": torch.randn(3)}, tmp_path / "unknown.safetensors")
     bad(tmp_path / "unknown.safetensors", "no known concept tensors")
-    save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, tmp_path / "sdxl.safetensors")
-    bad(tmp_path / "sdxl.safetensors", "SDXL")
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(1, 1280)}, tmp_path / "sdxl.safetensors")
+    bad(tmp_path / "sdxl.safetensors", "different numbers of vectors")
     save_file({"emb": torch.randn(2, 3, 4)}, tmp_path / "3d.safetensors")
     bad(tmp_path / "3d.safetensors")
     torch.save({"a": torch.randn(D), "b": torch.randn(D)}, tmp_path / "twokeys.bin")
@@ -438,3 +438,39 @@ def test_official_neti_malformed(tmp_path, official_module):
     torch.save({"state_dict": ref.state_dict(), "cfg": {"model": {}}, "encoder": None}, tmp_path / "m3.pt")
     with pytest.raises(NetiError, match=r"m3\.pt.*encoder is NoneType"):
         load_concept(tmp_path / "m3.pt")
+
+
+def test_sd2_embeddings_import_in_every_format(tmp_path):
+    """1024-d (SD 2.x, OpenCLIP-H) embeddings load from every format 768-d ones do, as SD 2.x concepts."""
+    from neti_fast.sd.families import SD2
+    v = torch.randn(1, 1024)
+    torch.save(_a1111(v.clone()), tmp_path / "a.pt")
+    save_file({"emb_params": v}, tmp_path / "a.safetensors")
+    torch.save({"<x>": v[0]}, tmp_path / "learned_embeds.bin")
+    save_file({"<x>": v}, tmp_path / "learned_embeds.safetensors")
+    for name in ("a.pt", "a.safetensors", "learned_embeds.bin", "learned_embeds.safetensors"):
+        c = load_concept(tmp_path / name)
+        assert (c.method, c.text_dim, c.family) == ("ti", 1024, SD2) and torch.equal(c.embeds, v), name
+        c.save(tmp_path / f"{name}.concept.safetensors")            # and back as a neti-fast concept
+        assert load_concept(tmp_path / f"{name}.concept.safetensors").family is SD2
+
+
+def test_sdxl_embeddings(tmp_path):
+    """A1111 / civitai SDXL files (clip_l + clip_g in one .safetensors) and diffusers' two files
+    (learned_embeds + learned_embeds_2) read as one SDXL TI concept: CLIP-L's vector, then bigG's."""
+    from neti_fast.sd.families import SDXL
+    lv, gv = torch.randn(1, 768), torch.randn(1, 1280)
+    save_file({"clip_l": lv, "clip_g": gv}, tmp_path / "xlstyle.safetensors")
+    c = load_concept(tmp_path / "xlstyle.safetensors")
+    assert (c.method, c.family, c.text_dim, c.placeholder, c.source) == ("ti", SDXL, 2048, "<xlstyle>", "a1111")
+    assert torch.equal(c.embeds, torch.cat([lv, gv], dim=-1))
+    c.save(tmp_path / "c.safetensors")
+    assert load_concept(tmp_path / "c.safetensors").family is SDXL
+    for suffix, write in ((".safetensors", lambda d, p: save_file(d, p)), (".bin", lambda d, p: torch.save(d, p))):
+        write({"<tok>": lv}, tmp_path / f"learned_embeds{suffix}")
+        write({"<tok>": gv[0]}, tmp_path / f"learned_embeds_2{suffix}")
+        c = load_concept(tmp_path / f"learned_embeds{suffix}")
+        assert (c.family, c.placeholder) == (SDXL, "<tok>") and torch.equal(c.embeds, torch.cat([lv, gv], dim=-1))
+    write({"<other>": gv}, tmp_path / "learned_embeds_2.bin")
+    with pytest.raises(NetiError, match="learned_embeds_2.bin: holds '<other>'"):
+        load_concept(tmp_path / "learned_embeds.bin")

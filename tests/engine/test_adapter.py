@@ -67,3 +67,32 @@ def test_adapter_multi_vector_ti(pipe, tiny_model):
     out = (out * 255).round().astype("uint8")
     ours = Engine(tiny_model, GenerateConfig(steps=STEPS)).generate([Request("a photo of {}", 4, table)])
     assert int(np.abs(out.astype(np.int32) - ours.astype(np.int32)).max()) <= 1
+
+
+@pytest.mark.parametrize("builtin", ["tiny-sd2", "tiny-xl"])
+def test_adapter_on_other_families(builtin, make_concept, request):
+    """attach on SD 2.x's StableDiffusionPipeline and SDXL's StableDiffusionXLPipeline: the engine's
+    images (SDXL: its pooled embeddings replace the pipeline's, per step)."""
+    import diffusers
+
+    from neti_fast.sd.models import tiny_model_dir
+    model = request.getfixturevalue({"tiny-sd2": "tiny_sd2_model", "tiny-xl": "tiny_xl_model"}[builtin])
+    fam = model.family
+    extra = {"add_watermarker": False} if fam.added_conditioning else {"safety_checker": None,
+                                                                        "requires_safety_checker": False}
+    p = getattr(diffusers, fam.pipeline).from_pretrained(str(tiny_model_dir(builtin)), **extra)
+    p.set_progress_bar_config(disable=True)
+    from neti_fast.engine.sampling import make_scheduler
+    p.scheduler = make_scheduler("euler", dict(p.scheduler.config))
+    table = precompute(make_concept("neti", dim=model.text_dim, seed=31, family=fam), truncations=[8], progress=False)
+    handle = neti_fast.attach(p, table, truncation=8)
+    try:
+        gens = [torch.Generator("cpu").manual_seed(s) for s in (1, 2)]
+        out = p(["a photo of {}"], num_images_per_prompt=2, num_inference_steps=STEPS, guidance_scale=5.0,
+                generator=gens, output_type="np").images
+    finally:
+        handle.detach()
+    out = (out * 255).round().astype("uint8")
+    ours = Engine(model, GenerateConfig(steps=STEPS, scheduler="euler", guidance=5.0)).generate(
+        [Request("a photo of {}", s, table, 8) for s in (1, 2)])
+    assert int(np.abs(out.astype(np.int32) - ours.astype(np.int32)).max()) <= 1

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from neti_fast.errors import NetiError
+from neti_fast.sd.families import SD1
 from neti_fast.sd.models import UNET_LAYERS, cross_attention_modules, load_model, sd15_configs, tiny_configs
 
 # SD 1.5 cross-attention widths in execution order (IN01 .. OUT11); 8 heads everywhere.
@@ -16,7 +17,8 @@ def _unet(cfg):
 
 
 def test_sd15_shaped_topology():
-    mods = cross_attention_modules(_unet(sd15_configs()))
+    mods, layers = cross_attention_modules(_unet(sd15_configs()), SD1)
+    assert layers == list(range(16))
     assert [m.to_q.out_features for m in mods] == SD15_WIDTHS
     assert all(m.heads == 8 and m.to_k.in_features == 768 for m in mods)
     assert sd15_configs()["text"]["hidden_size"] == 768 and sd15_configs()["text"]["max_position_embeddings"] == 77

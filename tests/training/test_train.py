@@ -55,7 +55,7 @@ def _initial(cfg, model):
     init_id = model.tokenizer.encode(cfg.init_word, add_special_tokens=False)[0]
     emb = model.text_encoder.get_input_embeddings().weight[init_id].detach()
     torch.manual_seed(cfg.seed)
-    return Trainable(cfg, emb, model.text_dim).tensors(), emb
+    return Trainable(cfg, emb, model.text_dim, model.family).tensors(), emb
 
 
 @pytest.mark.parametrize("method", ["neti", "xti", "ti"])
@@ -500,3 +500,52 @@ def test_yaml_eval_section(tmp_path):
     p.write_text("eval:\n  validation_prompts: 7\n")
     with pytest.raises(NetiError, match="eval.validation_prompts must be a list"):
         load_yaml_config(p)
+
+
+def test_train_on_sd2(images, tmp_path, tiny_sd2_model):
+    """SD 2.x (tiny-sd2, v-prediction): the mapper covers its 16 layers at its text width, the concept
+    records the family and generates on it."""
+    from neti_fast.concepts.table import precompute
+    from neti_fast.engine.engine import Engine
+    from neti_fast.engine.request import GenerateConfig, Request
+    from neti_fast.sd.families import SD2
+    m = tiny_sd2_model
+    losses = []
+    cfg = _cfg(images, tmp_path / "sd2", method="neti", placeholder="<sd2-thing>", model="tiny-sd2")
+    path = train(cfg, m, progress=False, on_step=lambda s, l, tr: losses.append(l))
+    assert len(losses) == 2 and all(math.isfinite(l) for l in losses)
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+    assert md["family"] == "sd2"
+    c = Concept.from_tensors(load_file(str(path)), md, str(path))
+    assert c.family is SD2 and (c.mapper.cfg.output_dim, c.mapper.cfg.num_layers) == (m.text_dim, 16) == (64, 16)
+    img = Engine(m, GenerateConfig(steps=2)).generate([Request("a photo of {}", 0, precompute(c, progress=False))])
+    assert img.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("method", ["neti", "ti"])
+def test_train_on_sdxl(images, tmp_path, tiny_xl_model, method):
+    """SDXL (tiny-xl): both text encoders' widths in one row (the init word's embedding in each),
+    the mapper over its 11 layers, the pooled embedding and time ids fed to the U-Net; the
+    concept records sdxl and generates."""
+    from neti_fast.concepts.table import precompute
+    from neti_fast.engine.engine import Engine
+    from neti_fast.engine.request import GenerateConfig, Request
+    from neti_fast.sd.families import SDXL
+    m = tiny_xl_model
+    losses = []
+    cfg = _cfg(images, tmp_path / "xl", method=method, placeholder=f"<xl-{method}>", model="tiny-xl")
+    path = train(cfg, m, progress=False, on_step=lambda s, l, tr: losses.append(l))
+    assert len(losses) == 2 and all(math.isfinite(l) for l in losses)
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+    c = Concept.from_tensors(load_file(str(path)), md, str(path))
+    assert md["family"] == "sdxl" and c.family is SDXL and c.text_dim == m.text_dim == 32 + 64
+    if method == "neti":
+        assert (c.mapper.cfg.output_dim, c.mapper.cfg.num_layers) == (96, 11)
+    else:
+        init = m.tokenizer.encode("cat", add_special_tokens=False)[0]
+        start = torch.cat([te.get_input_embeddings().weight[init] for te in m.text_encoders])
+        assert c.embeds.shape == (1, 96) and not torch.equal(c.embeds[0], start)   # trained from the init word
+    img = Engine(m, GenerateConfig(steps=2)).generate([Request("a photo of {}", 0, precompute(c, progress=False))])
+    assert img.shape == (1, 64, 64, 3)

@@ -1,0 +1,115 @@
+"""SDXL (`tiny-xl`: CLIP-L + bigG-with-projection at hidden state -2, pooled `text_embeds` and
+`time_ids`, force_zeros_for_empty_prompt, 11 modules / 70 blocks) through the same engine: equal to
+diffusers' StableDiffusionXLPipeline with no concept and with a TI concept loaded on both encoders,
+the fast path equal to the reference path for NeTI and XTI, a seed independent of its batch-mates."""
+import numpy as np
+import pytest
+import torch
+
+from neti_fast.concepts.table import precompute
+from neti_fast.engine.engine import Engine
+from neti_fast.engine.reference import generate_reference
+from neti_fast.engine.request import GenerateConfig, Request
+from neti_fast.engine.sampling import make_scheduler
+from neti_fast.sd.families import SDXL
+
+STEPS = 4
+TOL = 1  # levels of 1/255, as for SD 1.x (tests/engine/test_engine.py)
+
+
+def _cfg(**kw):
+    return GenerateConfig(**{"steps": STEPS, "guidance": SDXL.default_guidance, "scheduler": SDXL.default_scheduler,
+                             "batch_size": 8, **kw})
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_xl_model):
+    from diffusers import StableDiffusionXLPipeline
+
+    from neti_fast.sd.models import tiny_model_dir
+    p = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir("tiny-xl")), add_watermarker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _diffusers(pipe, prompt, seed, scheduler):
+    pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    d = pipe(prompt, num_inference_steps=STEPS, guidance_scale=SDXL.default_guidance,
+             generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
+    return (d * 255).round().astype("uint8")
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++"])
+def test_plain_prompt_equals_diffusers(max_diff, pipe, tiny_xl_model, scheduler):
+    assert pipe.config.force_zeros_for_empty_prompt and tiny_xl_model.zero_empty_negative
+    ours = Engine(tiny_xl_model, _cfg(scheduler=scheduler)).generate([Request("a photo of a dog", 3)])
+    assert max_diff(_diffusers(pipe, "a photo of a dog", 3, scheduler)[0], ours[0]) <= TOL
+
+
+def test_ti_concept_equals_diffusers_on_both_encoders(max_diff, pipe, tiny_xl_model, make_concept):
+    m = tiny_xl_model
+    c = make_concept("ti", dim=m.text_dim, seed=21, placeholder="<xl-c>", family=SDXL)
+    w = m.text_widths[0]
+    pipe.load_textual_inversion(c.embeds[:, :w].clone(), token="<xl-c>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(c.embeds[:, w:].clone(), token="<xl-c>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    try:
+        d = _diffusers(pipe, "a photo of <xl-c> on a beach", 5, "euler")
+    finally:
+        pipe.unload_textual_inversion("<xl-c>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        pipe.unload_textual_inversion("<xl-c>", tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
+    ours = Engine(m, _cfg()).generate([Request("a photo of {} on a beach", 5, precompute(c, progress=False))])
+    assert max_diff(d[0], ours[0]) <= TOL
+    plain = Engine(m, _cfg()).generate([Request("a photo of a dog on a beach", 5)])
+    assert max_diff(plain[0], ours[0]) > 0   # the concept is used
+
+
+@pytest.mark.parametrize("method", ["neti", "xti"])
+def test_fast_equals_reference(max_diff, tiny_xl_model, make_concept, method):
+    m = tiny_xl_model
+    c = make_concept(method, dim=m.text_dim, seed=4, family=SDXL)
+    assert (c.mapper.cfg.num_layers if c.mapper else c.embeds.shape[0]) == 11
+    table = precompute(c, truncations=[16] if method == "neti" else [], progress=False)
+    truncs = [None, 16] if method == "neti" else [None]
+    reqs = [Request("a photo of {} on a beach", 0, table, t) for t in truncs]
+    cfg = _cfg(negative_prompt="blurry")    # a real negative prompt beside the zeroed empty one below
+    fast = Engine(m, cfg).generate(reqs)
+    for r, img in zip(reqs, fast):
+        assert max_diff(img, generate_reference(m, r, cfg)[0]) <= TOL
+    r = Request("a photo of {}", 1, table)
+    assert max_diff(Engine(m, _cfg()).generate([r])[0], generate_reference(m, r, _cfg())[0]) <= TOL
+
+
+def test_seed_independent_of_batch_composition(max_diff, tiny_xl_model, make_concept):
+    m = tiny_xl_model
+    ta = precompute(make_concept("neti", dim=m.text_dim, seed=7, family=SDXL), truncations=[8], progress=False)
+    tb = precompute(make_concept("xti", dim=m.text_dim, seed=8, placeholder="<d>", family=SDXL), progress=False)
+    target = Request("a photo of {} in snow", 11, ta, 8)
+    alone = Engine(m, _cfg(batch_size=1)).generate([target])[0]
+    mixed = [Request("a painting of {}", 2, tb), target, Request("a cat", 9, None),
+             Request("{a} beside {b}", 4, {"a": ta, "b": tb})]
+    batched = Engine(m, _cfg(batch_size=4)).generate(mixed)
+    assert max_diff(alone, batched[1]) <= TOL
+    assert int(np.abs(batched[0].astype(int) - batched[2].astype(int)).max()) > 10
+
+
+@pytest.mark.parametrize("backend", ["compile", "onnx"])
+def test_compiled_and_exported_backends_are_refused_in_one_line(tiny_xl_model, backend):
+    from neti_fast.engine.backends import make_denoiser
+    from neti_fast.errors import NetiError
+    with pytest.raises(NetiError) as e:
+        make_denoiser(tiny_xl_model, backend)
+    assert "\n" not in str(e.value) and "SDXL" in str(e.value) and "--backend eager" in str(e.value)
+
+
+def test_clip_skip_counts_from_sdxl_hidden_state(max_diff, tiny_xl_model):
+    """CLIP skip 1 is SDXL's own hidden state -2; 2 is diffusers' clip_skip=1 (hidden state -3)."""
+    from neti_fast.sd.encoders import encode_plain_all
+    m = tiny_xl_model
+    with torch.no_grad():
+        ours = encode_plain_all(m, "a photo of a dog", clip_skip=2)
+        ids = [t("a photo of a dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
+               for t in m.tokenizers]
+        want = torch.cat([te(x, output_hidden_states=True).hidden_states[-3] for te, x in zip(m.text_encoders, ids)], -1)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
