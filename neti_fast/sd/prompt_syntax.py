@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 SYNTAXES = ("plain", "a1111")
 CHUNK = 75                  # prompt tokens per chunk (77 with start and end)
 COMMA_BACKTRACK = 20        # A1111's comma_padding_backtrack default
@@ -142,4 +144,7 @@ def emphasize(z, weight):
     A1111 encodes one prompt per call)."""
     mean = z.mean(dim=(1, 2), keepdim=True)
     z = z * weight.to(z.device, z.dtype)[None, :, None]
-    return z * (mean / z.mean(dim=(1, 2), keepdim=True))
+    new = z.mean(dim=(1, 2), keepdim=True)
+    # A mean of exactly 0 (a final layer norm without bias, as on the random built-in models) has
+    # nothing to restore: A1111's ratio would zero the encoding (0 / new) or make it NaN (0 / 0).
+    return z * torch.where((mean != 0) & (new != 0), mean / new, torch.ones_like(mean))

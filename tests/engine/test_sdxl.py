@@ -113,3 +113,41 @@ def test_clip_skip_counts_from_sdxl_hidden_state(max_diff, tiny_xl_model):
                for t in m.tokenizers]
         want = torch.cat([te(x, output_hidden_states=True).hidden_states[-3] for te, x in zip(m.text_encoders, ids)], -1)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_vector_ti_equals_diffusers(max_diff, pipe, tiny_xl_model):
+    """A 3-vector SDXL embedding (clip_l [3, 768]-style and clip_g rows side by side): 3 token
+    positions per encoder, as diffusers' load_textual_inversion expands `<tok>` to `<tok> <tok>_1 <tok>_2`."""
+    from neti_fast.concepts.concept import Concept
+    m = tiny_xl_model
+    emb = torch.randn(3, m.text_dim, generator=torch.Generator().manual_seed(8))
+    w = m.text_widths[0]
+    for enc, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        part = emb[:, :w] if enc is pipe.text_encoder else emb[:, w:]
+        pipe.load_textual_inversion(part.clone(), token="<xl-m>", text_encoder=enc, tokenizer=tok)
+    try:
+        d = _diffusers(pipe, "a photo of <xl-m> on a beach", 6, "euler")
+    finally:
+        for enc, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+            pipe.unload_textual_inversion("<xl-m>", tokenizer=tok, text_encoder=enc)
+    table = precompute(Concept("ti", "<xl-m>", m.text_dim, embeds=emb, family=SDXL), progress=False)
+    ours = Engine(m, _cfg()).generate([Request("a photo of {} on a beach", 6, table)])
+    assert max_diff(d[0], ours[0]) <= TOL
+
+
+def test_long_a1111_prompt_fast_equals_reference(max_diff, tiny_xl_model, make_concept):
+    """A1111 syntax on SDXL: several 77-token chunks per encoder (context 77k x (768 + 1280) at full
+    size), emphasis, the pooled embedding from the first chunk; the fast path equals the reference
+    path, and a batch mixing it with a one-chunk prompt gives each image as alone."""
+    from neti_fast.engine.request import context_chunks
+    m = tiny_xl_model
+    table = precompute(make_concept("neti", dim=m.text_dim, seed=9, family=SDXL), progress=False)
+    long_ = Request("(a photo:1.3) of {} " + ", ".join(["on a sunny [beach]"] * 20), 2, table,
+                    negative_prompt="blurry", prompt_syntax="a1111")
+    short = Request("a (photo) of {}", 3, table, prompt_syntax="a1111")
+    cfg = _cfg()
+    assert context_chunks(m, long_, cfg) > 1 and context_chunks(m, short, cfg) == 1
+    both = Engine(m, cfg).generate([long_, short])
+    assert max_diff(both[0], generate_reference(m, long_, cfg)[0]) <= TOL
+    assert max_diff(both[1], generate_reference(m, short, cfg)[0]) <= TOL
+    assert max_diff(both[0], Engine(m, cfg).generate([long_])[0]) <= TOL

@@ -7,7 +7,7 @@ import torch
 
 from neti_fast.errors import NetiError
 from neti_fast.sd.conditioning import encode_plain, encode_rows, encode_tokens, tokenize
-from neti_fast.sd.prompt_syntax import chunk_tokens, parse_prompt_attention
+from neti_fast.sd.prompt_syntax import chunk_tokens, emphasize, parse_prompt_attention
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +264,16 @@ def test_engine_long_prompts(max_diff, clip_like, make_concept, caplog, monkeypa
     assert lines and all(f": {want} (" in x for x in lines) and len(lines) == len(set(lines)), lines
     with pytest.raises(NetiError, match="one context length"):
         eng.kv_tables([long_, short], eng.make_scheduler().timesteps, True)
+
+
+def test_emphasis_of_a_zero_mean_encoding_is_the_weighted_one():
+    """A final layer norm without bias (the built-in random models) makes the encoding's mean exactly
+    0: there is nothing to restore, and A1111's ratio (0 / new mean) would zero the encoding."""
+    z = torch.randint(-3, 4, (1, 77, 8), generator=torch.Generator().manual_seed(0)).float()
+    z[..., -1] = -z[..., :-1].sum(-1)       # every position sums to exactly 0 (integers), as after a bias-free LN
+    w = torch.ones(77)
+    w[3] = 1.3
+    assert z.mean() == 0
+    assert torch.equal(emphasize(z, w), z * w[None, :, None])
+    zb = z + 0.5                            # a non-zero mean is restored
+    assert torch.allclose(emphasize(zb, w).mean(), zb.mean())
