@@ -1,4 +1,4 @@
-"""neti-fast: fast NeTI / XTI / Textual Inversion for Stable Diffusion 1.x.
+"""neti-fast: fast NeTI / XTI / Textual Inversion for Stable Diffusion (1.x, 2.x, SDXL).
 
 `kernels/`, `export/` and `bench/` live at the top of the repository (one folder per concern) and
 install as `neti_fast.kernels`, `neti_fast.export` and `neti_fast.bench`, so that no generic
@@ -131,7 +131,7 @@ class cmake_build_ext(build_ext):
 setup(
     name="neti-fast",
     version="0.1.0",
-    description="Fast NeTI / XTI / Textual Inversion training and batched inference for Stable Diffusion 1.x",
+    description="Fast NeTI / XTI / Textual Inversion training and batched inference for Stable Diffusion 1.x, 2.x and SDXL",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="MIT",

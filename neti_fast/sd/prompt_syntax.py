@@ -17,8 +17,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 SYNTAXES = ("plain", "a1111")
 CHUNK = 75                  # prompt tokens per chunk (77 with start and end)
 COMMA_BACKTRACK = 20        # A1111's comma_padding_backtrack default
@@ -147,4 +145,4 @@ def emphasize(z, weight):
     new = z.mean(dim=(1, 2), keepdim=True)
     # A mean of exactly 0 (a final layer norm without bias, as on the random built-in models) has
     # nothing to restore: A1111's ratio would zero the encoding (0 / new) or make it NaN (0 / 0).
-    return z * torch.where((mean != 0) & (new != 0), mean / new, torch.ones_like(mean))
+    return z * (mean / new).where((mean != 0) & (new != 0), mean.new_ones(()))  # no torch import: the CLI's --help reads SYNTAXES
