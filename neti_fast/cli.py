@@ -91,7 +91,8 @@ def cmd_generate(args):
     truncs = options.dedup(args.truncation) if args.truncation else [None]
     device, dtype = options.torch_setup(args)
     model = load_model(args.model, device=device, dtype=dtype)
-    cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
+    guidance, scheduler = options.sampling_defaults(args, model.family)
+    cfg = GenerateConfig(steps=args.steps, guidance=guidance, scheduler=scheduler, height=args.height,
                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                          attention=args.attention, prompt_syntax=args.prompt_syntax)
     described = ",".join(args.concept or []) + "".join(f" {f}={v}" for f, v in (("layer-mix", args.layer_mix), ("time-mix", args.time_mix)) if v)

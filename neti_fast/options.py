@@ -120,10 +120,12 @@ def add_sampling_args(p) -> None:
     """--steps / --guidance / --negative-prompt / --scheduler / --batch-size / --height / --width."""
     R = SAMPLING_RANGES
     p.add_argument("--steps", type=number(R["steps"]), default=50, help="denoising steps")
-    p.add_argument("--guidance", type=number(R["guidance"]), default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=number(R["guidance"]), default=None,
+                   help="classifier-free guidance scale (default: the model family's: 7.5 SD 1.x / 2.x, 5.0 SDXL)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (plain text, no {})")
-    p.add_argument("--scheduler", type=_scheduler, default="dpm++", metavar="SAMPLER[-SCHEDULE]",
-                   help=f"sampler: {', '.join(SAMPLERS)} (dpm++: DPM++ 2M, the official NeTI one); optionally on a "
+    p.add_argument("--scheduler", type=_scheduler, default=None, metavar="SAMPLER[-SCHEDULE]",
+                   help=f"sampler: {', '.join(SAMPLERS)} (default: the model family's: dpm++, DPM++ 2M, the official "
+                        "NeTI one, for SD 1.x / 2.x; euler for SDXL, as diffusers' pipeline); optionally on a "
                         f"schedule: -{', -'.join(k.replace('_', '-') for k in SCHEDULES if k != 'uniform')} "
                         "(e.g. dpm++-karras; the table: docs/samplers.md)")
     p.add_argument("--prompt-syntax", choices=SYNTAXES, default="plain",
@@ -132,6 +134,12 @@ def add_sampling_args(p) -> None:
     p.add_argument("--batch-size", type=number(R["batch_size"]), default=8, help="images per U-Net batch")
     p.add_argument("--height", type=number(R["height"]), default=None, help="default: the model's native size")
     p.add_argument("--width", type=number(R["width"]), default=None, help="default: the model's native size")
+
+
+def sampling_defaults(args, family) -> tuple[float, str]:
+    """(--guidance, --scheduler), each the model family's default where not given."""
+    return (family.default_guidance if args.guidance is None else args.guidance,
+            family.default_scheduler if args.scheduler is None else args.scheduler)
 
 
 def add_img2img_args(p) -> None:

@@ -51,6 +51,18 @@ def test_tiny_xl_folder_loads_in_diffusers(cli, tmp_path):
     assert (len(mods), max(layers) + 1) == (70, 11) and pipe.text_encoder_2.config.projection_dim == 64
 
 
+def test_sampling_defaults_are_the_familys(cli, tmp_path, tiny_xl_model):
+    """Without --scheduler / --guidance, generate uses the model family's defaults (SDXL: Euler, 5.0,
+    as diffusers' pipeline; SD 1.x keeps DPM++ and 7.5, test_precompute_generate_resume); given, they win."""
+    for extra, want in (([], ("euler", 5.0)), (["--scheduler", "ddim", "--guidance", "3"], ("ddim", 3.0))):
+        out = tmp_path / f"xl{len(extra)}"
+        code, _, err = cli("generate", "--model", "tiny-xl", "--prompt", "a cat", "--seeds", "0", "--steps", "1",
+                           "--out", out, *extra)
+        assert code == 0, err
+        (e,) = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        assert (e["scheduler"], e["guidance"]) == want
+
+
 def test_tiny_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 

@@ -384,7 +384,7 @@ def main(args) -> dict:
     for name in ("steps", "batch_size", "cache_mb", "concept_cache_mb"):
         if getattr(args, name) < 1:
             raise NetiError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise NetiError(f"--guidance {args.guidance}: must be a number")
     seeds = options.seeds_of(args)
     if not Path(args.job).is_file():
@@ -395,7 +395,8 @@ def main(args) -> dict:
         try:
             prepare_builtin(args.model, d)
             model = load_model(args.model, device=d.device, dtype=dtype)
-            cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+            guidance, scheduler = options.sampling_defaults(args, model.family)
+            cfg = GenerateConfig(steps=args.steps, guidance=guidance, scheduler=scheduler,
                                  height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                                  batch_size=args.batch_size, cache_mb=args.cache_mb, prompt_syntax=args.prompt_syntax,
                                  attention=backends.resolve(args.backend, args.attention).attention)
