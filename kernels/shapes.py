@@ -2,8 +2,10 @@
 `bench.attention` times them, the tests take them from here.
 
 One `AttnShape` per distinct cross-attention level (query positions N, heads, head dim) at the
-family's default resolution; C = heads * head_dim.  Keyed by family name ("sd1", "sd2", "sdxl",
-"tiny"), so that the model-family descriptions can point at their entry.
+family's default resolution; C = heads * head_dim.  Keyed by the family's name in
+`neti_fast.sd.families` ("tiny": the built-in toy model). kernels/ sits below sd/ and cannot read
+the descriptions, so tests/sd/test_families.py runs each family's published U-Net config on the meta
+device and asserts that these are exactly the shapes it launches, in order.
 
     sd1   SD 1.x at 512x512 (latent 64x64): 8 heads, C = 320 / 640 / 1280 / 1280 (d 40 / 80 / 160)
     sd2   SD 2.x at 768x768 (latent 96x96): head dim 64, 5 / 10 / 20 / 20 heads (C = 320 / 640 /

@@ -120,3 +120,36 @@ def test_layer_mix_uses_the_family_layer_names():
     assert token.shape == (2, 11, 96)
     with pytest.raises(NetiError, match="unknown layer 'IN01'; layers are IN04, IN05"):
         parse_layer_mix("IN01-IN08:c,MID-OUT05:d", {"c": a, "d": b})
+
+
+@pytest.mark.parametrize("name", ["sd15-shaped", "sd2-shaped", "sdxl-shaped"])
+def test_descriptions_match_the_published_unets(name):
+    """What each family's published U-Net config launches at its default size (run on the meta
+    device, attn2 calls recorded) is what the description says (layers, head dims, transformer
+    blocks) and what kernels.check compiles and bench.attention times (kernels/shapes.py)."""
+    from diffusers import UNet2DConditionModel
+
+    from neti_fast.kernels.shapes import SHAPES
+    from neti_fast.sd.models import SHAPED, cross_attention_modules
+    b = SHAPED[name]
+    fam, cfg = b.family, b.configs()
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg["unet"])
+    mods, layer_of = cross_attention_modules(unet, fam)
+    seen = []  # (layer, query positions, heads, head dim) per attn2 call
+    for a, layer in zip(mods, layer_of):
+        a.register_forward_hook(lambda m, args, kw, out, layer=layer: seen.append(
+            (layer, (args[0] if args else kw["hidden_states"]).shape[1], m.heads, m.inner_dim // m.heads)),
+            with_kwargs=True)
+    side = fam.default_size // 8
+    meta = dict(device="meta")
+    kw = {"added_cond_kwargs": {"text_embeds": torch.empty(1, cfg["text_2"]["projection_dim"], **meta),
+                                "time_ids": torch.empty(1, 6, **meta)}} if fam.added_conditioning else {}
+    unet(torch.empty(1, 4, side, side, **meta), torch.empty(1, **meta),
+         encoder_hidden_states=torch.empty(1, 77, fam.context_width, **meta), **kw)
+    assert cfg["unet"]["cross_attention_dim"] == fam.context_width
+    assert len(seen) == fam.transformer_blocks
+    assert tuple(d for layer, *_, d in dict((s[0], s) for s in seen).values()) == fam.head_dim
+    assert [s[0] for s in seen] == sorted(s[0] for s in seen) and {s[0] for s in seen} == set(range(fam.num_layers))
+    launched = list(dict.fromkeys((n, h, d) for _, n, h, d in seen))  # distinct, in execution order
+    assert launched == [(s.N, s.heads, s.head_dim) for s in SHAPES[fam.name]]
