@@ -128,64 +128,60 @@ def network_work(name: str, height: int, width: int, unet_batches, dtype=torch.f
     return out
 
 
-# SDXL base 1.0's public configs, written out (no download): U-Net, and the two text encoders.
-SDXL_MODULES = 11  # cross-attention modules (Transformer2DModel): 2 + 2 down, 1 mid, 3 + 3 up
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                 cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
-SDXL_TEXT = {"clip-l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
-             "openclip-bigg": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
-                                   projection_dim=1280)}
+# SDXL's two text encoders, named as the printed lines name them (their configs: sd.models.sdxl_configs).
+SDXL_TEXT = {"clip-l": "text", "openclip-bigg": "text_2"}
 
 
 def sdxl_conditioning(height: int = 1024, width: int | None = None, steps: int = 50,
                       dtype=torch.float16) -> dict:
     """FLOPs / modeled seconds of one SDXL image: U-Net (steps calls, batch 2), NeTI's conditioning
     (each text encoder x (steps x 11 modules + 1 negative) rows), VAE decode; and the conditioning's
-    share. Plain SDXL's conditioning (2 rows per encoder: prompt and negative) is given beside it."""
+    share. Plain SDXL's conditioning (2 rows per encoder: prompt and negative) is given beside it, and
+    so is NeTI at per-transformer-block granularity (steps x 70 blocks + 1 rows: a mapper input per
+    block instead of per module; not implemented, modeled to weigh it)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from neti_fast.sd.models import sd15_configs
+    from neti_fast.sd.families import SDXL
+    from neti_fast.sd.models import sdxl_configs
     width = width or height
+    cfg = sdxl_configs()
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
-        texts = {k: CLIPTextModel(CLIPTextConfig(**c)).to(dtype) for k, c in SDXL_TEXT.items()}
-        vae = AutoencoderKL(**sd15_configs()["vae"]).to(dtype)  # SDXL's VAE has SD 1.5's topology
+        unet = UNet2DConditionModel(**cfg["unet"]).to(dtype)
+        texts = {k: CLIPTextModel(CLIPTextConfig(**cfg[c])).to(dtype) for k, c in SDXL_TEXT.items()}
+        vae = AutoencoderKL(**cfg["vae"]).to(dtype)
     h, w = height // 8, width // 8
     with sdpa_kernel(SDPBackend.MATH):
         x = torch.empty(2, 4, h, w, device="meta", dtype=dtype)
-        enc = torch.empty(2, 77, 2048, device="meta", dtype=dtype)
+        enc = torch.empty(2, 77, SDXL.context_width, device="meta", dtype=dtype)
         t = torch.empty(2, device="meta", dtype=dtype)
-        cond = {"text_embeds": torch.empty(2, 1280, device="meta", dtype=dtype),
+        cond = {"text_embeds": torch.empty(2, SDXL.widths[-1], device="meta", dtype=dtype),
                 "time_ids": torch.empty(2, 6, device="meta", dtype=dtype)}
         u = count(lambda: unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=cond))
         ids = torch.zeros(8, 77, dtype=torch.long, device="meta")
         rows = {k: count(lambda m=m: m(ids)) for k, m in texts.items()}
         v = count(lambda: vae.decode(torch.empty(1, 4, h, w, device="meta", dtype=dtype)))
-    te_rows = steps * SDXL_MODULES + 1
+    te_rows, block_rows = steps * SDXL.num_layers + 1, steps * SDXL.transformer_blocks + 1
     parts = {"unet": (steps, u), "vae": (1, v)}
     parts.update({f"text:{k}": (te_rows / 8, r) for k, r in rows.items()})  # counted over 8 rows
     flops = {k: n * wk.flops for k, (n, wk) in parts.items()}
     total = sum(flops.values())
     text = sum(f for k, f in flops.items() if k.startswith("text:"))
-    plain_text = text * 2 / te_rows
-    out = {"height": height, "width": width, "steps": steps, "modules": SDXL_MODULES, "text_encoder_rows": te_rows,
+    share_at = lambda n: text * n / te_rows / (total - text + text * n / te_rows)  # noqa: E731  (n rows per encoder)
+    out = {"height": height, "width": width, "steps": steps, "modules": SDXL.num_layers, "text_encoder_rows": te_rows,
            "tflop": {k: f / 1e12 for k, f in flops.items()}, "tflop_per_image": total / 1e12,
-           "conditioning_flop_share": text / total,
-           "plain_sdxl_conditioning_flop_share": plain_text / (total - text + plain_text), "model": {}}
+           "conditioning_flop_share": text / total, "plain_sdxl_conditioning_flop_share": share_at(2),
+           "per_block": {"blocks": SDXL.transformer_blocks, "text_encoder_rows": block_rows,
+                         "conditioning_flop_share": share_at(block_rows)}, "model": {}}
     for dev, (pf, bw) in DEVICES.items():
         secs = {k: n * wk.seconds(pf, bw) for k, (n, wk) in parts.items()}
         te = sum(s for k, s in secs.items() if k.startswith("text:"))
+        rest = sum(secs.values()) - te
         out["model"][dev] = {"s_per_image": sum(secs.values()), "conditioning_s": te,
-                             "conditioning_time_share": te / sum(secs.values())}
+                             "conditioning_time_share": te / sum(secs.values()),
+                             "per_block_s_per_image": rest + te * block_rows / te_rows,
+                             "per_block_conditioning_time_share": te * block_rows / te_rows / (rest + te * block_rows / te_rows)}
     return out
 
 
@@ -288,6 +284,12 @@ def _print_sdxl(r: dict, path: str | None) -> dict:
     for dev, m in r["model"].items():
         print(f"  {dev}: {m['s_per_image']:.2f} s per image modeled, conditioning {m['conditioning_s']:.2f} s "
               f"({100 * m['conditioning_time_share']:.1f}%)")
+    b = r["per_block"]
+    print(f"  per-transformer-block NeTI (not implemented; {b['text_encoder_rows']} rows per encoder, "
+          f"{r['steps']} steps x {b['blocks']} blocks + 1): conditioning {100 * b['conditioning_flop_share']:.1f}% "
+          "of the FLOPs; " + ", ".join(f"{dev} {m['per_block_s_per_image']:.2f} s per image "
+                                      f"({100 * m['per_block_conditioning_time_share']:.1f}%)"
+                                      for dev, m in r["model"].items()))
     if path:
         with open(path, "w") as f:
             json.dump({"kind": "roofline model, not a measurement", "model": "sdxl-shaped", "devices": DEVICES, **r},

@@ -207,10 +207,17 @@ def test_roofline_sdxl_conditioning_line():
     """The SDXL model line: 50 x 11 + 1 text-encoder rows per encoder, each about 2 FLOPs per
     weight per token (the transformer layers' 12 * width^2 weights), a share of the image in (0, 1)."""
     from neti_fast.bench.roofline import SDXL_TEXT, sdxl_conditioning
+    from neti_fast.sd.models import sdxl_configs
     r = sdxl_conditioning(1024, steps=50)
     assert r["text_encoder_rows"] == 551 and r["modules"] == 11
-    for k, c in SDXL_TEXT.items():
+    for k, part in SDXL_TEXT.items():
+        c = sdxl_configs()[part]
         per_row = 2 * 77 * c["num_hidden_layers"] * 12 * c["hidden_size"] ** 2
         assert 0.9 < r["tflop"]["text:" + k] * 1e12 / (551 * per_row) < 1.2, k
     assert 0 < r["plain_sdxl_conditioning_flop_share"] < r["conditioning_flop_share"] < 0.5
     assert all(0 < m["conditioning_time_share"] < 1 for m in r["model"].values())
+    # per transformer block: 50 x 70 + 1 rows, the same work per row, so its share of FLOPs follows
+    b, t = r["per_block"], r["conditioning_flop_share"]
+    assert b["text_encoder_rows"] == 3501
+    assert b["conditioning_flop_share"] == pytest.approx(t * 3501 / 551 / (1 - t + t * 3501 / 551))
+    assert all(m["conditioning_time_share"] < m["per_block_conditioning_time_share"] < 1 for m in r["model"].values())
