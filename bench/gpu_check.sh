@@ -9,7 +9,7 @@
 # 3. the GPU tests: compiled Triton kernel (full SD 1.5 shapes), the dispatcher's checks, compile +
 #    CUDA graphs, fp16 / bf16, ONNX Runtime CUDA, TensorRT where it imports -> tests.log;
 # 4. the Triton compile check on this GPU's own arch (same report as CI's) -> kernel-check.txt;
-# 5. the attention micro-benchmark with the tile-size sweep -> attention.json;
+# 5. the attention micro-benchmark with the tile-size sweep, SD 1.x and SDXL shapes -> attention.json;
 # 6. the bench ladder on sd15-shaped at 512x512, batch 1 / 4 / 16, 50 steps, fp16 -> ladder.json/png.
 # Each stage has its own time limit (GPU_CHECK_BUDGET_S, default 540 s in all, shared in order);
 # a stage that fails is recorded and the next one runs. Exit status: 1 if any stage failed.
@@ -73,8 +73,8 @@ stage tests 240 $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/sd/t
 arch=$($PY -c "import torch; a, b = torch.cuda.get_device_capability(); print(a * 10 + b)")
 stage kernel-check 60 $PY -m neti_fast.kernels.check --archs "$arch"
 cp "$OUT/kernel-check.log" "$OUT/kernel-check.txt" 2>/dev/null
-# 5. attention micro-benchmark + tile sweep
-stage attention 60 $PY -m neti_fast.bench.attention --sweep-configs --json "$OUT/attention.json"
+# 5. attention micro-benchmark + tile sweep, at SD 1.x's and SDXL's shapes (kernels/shapes.py)
+stage attention 90 $PY -m neti_fast.bench.attention --families sd1 sdxl --sweep-configs --json "$OUT/attention.json"
 # 6. the ladder
 rungs=${GPU_CHECK_RUNGS:-reference diffusers batched concepts triton compile}
 [ "$rungs" = all ] && rungs=""
