@@ -151,3 +151,59 @@ def test_long_a1111_prompt_fast_equals_reference(max_diff, tiny_xl_model, make_c
     assert max_diff(both[0], generate_reference(m, long_, cfg)[0]) <= TOL
     assert max_diff(both[1], generate_reference(m, short, cfg)[0]) <= TOL
     assert max_diff(both[0], Engine(m, cfg).generate([long_])[0]) <= TOL
+
+
+def test_empty_prompt_is_encoded_not_zeroed(max_diff, pipe, tiny_xl_model):
+    """force_zeros_for_empty_prompt zeroes an empty *negative* prompt only: an empty prompt is encoded
+    as text (diffusers' pipe("") with no negative prompt; zeroing it too, as before, was 57 levels off)."""
+    ours = Engine(tiny_xl_model, _cfg()).generate([Request("", 3)])[0]
+    assert max_diff(_diffusers(pipe, "", 3, "euler")[0], ours) <= TOL
+
+
+def test_time_ids_equal_diffusers_micro_conditioning(max_diff, pipe, tiny_xl_model):
+    """A request's own time ids (original size, crop top-left, target size) are diffusers'
+    original_size / crops_coords_top_left / target_size, for both guidance halves."""
+    ids = (80, 72, 8, 16, 64, 64)
+    pipe.scheduler = make_scheduler("euler", dict(pipe.scheduler.config))
+    d = pipe("a photo of a dog", num_inference_steps=STEPS, guidance_scale=SDXL.default_guidance,
+             original_size=ids[:2], crops_coords_top_left=ids[2:4], target_size=ids[4:],
+             generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    ours = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3, time_ids=ids)])[0]
+    assert max_diff((d * 255).round().astype("uint8"), ours) <= TOL
+    default = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3)])[0]
+    assert max_diff(default, ours) > 10
+    from neti_fast.errors import NetiError
+    with pytest.raises(NetiError) as e:
+        Engine(tiny_xl_model, _cfg()).generate([Request("a dog", 3, time_ids=(64, 64, -1, 0, 64, 64))])
+    assert e.value.field == "time_ids"
+
+
+@pytest.fixture(scope="module")
+def img2img_pipe(tiny_xl_model):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from neti_fast.sd.models import tiny_model_dir
+    p = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(tiny_model_dir("tiny-xl")), add_watermarker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.mark.parametrize("scheduler,strength", [("euler", 0.3), ("euler", 0.75), ("euler", 1.0), ("dpm++", 0.75)])
+def test_img2img_equals_diffusers(max_diff, img2img_pipe, tiny_xl_model, init_image, scheduler, strength):
+    """img2img = StableDiffusionXLImg2ImgPipeline for the same seed and strength (the last int(steps x
+    strength) steps; the VAE sample and the noise from the seed's generator). A base folder has
+    requires_aesthetics_score false, so the pipeline's time ids are txt2img's (h, w, 0, 0, h, w)."""
+    from neti_fast.engine.img2img import prepare_init
+    p = img2img_pipe
+    assert not p.config.requires_aesthetics_score
+    p.scheduler = make_scheduler(scheduler, dict(p.scheduler.config))
+    d = p("a photo of a dog", image=init_image, strength=strength, num_inference_steps=STEPS,
+          guidance_scale=SDXL.default_guidance, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    size = tiny_xl_model.default_size
+
+    def ours(s):
+        return Engine(tiny_xl_model, _cfg(scheduler=scheduler)).generate(
+            [Request("a photo of a dog", 3, init=prepare_init(init_image, size, size, s))])[0]
+    got = ours(strength)
+    assert max_diff((d * 255).round().astype("uint8"), got) <= TOL
+    assert max_diff(ours(0.5), got) > 10   # the strength matters far beyond the tolerance
