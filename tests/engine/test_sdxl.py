@@ -113,6 +113,15 @@ def test_clip_skip_counts_from_sdxl_hidden_state(max_diff, tiny_xl_model):
                for t in m.tokenizers]
         want = torch.cat([te(x, output_hidden_states=True).hidden_states[-3] for te, x in zip(m.text_encoders, ids)], -1)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    # the deepest skip is one fewer than the encoders' layers (the first layer's output, hidden state 1);
+    # the message says both numbers as they are (it once called the 3-layer encoders 2-layer ones)
+    from neti_fast.engine.request import check_request
+    from neti_fast.errors import NetiError
+    check_request(m, Request("a dog", 0, clip_skip=2))
+    with pytest.raises(NetiError) as e:
+        check_request(m, Request("a dog", 0, clip_skip=3))
+    assert e.value.field == "clip_skip" and "from 1 to 2" in str(e.value) and "penultimate" in str(e.value)
+    assert "have 3 and 3 layers" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_multi_vector_ti_equals_diffusers(max_diff, pipe, tiny_xl_model):
