@@ -100,6 +100,15 @@ def max_diff():
     return _max_diff
 
 
+@pytest.fixture(scope="session")
+def init_image():
+    """A smooth random 64 x 64 RGB PIL image (the tiny models' native size): img2img's init image."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3))
+
+
 @pytest.fixture
 def cli(capsys):
     """cli(*argv) -> (exit code, stdout, stderr) of `neti-fast argv` run in this process."""

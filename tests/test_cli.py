@@ -324,6 +324,41 @@ def _img2img_files(folder):
     return folder
 
 
+@pytest.mark.parametrize("builtin", ["tiny-sd2", "tiny-xl"])
+def test_generate_and_run_img2img_on_other_families(cli, tmp_path, builtin, request):
+    """`generate --init-image --mask` and a job file's init_image on SD 2.x / SDXL: the engine's image at
+    the family's default sampler and guidance, the init image prepared as the server prepares it."""
+    import numpy as np
+    from PIL import Image
+
+    from neti_fast.engine.engine import Engine
+    from neti_fast.engine.img2img import INPAINTING_FILL, MASK_BLUR, prepare_init
+    from neti_fast.engine.request import GenerateConfig, Request
+    model = request.getfixturevalue({"tiny-sd2": "tiny_sd2_model", "tiny-xl": "tiny_xl_model"}[builtin])
+    fam = model.family
+    d = _img2img_files(tmp_path / "in")
+    cfg = GenerateConfig(steps=4, batch_size=1, guidance=fam.default_guidance, scheduler=fam.default_scheduler)
+    for i, (flags, mask) in enumerate(((["--strength", "0.6"], None), (["--mask", d / "mask.png"], d / "mask.png"))):
+        out = tmp_path / f"out{i}"
+        code, _, err = cli("generate", "--model", builtin, "--prompt", "a photo of a dog", "--seeds", "3",
+                           "--steps", "4", "--out", out, "--init-image", d / "square.png", *flags)
+        assert code == 0, err
+        with Image.open(out / "000-a-photo-of-a-dog_full_s3.png") as im:
+            got = np.asarray(im.convert("RGB"))
+        init = prepare_init(Image.open(d / "square.png"), 64, 64, 0.6 if mask is None else 0.75, 0,
+                            None if mask is None else Image.open(mask), (MASK_BLUR, MASK_BLUR), INPAINTING_FILL)
+        want = Engine(model, cfg).generate_batch([Request("a photo of a dog", 3, init=init)])[0]
+        assert np.array_equal(got, want)
+    job = tmp_path / "job.jsonl"
+    job.write_text(json.dumps({"prompt": "a photo of a dog", "seeds": [3], "init_image": str(d / "square.png"),
+                               "strength": 0.6}) + "\n")
+    code, _, err = cli("run", job, "--model", builtin, "--out", tmp_path / "run", "--steps", "4", "--no-progress")
+    assert code == 0, err
+    (png,) = (tmp_path / "run").glob("*.png")
+    with Image.open(png) as im, Image.open(tmp_path / "out0" / "000-a-photo-of-a-dog_full_s3.png") as ref:
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.convert("RGB")))
+
+
 def test_generate_img2img_equals_the_servers(cli, one_line_error, tmp_path, tiny_model):
     """`generate --init-image` makes the server's img2img image for the same seed and strength,
     exactly: the init image is prepared by the server's code (a1111.init_inputs -> prepare_init, at

@@ -15,7 +15,7 @@ precompute and the on-the-fly path both call it, so the table equals the mapper 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,9 @@ class Concept:
     source: str = "neti-fast"
     placeholder_embed: torch.Tensor | None = None  # official NeTI's learned_embeds row (kept, unused at inference)
     family: Family = families.DEFAULT    # the model family it was made for
+    # The file did not say its family (a raw TI vector): `family` is only the guess of its width
+    # (importers._family_of), and a model of exactly its width decides instead (check_model).
+    family_from_width: bool = field(default=False, compare=False)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -154,7 +157,12 @@ class Concept:
                 raise NetiError(f"{where}: tensor {k!r} contains NaN or Inf; the concept is corrupt (was training diverging?)")
 
     def check_model(self, model, where: str) -> None:
-        """Refuse a concept made for another model family, or for another text width."""
+        """Refuse a concept made for another model family, or for another text width. A concept whose
+        file does not record its family (`family_from_width`) and has the model's width is taken for
+        the model's family: its width was the only clue, and a toy model's (tiny-sd2, tiny-xl) or the
+        2048-d SDXL row matches no full-size single encoder's."""
+        if self.family_from_width and self.family != model.family and self.text_dim == model.text_dim:
+            self.family, self.family_from_width = model.family, False
         if self.family != model.family:
             raise NetiError(f"{where}: concept is for {self.family.title} ({self.family.name}), "
                             f"but the model is {model.family.title} ({model.family.name})")

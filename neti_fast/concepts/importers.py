@@ -130,14 +130,16 @@ def _ti_concept(path: Path, vec: torch.Tensor, placeholder: str, source: str, fa
     if n > MAX_VECTORS:
         raise NetiError(f"{path}: an embedding of {n} vectors cannot fit a prompt (at most {MAX_VECTORS})")
     c = Concept(method="ti", placeholder=placeholder, text_dim=d, embeds=vec, source=source,
-                family=family or _family_of(d))
+                family=family or _family_of(d), family_from_width=family is None)
     c.check_finite(str(path))
     return c
 
 
 def _family_of(d: int):
     """A file that records no family is for the one whose text encoder has its width (768: SD 1.x,
-    1024: SD 2.x); any other width (a toy model's) is taken for SD 1.x, as it always was."""
+    1024: SD 2.x); any other width (a toy model's) is taken for SD 1.x, as it always was. For a raw
+    TI vector that is a guess only: used with a model of its width, the model's family decides
+    (Concept.family_from_width)."""
     return families.by_widths((d,)) or families.DEFAULT
 
 

@@ -157,7 +157,11 @@ class Table:
 
     def check(self, model, truncation: int | None, where: str) -> None:
         """Refuse a model of another family or text width, or an out-of-range truncation."""
+        before = self.concept.family
         self.concept.check_model(model, where)
+        if self.concept.family != before:  # a raw vector's guessed family, now the model's: its rows are
+            self.token.clear()             # evaluated for that family's layers (precompute's values)
+            self.bypass.clear()
         if self.truncatable:
             self.concept.check_truncation(truncation)
 

@@ -19,8 +19,9 @@ only uses for shapes); the U-Net's 16 cross-attention layers get neti-fast's bou
 a pre-hook on the U-Net reads the scheduler's step index and points them at the engine's
 per-layer K / V tables and that step's rows (built on the first step of a call, cached across calls).
 On SDXL the hook also replaces the U-Net's pooled `text_embeds` by neti-fast's (they follow the
-concept, README "Model families"); the pipeline's own time ids are kept. An empty negative prompt is
-zero conditioning there (force_zeros_for_empty_prompt), as neti-fast's engine treats it.
+concept, README "Model families"); the pipeline's own time ids are kept. With force_zeros_for_empty_prompt
+(SDXL base) no negative prompt (None) is zero conditioning, as in diffusers; an explicit
+negative_prompt="" is encoded as text, as diffusers encodes it.
 """
 from __future__ import annotations
 
@@ -63,7 +64,11 @@ class Attachment:
             raise NetiError(f"neti_fast.attach: {len(negs)} negative prompts for {len(prompts)} prompts")
         n = num_images_per_prompt
         m = self.engine.model
-        self._requests = [Request(p, 0, self.table, self.truncation, ng) for p, ng in zip(prompts, negs) for _ in range(n)]
+        # diffusers zeroes the negative conditioning (force_zeros_for_empty_prompt) only when no
+        # negative_prompt is given: an explicit "" is encoded like any other text
+        zero = negative_prompt is None
+        self._requests = [Request(p, 0, self.table, self.truncation, ng, zero_empty_negative=zero)
+                          for p, ng in zip(prompts, negs) for _ in range(n)]
         for r in self._requests:
             check_request(m, r)
         self._packed = None

@@ -100,16 +100,24 @@ class Engine:
         m = self.model
         return pad_chunks(enc, chunks, encode_plain_all(m, "", clip_skip))
 
-    def negative(self, prompt: str, clip_skip: int = 1, syntax: str = "plain", chunks: int = 1) -> LayerKV:
+    def negative(self, prompt: str, clip_skip: int = 1, syntax: str = "plain", chunks: int = 1,
+                 zero_empty: bool = True) -> LayerKV:
+        """A negative prompt's K / V rows. An empty one is zero conditioning (context and pooled, every
+        chunk) where the model says so (force_zeros_for_empty_prompt) and `zero_empty` (Request.zero_empty_negative)."""
+        return self._plain(prompt, clip_skip, syntax, chunks, zero_empty and self.model.zero_empty_negative and not prompt)
+
+    def _plain(self, prompt: str, clip_skip: int, syntax: str, chunks: int, zero: bool) -> LayerKV:
+        """A prompt with no concept: its plain encoding, or zeros (`zero`: an empty negative prompt's, as diffusers)."""
         m = self.model
 
         def build():
             enc = self._padded(encode_plain_all(m, prompt, clip_skip, syntax), chunks, clip_skip)
             pooled = pooled_all(m, tokenize_request(m, prompt, {}, syntax), None)
-            if m.zero_empty_negative and not prompt:  # force_zeros_for_empty_prompt: diffusers' zeros (every chunk)
+            if zero:
                 enc, pooled = torch.zeros_like(enc), None if pooled is None else torch.zeros_like(pooled)
             return LayerKV(*self._kv(enc, enc), time_varying=False, pooled=pooled)
-        key = ("neg", prompt, m.dtype) + self._key_tail(clip_skip, syntax, chunks)
+        # the key SD 1.x always had (never zeroed); a zeroed entry is another one than the same text encoded
+        key = ("neg", prompt, m.dtype) + self._key_tail(clip_skip, syntax, chunks) + (("zeros",) if zero else ())
         return self.conditionings.get_or_build(key, build)
 
     def conditioning(self, prompt: str, table, truncation: int | None, timesteps: torch.Tensor,
@@ -119,7 +127,8 @@ class Engine:
         m = self.model
         tables = as_tables(table)
         if not tables:
-            return self.negative(prompt, clip_skip, syntax, chunks)  # a plain prompt is encoded like a negative one
+            # a plain prompt is encoded like a negative one, but never zeroed (diffusers and A1111 zero only negatives)
+            return self._plain(prompt, clip_skip, syntax, chunks, False)
 
         def build():
             toks = tokenize_request(m, prompt, tables, syntax)
@@ -188,20 +197,22 @@ class Engine:
         k = chunks.pop()
         conds = [self.conditioning(r.prompt, r.table, r.truncation, timesteps, r.clip_skip, r.prompt_syntax, k)
                  for r in reqs]
-        negs = [self.negative(negative_text(r, cfg), r.clip_skip, r.prompt_syntax, k)
+        negs = [self.negative(negative_text(r, cfg), r.clip_skip, r.prompt_syntax, k, r.zero_empty_negative)
                 for r in reqs] if guided else []  # A1111 skips CLIP layers for the negative prompt too
         return negs + conds
 
     def added_conditioning(self, reqs: list[Request], timesteps: torch.Tensor, guided: bool, h: int, w: int):
         """The U-Net's added inputs where the family has them (SDXL), for kv_tables' rows: (pooled text
-        embeddings [steps, B', P], time ids [B', 6]: original size, crop top-left, target size, as
-        diffusers' _get_add_time_ids with its defaults); None for SD 1.x / 2.x."""
+        embeddings [steps, B', P], time ids [B', 6]: original size, crop top-left, target size; a
+        request's own `time_ids`, else diffusers' _get_add_time_ids defaults (h, w, 0, 0, h, w), the
+        same for its negative row, as diffusers and A1111 give both halves one set); None for SD 1.x / 2.x."""
         if not self.model.family.added_conditioning:
             return None
         rows = self._rows(reqs, timesteps, guided)   # cached conditionings: lookups only
         step = torch.arange(len(timesteps))
         pooled = torch.stack([c.pooled[step if c.time_varying else torch.zeros_like(step)] for c in rows], dim=1)
-        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=pooled.dtype, device=pooled.device).expand(len(rows), -1)
+        ids = [tuple(r.time_ids) if r.time_ids is not None else (h, w, 0, 0, h, w) for r in reqs]
+        time_ids = torch.tensor(ids * (2 if guided else 1), dtype=pooled.dtype, device=pooled.device)
         return pooled, time_ids
 
     def arena(self, cond: LayerKV) -> KVArena:

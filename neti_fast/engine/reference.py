@@ -35,7 +35,7 @@ def reference_conditioning(model: Model, req: Request, cfg: GenerateConfig, time
     negative = negative_text(req, cfg)
     neg_toks = tokenize_all(m, negative, None, syntax=syntax)
     neg, neg_pooled = pad(encode_tokens_all(m, neg_toks, clip_skip=cs)[0]), pooled_all(m, neg_toks, None)
-    if m.zero_empty_negative and not negative:  # force_zeros_for_empty_prompt
+    if m.zero_empty_negative and req.zero_empty_negative and not negative:  # force_zeros_for_empty_prompt
         neg, neg_pooled = torch.zeros_like(neg), None if neg_pooled is None else torch.zeros_like(neg_pooled)
     tables = req.tables
     toks = tokenize_request(m, req.prompt, tables, syntax)
@@ -70,7 +70,8 @@ def generate_reference(model: Model, req: Request, cfg: GenerateConfig) -> np.nd
     sched = make_scheduler(cfg.scheduler, m.scheduler_config)
     sched.set_timesteps(cfg.steps)
     neg, per_step, pooled = reference_conditioning(m, req, cfg, sched.timesteps)
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=neg.dtype, device=neg.device)  # diffusers' defaults
+    ids = tuple(req.time_ids) if req.time_ids is not None else (h, w, 0, 0, h, w)  # diffusers' defaults
+    time_ids = torch.tensor([ids], dtype=neg.dtype, device=neg.device)
     gens = image_generators([req.seed])
     step_kw = step_kwargs(cfg.scheduler, sched, gens, [req.seed], cfg.eta)
     latents = initial_latents(req.seed, (m.unet.config.in_channels, h // f, w // f), m.dtype, gens[0]).to(m.device)

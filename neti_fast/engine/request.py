@@ -51,6 +51,14 @@ class Request:
     clip_skip: int = 1                # A1111's CLIP skip: 1 = CLIP's last layer; n: the n-th from last (then its final LN)
     init: Init | None = None          # img2img / inpainting input (img2img.py); None: txt2img
     prompt_syntax: str = "plain"      # "plain" or "a1111" (emphasis, BREAK, long prompts: sd/prompt_syntax.py)
+    # SDXL's micro-conditioning (U-Net `time_ids`): (original height, width, crop top, crop left, target
+    # height, width); None: diffusers' default for the image size, (h, w, 0, 0, h, w). Families
+    # without time ids refuse one.
+    time_ids: tuple | None = None
+    # Where the model zeroes an empty negative prompt (force_zeros_for_empty_prompt), whether this
+    # request's is zeroed: diffusers zeroes only a negative prompt not given (None), so the diffusers
+    # adapter clears it for an explicit negative_prompt="".
+    zero_empty_negative: bool = True
 
     @property
     def tables(self) -> dict:
@@ -120,15 +128,30 @@ def check_settings(cfg: GenerateConfig) -> None:
         ETA_RANGE.check(cfg.eta, "eta")
 
 
+def _from_last(hidden_state: int) -> str:
+    return "the last" if hidden_state == -1 else "the penultimate" if hidden_state == -2 else f"{-hidden_state}th from last"
+
+
 def check_request(model: Model, req: Request) -> None:
     """Validate a request before any work: CLIP skip, concept widths, truncation, prompt (markers,
     length) and negative prompt (plain text: no markers)."""
     # the deepest CLIP skip every text encoder has layers for (SDXL's start at hidden state -2: one fewer)
-    layers = min(te.config.num_hidden_layers + 1 + spec.hidden_state
-                 for te, spec in zip(model.text_encoders, model.family.encoders))
+    specs = model.family.encoders
+    depths = [te.config.num_hidden_layers for te in model.text_encoders]
+    layers = min(n + 1 + spec.hidden_state for n, spec in zip(depths, specs))
     if isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int) or not 1 <= req.clip_skip <= layers:
-        raise NetiError(f"must be an integer from 1 (CLIP's last layer) to {layers} (this model's text encoder "
-                        f"has {layers} layers)", field="clip_skip", value=req.clip_skip)
+        raise NetiError(f"must be an integer from 1 to {layers}: 1 is the layer {model.family.title} reads its text "
+                        f"encoder{'s' if len(specs) > 1 else ''} at ({_from_last(specs[0].hidden_state)}), each more "
+                        f"one layer earlier (this model's text encoder{'s have' if len(depths) > 1 else ' has'} "
+                        f"{' and '.join(map(str, depths))} layers)", field="clip_skip", value=req.clip_skip)
+    if req.time_ids is not None:
+        if "time_ids" not in model.family.added_conditioning:
+            raise NetiError(f"{model.family.title} has no micro-conditioning (SDXL's time ids)", field="time_ids",
+                            value=req.time_ids)
+        ids = tuple(req.time_ids)
+        if len(ids) != 6 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ids):
+            raise NetiError("must be 6 integers >= 0: original height, width, crop top, crop left, target height, width",
+                            field="time_ids", value=req.time_ids)
     tables = req.tables
     for name, t in tables.items():
         t.check(model, req.truncation, f"concept {name!r}")

@@ -157,7 +157,10 @@ class Txt2Img(BaseModel):
     n_iter: int = Field(1, ge=1)
     steps: int = Field(50, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    width: int | None = Field(None, ge=8, le=2048)    # None: the model's native size
+    # None: the model's native size (SD 1.x: 512, A1111's default; SD 2.x: 768; SDXL: 1024, where A1111
+    # itself would give 512, which SDXL was not trained at; clients that care send a size anyway). Any
+    # other size is taken, as A1111 takes it: the image is that size rounded down to a multiple of 8.
+    width: int | None = Field(None, ge=8, le=2048)
     height: int | None = Field(None, ge=8, le=2048)
     sampler_name: str | None = None
     sampler_index: str | None = None           # deprecated in A1111; used when sampler_name is absent
@@ -330,11 +333,15 @@ def options(server) -> dict:
     """GET /sdapi/v1/options: the A1111 options neti-fast has, at the server's values."""
     return {"sd_model_checkpoint": server.model_title, "sd_checkpoint_hash": server.model_hash,
             "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
-            "eta_noise_seed_delta": 0, "samples_format": "png", "samples_save": True}
+            "eta_noise_seed_delta": 0, "samples_format": "png", "samples_save": True,
+            "sdxl_crop_top": 0, "sdxl_crop_left": 0}
 
 
-# override_settings keys that are a request's own settings (A1111: p.<setting> else opts.<key>)
-REQUEST_OPTIONS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_ddim": "eta"}
+# override_settings keys that are a request's own settings (A1111: p.<setting> else opts.<key>), and
+# the request field that sets each, if any. SDXL's crop options (A1111 lists them whatever the model,
+# and they act on SDXL only) set the micro-conditioning's crop top-left, per request.
+REQUEST_OPTIONS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_ddim": "eta", "sdxl_crop_top": None,
+                   "sdxl_crop_left": None}
 
 
 def _same(key: str, value, server) -> bool:
@@ -365,19 +372,29 @@ def check_options(values: dict, server, where: str, prefix: str = "") -> list[st
             what = ("one model per server: start another server for another model" if k == "sd_model_checkpoint"
                     else f"this server's value is {known[k]!r}")
             if k in REQUEST_OPTIONS:
-                what += f"; send `{REQUEST_OPTIONS[k]}` (or override_settings.{k}) with each request instead"
+                what += (f"; send `{REQUEST_OPTIONS[k]}` (or override_settings.{k}) with each request instead"
+                         if REQUEST_OPTIONS[k] else f"; send override_settings.{k} with each request instead")
             raise FieldError(prefix + k, f"neti-fast cannot change this setting to {v!r} ({what})")
     note_ignored(ignored, where)
     return ignored
 
 
-def request_settings(req: Txt2Img, sampler: Sampler, server) -> tuple[int, float | None, list[str]]:
-    """(clip_skip, engine eta, ignored fields) of a request: its fields and override_settings merged
-    as A1111 does (the request's own field first), each checked."""
+def request_settings(req: Txt2Img, sampler: Sampler, server) -> tuple[int, float | None, tuple, list[str]]:
+    """(clip_skip, engine eta, SDXL crop (top, left), ignored fields) of a request: its fields and
+    override_settings merged as A1111 does (the request's own field first), each checked."""
     ov = req.override_settings or {}
     if not isinstance(ov, dict):
         raise FieldError("override_settings", "must be an object")
     ignored = check_options(ov, server, "img2img" if isinstance(req, Img2Img) else "txt2img", "override_settings.")
+    crop = []
+    for key in ("sdxl_crop_top", "sdxl_crop_left"):
+        v = ov.get(key)
+        if v is None:
+            v = 0
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise FieldError(f"override_settings.{key}", f"must be an integer >= 0 (got {v!r})")
+        crop.append(v)
+    crop = tuple(crop)
     clip = ov.get("CLIP_stop_at_last_layers")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int)):
         raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be an integer (got {clip!r})")
@@ -391,13 +408,13 @@ def request_settings(req: Txt2Img, sampler: Sampler, server) -> tuple[int, float
     if sampler.eta == "ddim":
         if eta is not None and not 0 <= eta <= 1:
             raise FieldError(eta_field, f"{eta}: DDIM's eta is from 0 (deterministic) to 1")
-        return clip_skip, None if eta is None else float(eta), ignored
+        return clip_skip, None if eta is None else float(eta), crop, ignored
     ancestral = ov.get("eta_ancestral")
     if sampler.eta == "ancestral":  # diffusers' ancestral / SDE steps are A1111's at eta 1
         for field, v in (("eta", req.eta), ("override_settings.eta_ancestral", ancestral)):
             if v is not None and v != 1:
                 raise FieldError(field, f"{v}: neti-fast's {sampler.name} is the standard stochastic step (eta 1)")
-    return clip_skip, None, ignored   # other samplers ignore eta, in A1111 too
+    return clip_skip, None, crop, ignored   # other samplers ignore eta, in A1111 too
 
 
 def truncations(value) -> list:
@@ -431,10 +448,13 @@ def infotext(prompt: str, negative: str, steps: int, sampler: str, schedule: str
 
 def info_json(*, req: Txt2Img, prompts: list, seeds: list, truncs: list, width: int, height: int, sampler: Sampler,
               schedule: str, engine_scheduler: str, model: str, concepts: list, clip_skip: int = 1,
-              eta: float | None = None, ignored: list = (), saved: list = ()) -> str:
+              eta: float | None = None, ignored: list = (), saved: list = (), image_width: int | None = None,
+              image_height: int | None = None) -> str:
     """The `info` string A1111 returns: JSON of the settings, the seeds used included; neti-fast's
     keys beside A1111's: truncations, the engine scheduler, concepts, the fields it ignored and the
-    files `save_images` wrote (relative to the server's output folder)."""
+    files `save_images` wrote (relative to the server's output folder). `width` / `height` are the
+    size asked, as A1111 reports it (its infotext's Size re-creates the image); the image is that
+    rounded down to a multiple of 8, which `image_width` / `image_height` say where they differ."""
     texts = [infotext(p, req.negative_prompt, req.steps, sampler.name, schedule, req.cfg_scale, s, width, height,
                       model, t, clip_skip, eta) for p, s, t in zip(prompts, seeds, truncs)]
     return json.dumps({
@@ -451,4 +471,6 @@ def info_json(*, req: Txt2Img, prompts: list, seeds: list, truncs: list, width: 
         "clip_skip": clip_skip, "eta": eta, "is_using_inpainting_conditioning": False, "version": "neti-fast",
         "truncation": truncs[0] if truncs else None, "all_truncations": truncs, "engine_scheduler": engine_scheduler,
         "concepts": concepts, "ignored_fields": list(ignored), "saved_files": list(saved),
+        **({"image_width": image_width, "image_height": image_height}
+           if (image_width, image_height) not in ((None, None), (width, height)) else {}),
     })

@@ -117,10 +117,11 @@ class Server:
         from ..engine.request import GenerateConfig, Request, check_request, check_size, context_chunks
         from .batcher import Job, Shape
         from ..engine.sampling import check_scheduler
+        from ..utils import image_size
         m = self.model
         ignored = a1111.check_extra(req)
         sampler, schedule, engine_sched = a1111.resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler)
-        clip_skip, eta, ignored_ov = a1111.request_settings(req, sampler, self)
+        clip_skip, eta, crop, ignored_ov = a1111.request_settings(req, sampler, self)
         ignored += ignored_ov
         img2img = isinstance(req, a1111.Img2Img)
         a1111.note_ignored([f for f in ignored if not f.startswith("override_settings.")],
@@ -131,10 +132,18 @@ class Server:
                 self._schedules_ok.add((engine_sched, req.steps))
         except NetiError as e:  # a scheduler needing a package the server lacks is the client's choice of sampler
             raise FieldError("sampler_name" if e.field == "scheduler" else e.field, e.detail()) from None
+        # A1111's sizes: what the request asks (default: the model's native size, a1111.Txt2Img), the
+        # image that size rounded down to the VAE's factor (A1111's latents are height // 8 x width // 8)
+        asked_h, asked_w = image_size(m, req.height, req.width)
+        f = m.vae_scale_factor
         try:
-            h, w = check_size(m, req.height, req.width)
+            h, w = check_size(m, asked_h // f * f, asked_w // f * f)
         except NetiError as e:
             raise FieldError(e.field, e.detail()) from None
+        # SDXL's micro-conditioning as A1111 gives it: original and target size = the size asked,
+        # crop top-left from the sdxl_crop_top / sdxl_crop_left options (0, 0)
+        time_ids = ((asked_h, asked_w, *crop, asked_h, asked_w) if "time_ids" in m.family.added_conditioning
+                    else None)
         inits, start = [None], 0
         if img2img:
             from ..engine.img2img import schedule_start
@@ -168,7 +177,7 @@ class Server:
                         field = "override_settings.CLIP_stop_at_last_layers"
                     raise FieldError(field, e.detail()) from None
             requests = [Request(prompt, s, tables or None, t, req.negative_prompt, clip_skip, inits[i % len(inits)],
-                                prompt_syntax="a1111") for t in truncs for i, s in enumerate(seeds)]
+                                prompt_syntax="a1111", time_ids=time_ids) for t in truncs for i, s in enumerate(seeds)]
             context = context_chunks(m, requests[0], GenerateConfig(guidance=float(req.cfg_scale)))
         shape = Shape(req.steps, h, w, engine_sched, float(req.cfg_scale), eta, start, context)
         job = Job(shape, requests, client)
@@ -177,7 +186,8 @@ class Server:
                 raise FieldError("force_task_id", "a job with this id is running", 409)
             job.id = req.force_task_id
         info = dict(req=req, prompts=[req.prompt] * len(requests), seeds=[r.seed for r in requests],
-                    truncs=[r.truncation for r in requests], width=w, height=h, sampler=sampler, schedule=schedule,
+                    truncs=[r.truncation for r in requests], width=asked_w, height=asked_h, image_width=w,
+                    image_height=h, sampler=sampler, schedule=schedule,
                     engine_scheduler=engine_sched, model=self.model_name, concepts=list(tables), clip_skip=clip_skip,
                     eta=eta, ignored=ignored)
         return job, info
@@ -200,7 +210,7 @@ class Server:
                 entries.append({"file": name, "line": None, "prompt": prompt, "concept": req.concept, "seed": seed,
                                 "truncation": trunc, "negative_prompt": req.negative_prompt, "steps": req.steps,
                                 "guidance": float(req.cfg_scale), "scheduler": info["engine_scheduler"],
-                                "height": info["height"], "width": info["width"], "model": self.model_name,
+                                "height": info["image_height"], "width": info["image_width"], "model": self.model_name,
                                 "dtype": dtype_name(self.dtype), "status": "done", "sampler_name": info["sampler"].name,
                                 "schedule": info["schedule"], "clip_skip": info["clip_skip"], "eta": info["eta"],
                                 "concepts": info["concepts"]})

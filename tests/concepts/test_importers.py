@@ -474,3 +474,41 @@ def test_sdxl_embeddings(tmp_path):
     write({"<other>": gv}, tmp_path / "learned_embeds_2.bin")
     with pytest.raises(NetiError, match="learned_embeds_2.bin: holds '<other>'"):
         load_concept(tmp_path / "learned_embeds.bin")
+
+
+def test_raw_vector_of_the_models_width_takes_its_family(tmp_path, tiny_sd2_model, tiny_xl_model, tiny_model):
+    """A raw TI vector records no family; its width guesses one (768: SD 1.x, 1024: SD 2.x), and a toy
+    width was always taken for SD 1.x, which refused it on tiny-sd2 / tiny-xl. Used with a model of
+    exactly its width, the model's family decides (and precomputed rows follow its layers); a file
+    that records its family, or a vector of another width, is refused as before."""
+    from neti_fast.concepts.concept import Concept
+    from neti_fast.concepts.table import Table, load_table, precompute
+    from neti_fast.engine.engine import Engine
+    from neti_fast.engine.request import GenerateConfig, Request
+    from neti_fast.sd.families import SD1
+    for model in (tiny_sd2_model, tiny_xl_model):
+        v = torch.randn(model.text_dim, generator=torch.Generator().manual_seed(model.text_dim))
+        torch.save({"<x>": v}, tmp_path / f"raw{model.text_dim}.bin")
+        t = load_table(tmp_path / f"raw{model.text_dim}.bin")
+        assert t.family is SD1 and t.concept.family_from_width
+        t.check(model, None, "raw")
+        assert t.family is model.family
+        t.concept.save(tmp_path / f"c{model.text_dim}.safetensors")      # saved, it records the family it took
+        assert load_concept(tmp_path / f"c{model.text_dim}.safetensors").family is model.family
+        with pytest.raises(NetiError, match="width"):                   # another width: refused as before
+            load_table(tmp_path / f"raw{model.text_dim}.bin").check(tiny_model, None, "raw")
+    # rows precomputed under the guess (16 layers) are evaluated again for SDXL's 11: the image is the
+    # one of the same vector made as an SDXL concept
+    raw = precompute(load_concept(tmp_path / f"raw{tiny_xl_model.text_dim}.bin"), progress=False)
+    assert raw.token[None].shape[1] == 16
+    made = Table(Concept("ti", "<x>", tiny_xl_model.text_dim, embeds=raw.concept.embeds.clone(),
+                         family=tiny_xl_model.family))
+    cfg = GenerateConfig(steps=2, scheduler="euler")
+    a = Engine(tiny_xl_model, cfg).generate([Request("a photo of {}", 0, raw)])[0]
+    b = Engine(tiny_xl_model, cfg).generate([Request("a photo of {}", 0, made)])[0]
+    assert (a == b).all()
+    # a neti-fast file without `family` is SD 1.x by the format's rule: still refused on tiny-sd2
+    sd1 = Concept("ti", "<y>", tiny_sd2_model.text_dim, embeds=torch.randn(1, tiny_sd2_model.text_dim))
+    sd1.save(tmp_path / "sd1.safetensors")
+    with pytest.raises(NetiError, match=r"SD 1.x \(sd1\), but the model is SD 2.x"):
+        load_table(tmp_path / "sd1.safetensors").check(tiny_sd2_model, None, "sd1")

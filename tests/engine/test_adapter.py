@@ -96,3 +96,45 @@ def test_adapter_on_other_families(builtin, make_concept, request):
     ours = Engine(model, GenerateConfig(steps=STEPS, scheduler="euler", guidance=5.0)).generate(
         [Request("a photo of {}", s, table, 8) for s in (1, 2)])
     assert int(np.abs(out.astype(np.int32) - ours.astype(np.int32)).max()) <= 1
+
+
+def test_adapter_sdxl_explicit_empty_negative_is_encoded(make_concept, tiny_xl_model):
+    """diffusers' SDXL zeroes the negative conditioning (force_zeros_for_empty_prompt) only when no
+    negative_prompt is given; an explicit "" is encoded as text. The engine's request flag for it
+    (zero_empty_negative=False) gives diffusers' image for negative_prompt="", and the adapter sets it
+    for an explicit "" (and only then): its images are the engine's, either way; "" and None differ
+    well beyond the tolerance."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from neti_fast.engine.sampling import make_scheduler
+    from neti_fast.sd.models import tiny_model_dir
+    p = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir("tiny-xl")), add_watermarker=False)
+    p.set_progress_bar_config(disable=True)
+    p.scheduler = make_scheduler("euler", dict(p.scheduler.config))
+    assert p.config.force_zeros_for_empty_prompt
+
+    def run(prompt, **kw):
+        out = p(prompt, num_inference_steps=STEPS, guidance_scale=5.0,
+                generator=torch.Generator("cpu").manual_seed(4), output_type="np", **kw).images[0]
+        return (out * 255).round().astype("uint8")
+
+    def engine(prompt, table=None, **kw):
+        return Engine(tiny_xl_model, GenerateConfig(steps=STEPS, scheduler="euler", guidance=5.0)).generate(
+            [Request(prompt, 4, table, negative_prompt="", **kw)])[0]
+
+    def diff(a, b):
+        return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
+    plain = "a photo of a dog"
+    assert diff(run(plain, negative_prompt=""), engine(plain, zero_empty_negative=False)) <= 1
+    assert diff(run(plain), engine(plain)) <= 1
+    assert diff(run(plain, negative_prompt=""), run(plain)) > 10
+    table = precompute(make_concept("ti", dim=tiny_xl_model.text_dim, seed=3, family=tiny_xl_model.family),
+                       progress=False)
+    handle = neti_fast.attach(p, table)
+    try:
+        got_empty, got_none = run("a photo of {}", negative_prompt=""), run("a photo of {}")
+    finally:
+        handle.detach()
+    assert diff(got_empty, engine("a photo of {}", table, zero_empty_negative=False)) <= 1
+    assert diff(got_none, engine("a photo of {}", table)) <= 1
+    assert diff(got_empty, got_none) > 10

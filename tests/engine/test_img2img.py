@@ -18,13 +18,6 @@ PROMPT = "a photo of a dog"
 
 
 @pytest.fixture(scope="module")
-def init_image():
-    from PIL import Image, ImageFilter
-    rng = np.random.default_rng(0)
-    return Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3))
-
-
-@pytest.fixture(scope="module")
 def pipe(tiny_model):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
 

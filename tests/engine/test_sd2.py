@@ -76,3 +76,25 @@ def test_seed_independent_of_batch_composition(max_diff, tiny_sd2_model, make_co
     batched = Engine(tiny_sd2_model, GenerateConfig(steps=STEPS, batch_size=4)).generate(mixed)
     assert max_diff(alone, batched[1]) <= TOL
     assert int(np.abs(batched[0].astype(int) - batched[2].astype(int)).max()) > 10
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_img2img_equals_diffusers(max_diff, tiny_sd2_model, init_image, strength):
+    """img2img (v-prediction) = StableDiffusionImg2ImgPipeline for the same seed and strength, as for SD 1.x."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+
+    from neti_fast.engine.img2img import prepare_init
+    from neti_fast.sd.models import tiny_model_dir
+    p = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model_dir("tiny-sd2")), safety_checker=None,
+                                                       requires_safety_checker=False)
+    p.scheduler = DPMSolverMultistepScheduler.from_config(p.scheduler.config)
+    p.set_progress_bar_config(disable=True)
+    d = p("a photo of a dog", image=init_image, strength=strength, num_inference_steps=STEPS,
+          generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    size = tiny_sd2_model.default_size
+
+    def ours(s):
+        return Engine(tiny_sd2_model, CFG).generate([Request("a photo of a dog", 3, init=prepare_init(init_image, size, size, s))])[0]
+    got = ours(strength)
+    assert max_diff((d * 255).round().astype("uint8"), got) <= TOL
+    assert max_diff(ours(0.5), got) > 10

@@ -113,6 +113,15 @@ def test_clip_skip_counts_from_sdxl_hidden_state(max_diff, tiny_xl_model):
                for t in m.tokenizers]
         want = torch.cat([te(x, output_hidden_states=True).hidden_states[-3] for te, x in zip(m.text_encoders, ids)], -1)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    # the deepest skip is one fewer than the encoders' layers (the first layer's output, hidden state 1);
+    # the message says both numbers as they are (it once called the 3-layer encoders 2-layer ones)
+    from neti_fast.engine.request import check_request
+    from neti_fast.errors import NetiError
+    check_request(m, Request("a dog", 0, clip_skip=2))
+    with pytest.raises(NetiError) as e:
+        check_request(m, Request("a dog", 0, clip_skip=3))
+    assert e.value.field == "clip_skip" and "from 1 to 2" in str(e.value) and "penultimate" in str(e.value)
+    assert "have 3 and 3 layers" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_multi_vector_ti_equals_diffusers(max_diff, pipe, tiny_xl_model):
@@ -151,3 +160,95 @@ def test_long_a1111_prompt_fast_equals_reference(max_diff, tiny_xl_model, make_c
     assert max_diff(both[0], generate_reference(m, long_, cfg)[0]) <= TOL
     assert max_diff(both[1], generate_reference(m, short, cfg)[0]) <= TOL
     assert max_diff(both[0], Engine(m, cfg).generate([long_])[0]) <= TOL
+
+
+def test_empty_prompt_is_encoded_not_zeroed(max_diff, pipe, tiny_xl_model):
+    """force_zeros_for_empty_prompt zeroes an empty *negative* prompt only: an empty prompt is encoded
+    as text (diffusers' pipe("") with no negative prompt; zeroing it too, as before, was 57 levels off)."""
+    ours = Engine(tiny_xl_model, _cfg()).generate([Request("", 3)])[0]
+    assert max_diff(_diffusers(pipe, "", 3, "euler")[0], ours) <= TOL
+
+
+def test_time_ids_equal_diffusers_micro_conditioning(max_diff, pipe, tiny_xl_model):
+    """A request's own time ids (original size, crop top-left, target size) are diffusers'
+    original_size / crops_coords_top_left / target_size, for both guidance halves."""
+    ids = (80, 72, 8, 16, 64, 64)
+    pipe.scheduler = make_scheduler("euler", dict(pipe.scheduler.config))
+    d = pipe("a photo of a dog", num_inference_steps=STEPS, guidance_scale=SDXL.default_guidance,
+             original_size=ids[:2], crops_coords_top_left=ids[2:4], target_size=ids[4:],
+             generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    ours = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3, time_ids=ids)])[0]
+    assert max_diff((d * 255).round().astype("uint8"), ours) <= TOL
+    default = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3)])[0]
+    assert max_diff(default, ours) > 10
+    from neti_fast.errors import NetiError
+    with pytest.raises(NetiError) as e:
+        Engine(tiny_xl_model, _cfg()).generate([Request("a dog", 3, time_ids=(64, 64, -1, 0, 64, 64))])
+    assert e.value.field == "time_ids"
+
+
+@pytest.fixture(scope="module")
+def img2img_pipe(tiny_xl_model):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from neti_fast.sd.models import tiny_model_dir
+    p = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(tiny_model_dir("tiny-xl")), add_watermarker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.mark.parametrize("scheduler,strength", [("euler", 0.3), ("euler", 0.75), ("euler", 1.0), ("dpm++", 0.75)])
+def test_img2img_equals_diffusers(max_diff, img2img_pipe, tiny_xl_model, init_image, scheduler, strength):
+    """img2img = StableDiffusionXLImg2ImgPipeline for the same seed and strength (the last int(steps x
+    strength) steps; the VAE sample and the noise from the seed's generator). A base folder has
+    requires_aesthetics_score false, so the pipeline's time ids are txt2img's (h, w, 0, 0, h, w)."""
+    from neti_fast.engine.img2img import prepare_init
+    p = img2img_pipe
+    assert not p.config.requires_aesthetics_score
+    p.scheduler = make_scheduler(scheduler, dict(p.scheduler.config))
+    d = p("a photo of a dog", image=init_image, strength=strength, num_inference_steps=STEPS,
+          guidance_scale=SDXL.default_guidance, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    size = tiny_xl_model.default_size
+
+    def ours(s):
+        return Engine(tiny_xl_model, _cfg(scheduler=scheduler)).generate(
+            [Request("a photo of a dog", 3, init=prepare_init(init_image, size, size, s))])[0]
+    got = ours(strength)
+    assert max_diff((d * 255).round().astype("uint8"), got) <= TOL
+    assert max_diff(ours(0.5), got) > 10   # the strength matters far beyond the tolerance
+
+
+def test_inpainting_equals_the_diffusers_blend(max_diff, img2img_pipe, tiny_xl_model, init_image):
+    """Inpainting on SDXL's regular U-Net (tests/engine/test_img2img.py's check for SD 1.x): after every
+    step the unmasked latents are the init latents noised to the next timestep, done in diffusers'
+    SDXL img2img step callback; outside the mask the pixels are the init image's."""
+    from PIL import Image
+
+    from neti_fast.engine.img2img import latent_mask, prepare_init, schedule_start
+    p = img2img_pipe
+    p.scheduler = make_scheduler("euler", dict(p.scheduler.config))
+    size = tiny_xl_model.default_size
+    m = np.zeros((size, size), np.uint8)
+    m[:, :32] = 255
+    m[40:] = 255
+    init = prepare_init(init_image, size, size, 0.6, mask=Image.fromarray(m), mask_blur=(0, 0), fill=1)
+    keep = 1 - torch.from_numpy(latent_mask(init.mask, size // 8, size // 8))[None, None]
+    g = torch.Generator("cpu").manual_seed(3)  # the pipeline's draws: the VAE sample, then the noise
+    x = torch.from_numpy(np.asarray(init_image).copy()).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+    init_lat = p.vae.encode(x).latent_dist.sample(g) * p.vae.config.scaling_factor
+    noise = torch.randn(init_lat.shape, generator=g)
+
+    def blend(pipe, i, t, kw):
+        ts = pipe.scheduler.timesteps[schedule_start(STEPS, 0.6):]
+        proper = init_lat if i == len(ts) - 1 else pipe.scheduler.add_noise(init_lat, noise, ts[i + 1:i + 2])
+        return {"latents": keep * proper + (1 - keep) * kw["latents"]}
+    ref = p("a photo of a dog", image=init_image, strength=0.6, num_inference_steps=STEPS,
+            guidance_scale=SDXL.default_guidance, callback_on_step_end=blend,
+            generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    ref = (ref * 255).round().astype("uint8")
+    ours = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3, init=init)])[0]
+    inside = m > 0
+    assert max_diff(ref[inside], ours[inside]) <= TOL
+    assert np.array_equal(ours[~inside], np.asarray(init_image)[~inside])
+    plain = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3, init=prepare_init(init_image, size, size, 0.6))])[0]
+    assert max_diff(plain[inside], ours[inside]) > 10

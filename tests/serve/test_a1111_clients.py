@@ -203,6 +203,26 @@ def test_webuiapi_calls(client, srv):
     assert {"progress", "eta_relative", "state", "current_image"} <= set(client.get("/sdapi/v1/progress").json())
 
 
+def test_sizes_round_down_to_8_as_a1111(client, srv, max_diff):
+    """A1111 takes any width / height (its latents are height // 8 x width // 8): 70 x 61 makes the 64 x 56
+    image of a 64 x 56 request (SD 1.x has no size conditioning), the info reporting the size asked as
+    A1111's does. SDXL's crop options are listed and taken per request; on SD 1.x, as in A1111, they
+    change nothing. No size: SD 1.x's 512-equivalent native size (A1111's default)."""
+    base = {"prompt": "a photo of {ball}", "seed": 7, "steps": STEPS}
+    r = client.post("/sdapi/v1/txt2img", json={**base, "width": 70, "height": 61})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert (info["width"], info["height"], info["image_width"], info["image_height"]) == (70, 61, 64, 56)
+    img = decode_png(r.json()["images"][0])
+    exact = client.post("/sdapi/v1/txt2img", json={**base, "width": 64, "height": 56}).json()
+    assert "image_width" not in json.loads(exact["info"])
+    assert img.shape == (56, 64, 3) and max_diff(img, decode_png(exact["images"][0])) <= TOL
+    crop = client.post("/sdapi/v1/txt2img", json={**base, "width": 64, "height": 56,
+                                                   "override_settings": {"sdxl_crop_top": 8}})
+    assert crop.status_code == 200 and max_diff(decode_png(crop.json()["images"][0]), img) <= TOL
+    assert decode_png(client.post("/sdapi/v1/txt2img", json=base).json()["images"][0]).shape == (SIZE, SIZE, 3)
+
+
 @pytest.mark.parametrize("sampler,scheduler,engine", [("Euler a", "automatic", "euler-a"), ("DDIM", "automatic", "ddim"),
                                                       ("DPM++ 2M", "automatic", "dpm++-karras"), ("Heun", "karras", "heun-karras")])
 def test_webuiapi_txt2img(client, srv, max_diff, sampler, scheduler, engine):

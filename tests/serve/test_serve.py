@@ -184,7 +184,7 @@ BAD = [
     ({"override_settings": []}, "override_settings"),
     ({"steps": "many"}, "steps"),
     ({"steps": 0}, "steps"),
-    ({"width": 60}, "width"),
+    ({"width": 4}, "width"),                          # no image (60 is taken, rounded down to 56, as A1111 does)
     ({"batch_size": 0}, "batch_size"),
     ({"batch_size": 40, "n_iter": 2}, "batch_size"),
     ({"seed": -5}, "seed"),
