@@ -58,6 +58,12 @@ class Family:
     # The layer whose concept rows the pooled embedding is encoded with (SDXL: the middle block's; the
     # pooled vector is one per image and step, so one layer's rows must stand for all). None: no pooled.
     pooled_layer: int | None = None
+    # Whether A1111 applies its CLIP skip (CLIP_stop_at_last_layers) to this family's text encoding:
+    # only to SD 1.x's CLIP ViT-L. It reads SD 2.x's OpenCLIP and SDXL's two encoders at their fixed
+    # layer whatever the setting says (sd_hijack_open_clip.py; sd_hijack_clip.py's SDXL encoder, where
+    # only the sdxl_clip_l_skip option, off by default, would apply it to CLIP-L). The /sdapi drop-in
+    # does the same; neti-fast's own --clip-skip applies on every family.
+    a1111_clip_skip: bool = False
 
     @property
     def pooled_encoders(self) -> tuple:
@@ -85,7 +91,7 @@ SD1 = Family(
     layers=_SD_LAYERS, transformer_blocks=16,
     head_dim=(40, 40, 80, 80, 160, 160, 160, 160, 160, 160, 80, 80, 80, 40, 40, 40),
     prediction_type="epsilon", default_size=512, default_scheduler="dpm++", default_guidance=7.5,
-    added_conditioning=())
+    added_conditioning=(), a1111_clip_skip=True)
 
 SD2 = Family(
     name="sd2", title="SD 2.x", pipeline="StableDiffusionPipeline", text_activation="gelu",

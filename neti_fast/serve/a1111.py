@@ -334,7 +334,7 @@ def options(server) -> dict:
     return {"sd_model_checkpoint": server.model_title, "sd_checkpoint_hash": server.model_hash,
             "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
             "eta_noise_seed_delta": 0, "samples_format": "png", "samples_save": True,
-            "sdxl_crop_top": 0, "sdxl_crop_left": 0}
+            "sdxl_crop_top": 0, "sdxl_crop_left": 0, "sdxl_clip_l_skip": False}
 
 
 # override_settings keys that are a request's own settings (A1111: p.<setting> else opts.<key>), and
@@ -401,6 +401,10 @@ def request_settings(req: Txt2Img, sampler: Sampler, server) -> tuple[int, float
     if req.clip_skip is not None and clip is not None and req.clip_skip != clip:
         raise FieldError("clip_skip", f"{req.clip_skip} disagrees with override_settings.CLIP_stop_at_last_layers {clip}")
     clip_skip = req.clip_skip or clip or 1
+    if clip_skip != 1 and not server.model.family.a1111_clip_skip:
+        # A1111 reads SD 2.x's and SDXL's encoders at their fixed layer whatever the setting (Family.a1111_clip_skip)
+        ignored.append("clip_skip" if req.clip_skip else "override_settings.CLIP_stop_at_last_layers")
+        clip_skip = 1
     eta = req.eta if req.eta is not None else ov.get("eta_ddim") if sampler.eta == "ddim" else None
     eta_field = "eta" if req.eta is not None else "override_settings.eta_ddim"
     if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float))):

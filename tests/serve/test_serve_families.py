@@ -141,3 +141,20 @@ def test_sdxl_crop_options_and_zero_negative(fam, max_diff):
     encoded, job = engine_image(server, base, zero_empty_negative=False)   # "" encoded as text instead
     assert job.requests[0].negative_prompt == "" and job.requests[0].zero_empty_negative
     assert max_diff(plain, encoded) > 10
+
+
+def test_clip_skip_is_ignored_as_a1111_ignores_it(fam):
+    """A1111 applies CLIP_stop_at_last_layers to SD 1.x's CLIP only: SD 2.x's OpenCLIP and SDXL's
+    encoders are read at their fixed layer whatever it says (Family.a1111_clip_skip). Same image,
+    the field reported as ignored; sdxl_clip_l_skip (A1111's opt-in for SDXL's CLIP-L) stays off."""
+    model, server, client = fam
+    assert not model.family.a1111_clip_skip
+    body = {"prompt": "a photo of {cat}", "steps": STEPS, "seed": 4, "width": 64, "height": 64}
+    plain = client.post("/sdapi/v1/txt2img", json=body).json()
+    for extra, field in (({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings.CLIP_stop_at_last_layers"),
+                         ({"clip_skip": 2}, "clip_skip")):
+        r = client.post("/sdapi/v1/txt2img", json={**body, **extra}).json()
+        info = json.loads(r["info"])
+        assert r["images"] == plain["images"] and info["clip_skip"] == 1 and field in info["ignored_fields"], info
+    r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sdxl_clip_l_skip": True}})
+    assert r.status_code == 422 and r.json()["field"] == "override_settings.sdxl_clip_l_skip", r.text
