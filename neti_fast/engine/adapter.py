@@ -55,9 +55,16 @@ class Attachment:
                        pipe.unet.register_forward_hook(self._after)]
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, **_ignored):
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None,
+                      prompt_2=None, negative_prompt_2=None, **_ignored):
         if prompt is None or prompt_embeds is not None or negative_prompt_embeds is not None:
             raise NetiError("neti_fast.attach: pass `prompt` (with {} where the concept goes), not prompt_embeds")
+        # SDXL's second encoder reads `prompt` here (diffusers' default for prompt_2 None): another text
+        # for it would be dropped, so it is refused
+        for name, second, first in (("prompt_2", prompt_2, prompt), ("negative_prompt_2", negative_prompt_2, negative_prompt)):
+            if second is not None and second != first:
+                raise NetiError(f"neti_fast.attach: {name} is not supported (both text encoders read "
+                                f"{name[:-2]}); leave it unset")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negs) != len(prompts):
@@ -67,7 +74,9 @@ class Attachment:
         # diffusers zeroes the negative conditioning (force_zeros_for_empty_prompt) only when no
         # negative_prompt is given: an explicit "" is encoded like any other text
         zero = negative_prompt is None
-        self._requests = [Request(p, 0, self.table, self.truncation, ng, zero_empty_negative=zero)
+        # diffusers' clip_skip=n skips n layers from its family's own one; neti-fast's CLIP skip 1 skips none
+        skip = 1 + (clip_skip or 0)
+        self._requests = [Request(p, 0, self.table, self.truncation, ng, skip, zero_empty_negative=zero)
                           for p, ng in zip(prompts, negs) for _ in range(n)]
         for r in self._requests:
             check_request(m, r)

@@ -138,3 +138,30 @@ def test_adapter_sdxl_explicit_empty_negative_is_encoded(make_concept, tiny_xl_m
     assert diff(got_empty, engine("a photo of {}", table, zero_empty_negative=False)) <= 1
     assert diff(got_none, engine("a photo of {}", table)) <= 1
     assert diff(got_empty, got_none) > 10
+    # a second text for SDXL's second encoder cannot be honoured: refused, not dropped (the same text is fine)
+    from neti_fast.errors import NetiError
+    handle = neti_fast.attach(p, table)
+    try:
+        for kw in ({"prompt_2": "a painting"}, {"negative_prompt": "blurry", "negative_prompt_2": "dark"}):
+            with pytest.raises(NetiError, match=next(iter(k for k in kw if k.endswith("_2"))) + " is not supported"):
+                run("a photo of {}", **kw)
+        assert diff(run("a photo of {}", prompt_2="a photo of {}"), got_none) == 0
+    finally:
+        handle.detach()
+
+
+def test_adapter_clip_skip_is_diffusers(pipe, tiny_model, make_concept):
+    """diffusers' clip_skip=1 (hidden state -2, then the final layer norm) is neti-fast's CLIP skip 2;
+    the attached pipeline passes it through instead of dropping it."""
+    from neti_fast.engine.sampling import make_scheduler
+    pipe.scheduler = make_scheduler("dpm++", dict(pipe.scheduler.config))
+    table = precompute(make_concept("ti", dim=tiny_model.text_dim, seed=9), progress=False)
+    handle = neti_fast.attach(pipe, table)
+    try:
+        out = [(pipe("a photo of {}", num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(3),
+                     output_type="np", **kw).images[0] * 255).round().astype(np.int32) for kw in ({}, {"clip_skip": 1})]
+    finally:
+        handle.detach()
+    engine = Engine(tiny_model, GenerateConfig(steps=STEPS))
+    skip2 = engine.generate([Request("a photo of {}", 3, table, clip_skip=2)])[0].astype(np.int32)
+    assert int(np.abs(out[1] - skip2).max()) <= 1 and int(np.abs(out[0] - out[1]).max()) > 10
