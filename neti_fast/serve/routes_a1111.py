@@ -63,6 +63,7 @@ async def _generate(request: Request, model):
             info["saved"] = await run_in_threadpool(server.save_outputs, job.images, info)
         images = await run_in_threadpool(lambda: [png_b64(i) for i in job.images]) if req.send_images else []
         params = req.model_dump()
+        params.update(width=info["width"], height=info["height"])  # an omitted size echoed as the one used, as A1111's default is
         if isinstance(req, a1111.Img2Img):  # as A1111: the images are not echoed back
             params.update(init_images=None, mask=None)
         return {"images": images, "parameters": params, "info": a1111.info_json(**info)}

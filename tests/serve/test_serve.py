@@ -40,11 +40,14 @@ def post(client, **kw):
 # ----------------------------------------------------------------------------- contract
 
 def test_txt2img_contract(client, srv):
-    r = post(client, batch_size=2, n_iter=2, seed=11, truncation=[None, 4], sampler_name="Euler a")
+    r = post(client, batch_size=2, n_iter=2, seed=11, truncation=[None, 4], sampler_name="Euler a", width=None,
+             height=None)
     assert r.status_code == 200, r.text
     out = r.json()
     assert set(out) == {"images", "parameters", "info"}
     assert len(out["images"]) == 8 and out["parameters"]["seed"] == 11 and out["parameters"]["batch_size"] == 2
+    # no size in the body: echoed as the one used, the model's native size (A1111 echoes its default)
+    assert (out["parameters"]["width"], out["parameters"]["height"]) == (srv.model.default_size,) * 2
     info = json.loads(out["info"])
     assert info["all_seeds"] == [11, 12, 13, 14] * 2 and info["seed"] == 11
     assert info["all_truncations"] == [None] * 4 + [4] * 4
