@@ -122,7 +122,7 @@ def saved_bytes(params):
 
 def _all_params(run):
     m = run.model
-    return [p for mod in (m.unet, m.vae, m.text_encoder) for p in mod.parameters()] + run.trainable.parameters()
+    return [p for mod in (m.unet, m.vae, *m.text_encoders) for p in mod.parameters()] + run.trainable.parameters()
 
 
 # ----------------------------------------------------------------------------- the side-by-side run
