@@ -474,11 +474,10 @@ def peak_memory_step(name: str, resolution: int, dtype_name: str, text_dtype_nam
                         "adamw_state_bytes": adam, "saved_activation_bytes": c.bytes}}
 
 
-def peak_memory(name: str, resolution: int, settings, gpu_resolution: int = 1024, log=print,
-                headroom: float = 1.0) -> dict:
+def peak_memory(name: str, resolution: int, settings, gpu_resolution: int = 1024, log=print, max_bytes: int | None = None) -> dict:
     """One fresh subprocess per (dtype, text dtype, checkpointing) setting measuring ONE training
-    step (peak_memory_step), skipped with the reason when the machine's available memory is below
-    the counted need (meta-device estimate at the same size) x 1.3 + 1 GiB x `headroom`; then the
+    step (peak_memory_step), skipped with the reason when the counted need (meta-device estimate at
+    the same size, + 50% of its activations + 1.5 GiB for the runtime) is above `max_bytes` or the machine's available memory; then the
     GPU estimate (counted, not measured) at `gpu_resolution`, fp16, with and without checkpointing."""
     import platform
     import subprocess
@@ -489,14 +488,21 @@ def peak_memory(name: str, resolution: int, settings, gpu_resolution: int = 1024
     rows = []
     for dtype_name, text_dtype_name, ckpt in settings:
         est = memory_model(resolution, 1, dtype_name, name, text_dtype_name)
-        need = int((est["rows"][int(ckpt)]["total_bytes"] * 1.3 + 2**30) * headroom)
+        e = est["rows"][int(ckpt)]  # + the Python / torch runtime (~0.6 GiB) and a margin on the activations
+        need = int(e["total_bytes"] + 0.5 * (e["activation_bytes"] + e.get("recompute_bytes", 0)) + 1.5 * 2**30)
         avail = _available_bytes()
         tag = f"{name} {resolution}x{resolution} dtype {dtype_name}, text {text_dtype_name}, " \
               f"checkpointing {'on' if ckpt else 'off'}"
+        if max_bytes is not None and need > max_bytes:
+            log(f"  {tag}: skipped (needs ~{_gib(need)}, over --max-gib {_gib(max_bytes)})")
+            rows.append({"dtype": dtype_name, "text_dtype": text_dtype_name, "gradient_checkpointing": ckpt,
+                         "skipped": f"needs ~{_gib(need)} (counted estimate + 50% of its activations + 1.5 GiB), over the "
+                                    f"--max-gib cap of {_gib(max_bytes)} (a machine shared with other jobs)"})
+            continue
         if avail is not None and avail < need:
             log(f"  {tag}: skipped (needs ~{_gib(need)}, {_gib(avail)} available)")
             rows.append({"dtype": dtype_name, "text_dtype": text_dtype_name, "gradient_checkpointing": ckpt,
-                         "skipped": f"needs ~{_gib(need)} (counted estimate x 1.3 + 1 GiB), {_gib(avail)} available"})
+                         "skipped": f"needs ~{_gib(need)} (counted estimate + 50% of its activations + 1.5 GiB), {_gib(avail)} available"})
             continue
         with tempfile.TemporaryDirectory() as work:
             spec = json.dumps([name, resolution, dtype_name, text_dtype_name, ckpt, work])
@@ -597,6 +603,8 @@ def main(argv=None) -> dict:
     p.add_argument("--text-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "same"],
                    help="text encoders' dtype per setting (same: the --dtypes one)")
     p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--max-gib", type=float, default=None,
+                   help="--peak-memory: skip a setting whose counted need is above this (a shared machine)")
     p.add_argument("--gpu-resolution", type=int, default=1024, help="--peak-memory: size of the GPU estimate")
     p.add_argument("--peak-memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
@@ -610,7 +618,8 @@ def main(argv=None) -> dict:
     if args.peak_memory:
         settings = [(d, d if td == "same" else td, c == "on") for d in args.dtypes for td in args.text_dtypes
                     for c in args.checkpointing]
-        res = peak_memory(args.model, args.resolution, list(dict.fromkeys(settings)), args.gpu_resolution)
+        res = peak_memory(args.model, args.resolution, list(dict.fromkeys(settings)), args.gpu_resolution,
+                          max_bytes=None if args.max_gib is None else int(args.max_gib * 2**30))
         print(format_peak(res))
     elif args.memory_model:
         res = {"memory_model": [memory_model(args.resolution, args.batch_size, d, args.model)
