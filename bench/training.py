@@ -2,7 +2,10 @@
 
     python -m neti_fast.bench.training [--models tiny sd15-shaped] [--resolution 64] [--batch-size 2]
                                        [--repeats 3] [--compile] [--json out.json]
-    python -m neti_fast.bench.training --memory-model [--resolution 512]   (item 4: counted, no compute)
+    python -m neti_fast.bench.training --memory-model [--model sd15-shaped] [--resolution 512]   (counted, no compute)
+    python -m neti_fast.bench.training --peak-memory --model sdxl-shaped [--resolution 128]
+        [--dtypes bfloat16 float32] [--text-dtypes float32 same] [--checkpointing off on] [--max-gib 12]
+        [--gpu-resolution 1024]      (issue 21 item 8: measured on CPU + the counted GPU estimate)
 
 One process, one model, one NeTI concept and one training run's data per model; the variants'
 optimizer steps alternate round by round (so drift of the machine does not enter the ratios):
@@ -30,10 +33,20 @@ fastest rounds: the better estimate on a busy machine), and memory:
                        pass recomputes one block at a time on top of that (not in the count).
   cuda peak            (CUDA only) torch.cuda.max_memory_allocated during the step over the
                        allocation before it.
-`--memory-model` counts the same for one micro-batch of sd15-shaped on the meta device (no
+`--memory-model` counts the same for one micro-batch of --model on the meta device (no
 memory, no arithmetic) at --resolution, with and without gradient checkpointing, and adds the
 parameters (frozen models, mapper, its gradients and AdamW state): a model, labelled so, not a
-measurement.
+measurement. With checkpointing it adds the largest checkpointed unit's own saved bytes (a
+ResNet block, transformer block or CLIP layer: what the backward pass recomputes at once).
+`--peak-memory` measures: one fresh process per setting builds the model (a *-shaped one with
+its random weights drawn in the setting's dtype), sets up a NeTI run (batch 1, 3 images) and runs
+ONE optimizer step on CPU; it reports the resident memory after loading (the baseline), the peak
+(getrusage ru_maxrss, the process's high-water mark) after the step, and their difference, beside
+the counted estimate at the same size; then the GPU estimate (counted, not measured) at
+--gpu-resolution with the U-Net / VAE in fp16 and the text encoders fp32 (the default: autocast
+computes them in fp16) or fp16 (--text-dtype float16). Not in the estimate: the CUDA context and
+kernels' workspace, allocator fragmentation, and the gradient buffers of the backward pass beyond
+the saved activations (the CPU runs show how much the measured step exceeds the count).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ class TrainConfig:
     init_word: str | None = None          # one-token word initialising it, e.g. "cat" (required; official super_category_token)
     method: str = "neti"                  # neti | xti | ti
     learnable_property: str = "object"    # object | style (caption templates)
-    model: str = "tiny"                   # built-in name, diffusers folder or hub id (SD 1.x)
+    model: str = "tiny"                   # built-in name, diffusers folder or hub id (SD 1.x / 2.x / SDXL)
     out: str | None = None                # output folder; default ./outputs/<placeholder>
     steps: int = 1000                     # optimizer steps (official max_train_steps)
     batch_size: int = 2                   # images per micro-batch
@@ -297,7 +297,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--method", choices=METHODS, default=None, help="neti (default), xti or ti")
     a("--property", dest="learnable_property", choices=("object", "style"), default=None,
       help="caption templates: object (default) or style")
-    a("--model", default=None, help="a diffusers SD 1.x folder or hub id, or tiny (built-in, random weights); "
+    a("--model", default=None, help="a diffusers SD 1.x / 2.x / SDXL folder or hub id, or a built-in (tiny, "
+                                    "tiny-sd2, tiny-xl: random weights); "
                                     "required unless --config names one")
     a("--out", default=None, help="output folder (checkpoints and concept.safetensors)")
     a("--steps", type=number(TRAIN_RANGES["steps"]), default=None, help="optimizer steps (default 1000)")
@@ -360,7 +361,7 @@ def config_from_args(args) -> TrainConfig:
         if v is not None:
             values[name] = v
     if "model" not in values:  # never train on the random built-in model by accident
-        raise NetiError("--model is required: a diffusers SD 1.x folder, a hub id, or tiny (the built-in "
+        raise NetiError("--model is required: a diffusers SD 1.x / 2.x / SDXL folder, a hub id, or tiny (the built-in "
                         "model with random weights, for trying the commands)")
     if "device" not in values:
         values["device"] = default_device()
