@@ -277,8 +277,13 @@ def meta_model(name: str, dtype, text_dtype=None):
     from neti_fast.sd.models import SHAPED, TINY, Model, _build_components, _builtin_configs, _tokenizers
     b = {**TINY, **SHAPED}[name]
     toks = _tokenizers(Path(tempfile.mkdtemp(prefix="neti-bpe-")), b)
+    if name in SHAPED:  # the published configs (CLIP's 49408-token vocabulary), as build_shaped
+        pad = toks[-1].pad_token_id
+        cfg = b.configs() if pad == toks[0].eos_token_id else b.configs(pad=pad)
+    else:
+        cfg = _builtin_configs(b, toks)
     with torch.device("meta"):
-        texts, unet, vae = _build_components(_builtin_configs(b, toks))
+        texts, unet, vae = _build_components(cfg)
     for m in (unet, vae):
         m.to(dtype).eval().requires_grad_(False)
     for te in texts:
