@@ -138,3 +138,20 @@ def test_text_dtype_flag_and_errors(images, tmp_path):
         _device(dataclasses.replace(cfg, text_dtype="float16"))
     with pytest.raises(NetiError, match=r"^--text-dtype 'int8': must be one of"):
         _check_config(dataclasses.replace(cfg, text_dtype="int8"))
+
+
+def test_loss_scaling_when_any_frozen_network_is_fp16():
+    """On CUDA a float16 U-Net or a --text-dtype float16 text encoder sends fp16 gradients back to the
+    concept: the run uses a gradient scaler (never on CPU, where float16 is refused)."""
+    from types import SimpleNamespace as NS
+
+    from neti_fast.training.checkpoints import unet_dtype_is_fp16
+
+    def model(dev, unet, *texts):
+        return NS(device=torch.device(dev), unet=NS(dtype=unet), text_encoders=[NS(dtype=t) for t in texts])
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    assert unet_dtype_is_fp16(model("cuda", f16, f32, f32))
+    assert unet_dtype_is_fp16(model("cuda", f32, f32, f16))
+    assert unet_dtype_is_fp16(model("cuda", bf16, f16))
+    assert not unet_dtype_is_fp16(model("cuda", bf16, f32, bf16))
+    assert not unet_dtype_is_fp16(model("cpu", f16, f16))
