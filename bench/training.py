@@ -2,7 +2,10 @@
 
     python -m neti_fast.bench.training [--models tiny sd15-shaped] [--resolution 64] [--batch-size 2]
                                        [--repeats 3] [--compile] [--json out.json]
-    python -m neti_fast.bench.training --memory-model [--resolution 512]   (item 4: counted, no compute)
+    python -m neti_fast.bench.training --memory-model [--model sd15-shaped] [--resolution 512]   (counted, no compute)
+    python -m neti_fast.bench.training --peak-memory --model sdxl-shaped [--resolution 128]
+        [--dtypes bfloat16 float32] [--text-dtypes float32 same] [--checkpointing off on] [--max-gib 12]
+        [--gpu-resolution 1024]      (issue 21 item 8: measured on CPU + the counted GPU estimate)
 
 One process, one model, one NeTI concept and one training run's data per model; the variants'
 optimizer steps alternate round by round (so drift of the machine does not enter the ratios):
@@ -30,10 +33,20 @@ fastest rounds: the better estimate on a busy machine), and memory:
                        pass recomputes one block at a time on top of that (not in the count).
   cuda peak            (CUDA only) torch.cuda.max_memory_allocated during the step over the
                        allocation before it.
-`--memory-model` counts the same for one micro-batch of sd15-shaped on the meta device (no
+`--memory-model` counts the same for one micro-batch of --model on the meta device (no
 memory, no arithmetic) at --resolution, with and without gradient checkpointing, and adds the
 parameters (frozen models, mapper, its gradients and AdamW state): a model, labelled so, not a
-measurement.
+measurement. With checkpointing it adds the largest checkpointed unit's own saved bytes (a
+ResNet block, transformer block or CLIP layer: what the backward pass recomputes at once).
+`--peak-memory` measures: one fresh process per setting builds the model (a *-shaped one with
+its random weights drawn in the setting's dtype), sets up a NeTI run (batch 1, 3 images) and runs
+ONE optimizer step on CPU; it reports the resident memory after loading (the baseline), the peak
+(getrusage ru_maxrss, the process's high-water mark) after the step, and their difference, beside
+the counted estimate at the same size; then the GPU estimate (counted, not measured) at
+--gpu-resolution with the U-Net / VAE in fp16 and the text encoders fp32 (the default: autocast
+computes them in fp16) or fp16 (--text-dtype float16). Not in the estimate: the CUDA context and
+kernels' workspace, allocator fragmentation, and the gradient buffers of the backward pass beyond
+the saved activations (the CPU runs show how much the measured step exceeds the count).
 """
 from __future__ import annotations
 
@@ -122,7 +135,7 @@ def saved_bytes(params):
 
 def _all_params(run):
     m = run.model
-    return [p for mod in (m.unet, m.vae, m.text_encoder) for p in mod.parameters()] + run.trainable.parameters()
+    return [p for mod in (m.unet, m.vae, *m.text_encoders) for p in mod.parameters()] + run.trainable.parameters()
 
 
 # ----------------------------------------------------------------------------- the side-by-side run
@@ -254,63 +267,314 @@ def _memory_efficient_sdpa():
         F.scaled_dot_product_attention = plain
 
 
-def memory_model(resolution: int = 512, batch: int = 2, dtype_name: str = "float32") -> dict:
-    """Counted bytes of one training micro-batch of sd15-shaped on the meta device."""
+def meta_model(name: str, dtype, text_dtype=None):
+    """The built-in `name` (tiny*, *-shaped) on the meta device (no memory, no init cost) as a
+    `Model`: frozen networks in `dtype`, text encoders in `text_dtype` (default `dtype`)."""
+    import tempfile
+
     import torch
 
-    from .roofline import meta_models
+    from neti_fast.sd.models import SHAPED, TINY, Model, _build_components, _builtin_configs, _tokenizers
+    b = {**TINY, **SHAPED}[name]
+    toks = _tokenizers(Path(tempfile.mkdtemp(prefix="neti-bpe-")), b)
+    if name in SHAPED:  # the published configs (CLIP's 49408-token vocabulary), as build_shaped
+        pad = toks[-1].pad_token_id
+        cfg = b.configs() if pad == toks[0].eos_token_id else b.configs(pad=pad)
+    else:
+        cfg = _builtin_configs(b, toks)
+    with torch.device("meta"):
+        texts, unet, vae = _build_components(cfg)
+    for m in (unet, vae):
+        m.to(dtype).eval().requires_grad_(False)
+    for te in texts:
+        te.to(text_dtype or dtype).eval().requires_grad_(False)
+    return Model(toks[0], texts[0], unet, vae, dict(b.scheduler), name=f"{name} (meta)", family=b.family,
+                 more_tokenizers=toks[1:], more_text_encoders=texts[1:])
+
+
+# the modules diffusers / transformers checkpoint one by one (enable_gradient_checkpointing)
+_CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "CLIPEncoderLayer")
+
+
+def memory_model(resolution: int = 512, batch: int = 2, dtype_name: str = "float32", name: str = "sd15-shaped",
+                 text_dtype_name: str | None = "float32", text_compute_dtype_name: str | None = None) -> dict:
+    """Counted bytes of one NeTI training micro-batch of the built-in `name` on the meta device: the
+    family's forward as the trainer runs it (the mapper's rows of every layer through every text
+    encoder in one batch, the pooled embedding and time ids where the family has them, the U-Net),
+    with and without gradient checkpointing. Parameters: frozen networks in `dtype_name`, text
+    encoders in `text_dtype_name` (None: `dtype_name`); activations of the text encoders in
+    `text_compute_dtype_name` (default: their weights' dtype; on CUDA the trainer runs them under
+    autocast in the U-Net's dtype, so a GPU estimate passes `dtype_name`)."""
+    import torch
+
     from neti_fast.concepts.mapper import MapperConfig, NeTIMapper
     from neti_fast.sd.attention import install_processors
-    from neti_fast.sd.conditioning import encode
-    from neti_fast.sd.models import NUM_LAYERS, Model
+    from neti_fast.sd.encoders import encode_all, pooled_rows
     from neti_fast.training.trainer import checkpointing
     dtype = getattr(torch, dtype_name)
-    text, unet, vae, cfg = meta_models("sd15-shaped", dtype)
-    text = text.float()  # the text encoder stays fp32 (as official); autocast on CUDA
-    D = cfg["unet"]["cross_attention_dim"]
+    text_dtype = getattr(torch, text_dtype_name or dtype_name)
+    compute = getattr(torch, text_compute_dtype_name) if text_compute_dtype_name else text_dtype
+    model = meta_model(name, dtype, compute)  # activations counted in `compute`; weights' bytes below
+    fam, D, L = model.family, model.text_dim, model.family.num_layers
     with torch.device("meta"):
-        mapper = NeTIMapper(MapperConfig(output_dim=D, num_layers=NUM_LAYERS, target_norm=0.4)).float()
-    model = Model(None, text, unet, vae, {}, name="sd15-shaped (meta)")
+        mapper = NeTIMapper(MapperConfig(output_dim=D, num_layers=L, target_norm=0.4)).float()
     state = install_processors(model)
+    text, unet, vae = model.text_encoders, model.unet, model.vae
 
-    def nbytes(mods):
-        return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
-    frozen = nbytes([text, unet, vae])
-    mapper_b = nbytes([mapper])
-    out = {"model": "sd15-shaped", "resolution": resolution, "batch_size": batch, "dtype": dtype_name,
-           "kind": "model: bytes counted on the meta device, not measured",
-           "frozen_param_bytes": frozen, "mapper_param_bytes": mapper_b,
-           "mapper_grad_and_adamw_bytes": 3 * mapper_b, "rows": []}
-    h = resolution // 8
+    def numel(mods):
+        return sum(p.numel() for m in mods for p in m.parameters())
+    tsize = torch.empty((), dtype=text_dtype).element_size()
+    dsize = torch.empty((), dtype=dtype).element_size()
+    frozen = {"unet": numel([unet]) * dsize, "vae": numel([vae]) * dsize, "text_encoders": numel(text) * tsize}
+    mapper_b = numel([mapper]) * 4
+    out = {"model": name, "resolution": resolution, "batch_size": batch, "dtype": dtype_name,
+           "text_dtype": text_dtype_name or dtype_name, "text_compute_dtype": str(compute).replace("torch.", ""),
+           "kind": "estimate, not measured: bytes counted on the meta device",
+           "frozen_param_bytes": sum(frozen.values()), "frozen_param_bytes_by_network": frozen,
+           "mapper_param_bytes": mapper_b, "mapper_grad_bytes": mapper_b, "adamw_state_bytes": 2 * mapper_b,
+           "rows": []}
+    h = resolution // model.vae_scale_factor
+    params = [p for m in (*text, unet, vae) for p in m.parameters()] + list(mapper.parameters())
     for ckpt in (False, True):
         if ckpt:  # as the trainer's _prepare_model
             unet.enable_gradient_checkpointing()
-            checkpointing(text, True)
             unet.train()
-            text.train()
-        x = torch.empty(batch, 4, h, h, device="meta", dtype=dtype)
-        t = torch.zeros(batch, device="meta")
-        ids = torch.zeros(batch * NUM_LAYERS, 77, dtype=torch.long, device="meta")
-        slot = torch.zeros(batch * NUM_LAYERS, 77, dtype=torch.bool, device="meta")
-        params = [p for m in (text, unet, vae) for p in m.parameters()] + list(mapper.parameters())
-        with saved_bytes(params) as c, _memory_efficient_sdpa():
-            tl = torch.arange(NUM_LAYERS, device="meta").repeat_interleave(batch).float()
-            token, bypass = mapper(t.repeat(NUM_LAYERS), tl)
-            e, eb = encode(text, ids, slot, token, bypass)
+            for te in text:
+                checkpointing(te, True)
+                te.train()
+        units, running, seen = [], [0], set()
+        skip = {p.untyped_storage()._cdata for p in params}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st._cdata not in skip and st._cdata not in seen:
+                seen.add(st._cdata)
+                running[0] += st.nbytes()
+            return t
+        hooks = []
+        if not ckpt:  # each checkpointed unit's own saved bytes: what the backward pass recomputes at once
+            for mod in [m for net in (*text, unet) for m in net.modules() if type(m).__name__ in _CHECKPOINT_UNITS]:
+                hooks.append(mod.register_forward_pre_hook(lambda m, a: units.append([running[0], None])))
+                hooks.append(mod.register_forward_hook(lambda m, a, o: units[-1].__setitem__(1, running[0])))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _memory_efficient_sdpa():
+            x = torch.empty(batch, unet.config.in_channels, h, h, device="meta", dtype=dtype)
+            t = torch.zeros(batch, device="meta")
+            tl = torch.arange(L, device="meta").repeat_interleave(batch).float()
+            token, bypass = mapper(t.repeat(L), tl)
+            ids = [torch.zeros(batch * L, 77, dtype=torch.long, device="meta") for _ in text]
+            slot = torch.zeros(batch * L, 77, dtype=torch.bool, device="meta")
+            e, eb = encode_all(model, ids, slot, token, bypass)
+            added = None
+            if fam.pooled_layer is not None:
+                pooled = pooled_rows(model, [i[:batch] for i in ids], torch.zeros(batch, 77, dtype=torch.long,
+                                     device="meta"), token[fam.pooled_layer * batch:(fam.pooled_layer + 1) * batch])
+                added = {"text_embeds": pooled.to(dtype), "time_ids": torch.zeros(batch, 6, device="meta", dtype=dtype)}
             state.mode = "layers"
             state.enc = [z.to(dtype) for z in e.split(batch)]
             state.enc_bypass = [z.to(dtype) for z in eb.split(batch)]
-            pred = unet(x, t, encoder_hidden_states=state.enc[0]).sample
+            pred = unet(x, t, encoder_hidden_states=state.enc[0], added_cond_kwargs=added).sample
             pred.float().square().mean()
+        for hk in hooks:
+            hk.remove()
         state.mode, state.enc, state.enc_bypass = "plain", None, None
-        total = frozen + 4 * mapper_b + c.bytes
-        out["rows"].append({"gradient_checkpointing": ckpt, "activation_bytes": c.bytes, "total_bytes": total})
+        row = {"gradient_checkpointing": ckpt, "activation_bytes": running[0]}
+        if not ckpt:
+            out["largest_unit_bytes"] = max((b - a for a, b in units if b is not None), default=0)
+        else:  # the backward pass recomputes one unit at a time on top of the saved boundaries
+            row["recompute_bytes"] = out["largest_unit_bytes"]
+        row["total_bytes"] = (out["frozen_param_bytes"] + 4 * mapper_b + row["activation_bytes"]
+                              + row.get("recompute_bytes", 0))
+        out["rows"].append(row)
         if ckpt:
             unet.disable_gradient_checkpointing()
-            checkpointing(text, False)
             unet.eval()
-            text.eval()
+            for te in text:
+                checkpointing(te, False)
+                te.eval()
     return out
+
+
+# ----------------------------------------------------------------------------- measured peak memory (item 8)
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc/self/statm)."""
+    import os
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    """This process's peak resident memory so far (getrusage: KiB on Linux)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _frozen_model(name: str, dtype_name: str, text_dtype_name: str):
+    """The frozen networks as the trainer holds them: U-Net / VAE in `dtype_name`, text encoders in
+    `text_dtype_name`. A *-shaped model's random weights are drawn straight in `dtype_name` (a
+    float32 build first would set this process's peak memory above the training step's)."""
+    import torch
+
+    from neti_fast.sd.models import SHAPED, build_shaped, load_model
+    dtype = getattr(torch, dtype_name)
+    if name in SHAPED:
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = build_shaped(name)
+        finally:
+            torch.set_default_dtype(prev)
+        model.to(dtype=dtype)
+        for m in (*model.text_encoders, model.unet, model.vae):
+            m.eval().requires_grad_(False)
+    else:
+        model = load_model(name, "cpu", dtype)
+    for te in model.text_encoders:
+        te.to(getattr(torch, text_dtype_name))
+    return model
+
+
+def peak_memory_step(name: str, resolution: int, dtype_name: str, text_dtype_name: str, ckpt: bool,
+                     work: Path) -> dict:
+    """Build `name`, set up a NeTI run (batch 1, no accumulation, 3 images), run ONE optimizer step
+    on CPU and report this process's memory: resident after loading and setup (the baseline) and
+    the peak (ru_maxrss) after the step, with and minus the baseline. Meant for a fresh process
+    (`--peak-memory` starts one per setting): ru_maxrss is the process's high-water mark."""
+    import gc
+
+    import torch
+
+    from neti_fast.training.trainer import _optimizer_step, _prepare_model
+    rss_start = _rss_bytes()
+    t0 = time.perf_counter()
+    model = _frozen_model(name, dtype_name, text_dtype_name)
+    run, state, dd = setup_run(model, resolution, 1, 1, write_images(work / "images", 3))
+    run.cfg = dataclasses.replace(run.cfg, gradient_checkpointing=ckpt, dtype=dtype_name, text_dtype=text_dtype_name)
+    undo = _prepare_model(run.cfg, model)
+    gc.collect()
+    load_s = time.perf_counter() - t0
+    rss_loaded, max_loaded = _rss_bytes(), _maxrss_bytes()
+    t0 = time.perf_counter()
+    with saved_bytes(_all_params(run)) as c:
+        loss, _ = _optimizer_step(run, state, 0, dd)
+    step_s = time.perf_counter() - t0
+    max_after, rss_after = _maxrss_bytes(), _rss_bytes()
+    undo()
+    state.mode, state.enc, state.enc_bypass = "plain", None, None
+
+    def nbytes(mods):
+        return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
+    params = run.trainable.parameters()
+    adam = sum(v.numel() * v.element_size() for p in params for v in run.optimizer.state[p].values()
+               if torch.is_tensor(v) and v.ndim)
+    return {"model": name, "resolution": resolution, "batch_size": 1, "grad_accum": 1, "method": "neti",
+            "dtype": dtype_name, "text_dtype": text_dtype_name, "gradient_checkpointing": ckpt,
+            "kind": "measured on CPU (resident memory of a fresh process)",
+            "loss": loss, "load_s": load_s, "step_s": step_s, "threads": torch.get_num_threads(),
+            "rss_at_start_bytes": rss_start, "rss_after_load_bytes": rss_loaded,
+            "maxrss_after_load_bytes": max_loaded, "maxrss_after_step_bytes": max_after,
+            "rss_after_step_bytes": rss_after,
+            "step_peak_above_loaded_bytes": max_after - rss_loaded,
+            "step_peak_hidden_by_load": max_after <= max_loaded,
+            "counted": {"unet_param_bytes": nbytes([model.unet]), "vae_param_bytes": nbytes([model.vae]),
+                        "text_encoder_param_bytes": nbytes(model.text_encoders),
+                        "mapper_param_bytes": sum(p.numel() * p.element_size() for p in params),
+                        "mapper_param_dtype": str(params[0].dtype).replace("torch.", ""),
+                        "adamw_state_bytes": adam, "saved_activation_bytes": c.bytes}}
+
+
+def peak_memory(name: str, resolution: int, settings, gpu_resolution: int = 1024, log=print, max_bytes: int | None = None) -> dict:
+    """One fresh subprocess per (dtype, text dtype, checkpointing) setting measuring ONE training
+    step (peak_memory_step), skipped with the reason when the counted need (meta-device estimate at
+    the same size, + 50% of its activations + 1.5 GiB for the runtime) is above `max_bytes` or the machine's available memory; then the
+    GPU estimate (counted, not measured) at `gpu_resolution`, fp16, with and without checkpointing."""
+    import platform
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+    rows = []
+    for dtype_name, text_dtype_name, ckpt in settings:
+        est = memory_model(resolution, 1, dtype_name, name, text_dtype_name)
+        e = est["rows"][int(ckpt)]  # + the Python / torch runtime (~0.6 GiB) and a margin on the activations
+        need = int(e["total_bytes"] + 0.5 * (e["activation_bytes"] + e.get("recompute_bytes", 0)) + 1.5 * 2**30)
+        avail = _available_bytes()
+        tag = f"{name} {resolution}x{resolution} dtype {dtype_name}, text {text_dtype_name}, " \
+              f"checkpointing {'on' if ckpt else 'off'}"
+        if max_bytes is not None and need > max_bytes:
+            log(f"  {tag}: skipped (needs ~{_gib(need)}, over --max-gib {_gib(max_bytes)})")
+            rows.append({"dtype": dtype_name, "text_dtype": text_dtype_name, "gradient_checkpointing": ckpt,
+                         "skipped": f"needs ~{_gib(need)} (counted estimate + 50% of its activations + 1.5 GiB), over the "
+                                    f"--max-gib cap of {_gib(max_bytes)} (a machine shared with other jobs)"})
+            continue
+        if avail is not None and avail < need:
+            log(f"  {tag}: skipped (needs ~{_gib(need)}, {_gib(avail)} available)")
+            rows.append({"dtype": dtype_name, "text_dtype": text_dtype_name, "gradient_checkpointing": ckpt,
+                         "skipped": f"needs ~{_gib(need)} (counted estimate + 50% of its activations + 1.5 GiB), {_gib(avail)} available"})
+            continue
+        with tempfile.TemporaryDirectory() as work:
+            spec = json.dumps([name, resolution, dtype_name, text_dtype_name, ckpt, work])
+            proc = subprocess.run([sys.executable, "-m", "neti_fast.bench.training", "--peak-memory-child", spec],
+                                  capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{tag}: the measuring process failed:\n{proc.stderr[-2000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        e = est["rows"][int(ckpt)]
+        row["estimate_same_size"] = {"frozen_param_bytes": est["frozen_param_bytes"],
+                                     "mapper_param_bytes": est["mapper_param_bytes"], **e,
+                                     # what the step adds to the loaded run: activations (+ one unit
+                                     # recomputed), the mapper's gradients and AdamW's two moments
+                                     "step_bytes": e["activation_bytes"] + e.get("recompute_bytes", 0)
+                                     + 3 * est["mapper_param_bytes"]}
+        rows.append(row)
+        log(f"  {tag}: peak {_gib(row['maxrss_after_step_bytes'])} (after load {_gib(row['rss_after_load_bytes'])}, "
+            f"step +{_gib(row['step_peak_above_loaded_bytes'])}), step {row['step_s']:.1f}s")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
+    import diffusers
+    gpu = [memory_model(gpu_resolution, 1, "float16", name, "float32", "float16"),
+           memory_model(gpu_resolution, 1, "float16", name, "float16")]
+    return {"model": name, "resolution": resolution, "device": "cpu", "cpu": cpu, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "measured": rows,
+            "gpu_estimate": {"kind": "estimate, not measured: counted sizes (meta device), no GPU was used",
+                             "resolution": gpu_resolution, "models": gpu}}
+
+
+def format_peak(res: dict) -> str:
+    lines = [f"{res['model']}: ONE NeTI training step (batch 1) at {res['resolution']}x{res['resolution']}, "
+             f"measured on CPU ({res['cpu']}, torch {res['torch']}, {res['date']})",
+             f"  {'dtype':<10}{'text':<10}{'ckpt':<6}{'after load':>12}{'peak':>12}{'step adds':>12}"
+             f"{'(counted)':>12}{'step s':>8}"]
+    for r in res["measured"]:
+        if "skipped" in r:
+            lines.append(f"  {r['dtype']:<10}{r['text_dtype']:<10}{'on' if r['gradient_checkpointing'] else 'off':<6}"
+                         f"  skipped: {r['skipped']}")
+            continue
+        lines.append(f"  {r['dtype']:<10}{r['text_dtype']:<10}{'on' if r['gradient_checkpointing'] else 'off':<6}"
+                     f"{_gib(r['rss_after_load_bytes']):>12}{_gib(r['maxrss_after_step_bytes']):>12}"
+                     f"{_gib(r['step_peak_above_loaded_bytes']):>12}{_gib(r['estimate_same_size']['step_bytes']):>12}"
+                     f"{r['step_s']:>8.1f}")
+    g = res["gpu_estimate"]
+    lines.append(f"GPU {g['kind']}; {g['resolution']}x{g['resolution']}, batch 1, U-Net / VAE fp16:")
+    for m in g["models"]:
+        lines.append(f"  text encoders {m['text_dtype']} (activations {m['text_compute_dtype']}): frozen params "
+                     f"{_gib(m['frozen_param_bytes'])}, mapper + grads + AdamW {_gib(4 * m['mapper_param_bytes'])}")
+        for r in m["rows"]:
+            extra = f" + recompute {_gib(r['recompute_bytes'])}" if "recompute_bytes" in r else ""
+            lines.append(f"    checkpointing {'on ' if r['gradient_checkpointing'] else 'off'}: activations "
+                         f"{_gib(r['activation_bytes'])}{extra}, total {_gib(r['total_bytes'])} (estimate)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -347,15 +611,39 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "compile"], choices=VARIANTS)
     p.add_argument("--compile", action="store_true", help="add the compile variant")
-    p.add_argument("--memory-model", action="store_true", help="only the counted memory of sd15-shaped (item 4)")
+    p.add_argument("--memory-model", action="store_true", help="only the counted memory of --model (item 4)")
+    p.add_argument("--model", default="sd15-shaped",
+                   help="--memory-model / --peak-memory: a built-in model (default sd15-shaped)")
+    p.add_argument("--peak-memory", action="store_true",
+                   help="measure the peak memory of ONE training step on CPU, a fresh process per setting "
+                        "(--dtypes x --text-dtypes x --checkpointing), and print the counted GPU estimate")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--text-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "same"],
+                   help="text encoders' dtype per setting (same: the --dtypes one)")
+    p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--max-gib", type=float, default=None,
+                   help="--peak-memory: skip a setting whose counted need is above this (a shared machine)")
+    p.add_argument("--gpu-resolution", type=int, default=1024, help="--peak-memory: size of the GPU estimate")
+    p.add_argument("--peak-memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.peak_memory_child:  # one measurement in this fresh process: its JSON on the last line
+        name, res_, d, td, ck, work = json.loads(args.peak_memory_child)
+        print(json.dumps(peak_memory_step(name, res_, d, td, ck, Path(work))))
+        return {}
     if args.resolution is None:
-        args.resolution = 512 if args.memory_model else 64
-    if args.memory_model:
-        res = {"memory_model": [memory_model(args.resolution, args.batch_size, d) for d in ("float32", "float16")]}
+        args.resolution = 512 if args.memory_model else 128 if args.peak_memory else 64
+    if args.peak_memory:
+        settings = [(d, d if td == "same" else td, c == "on") for d in args.dtypes for td in args.text_dtypes
+                    for c in args.checkpointing]
+        res = peak_memory(args.model, args.resolution, list(dict.fromkeys(settings)), args.gpu_resolution,
+                          max_bytes=None if args.max_gib is None else int(args.max_gib * 2**30))
+        print(format_peak(res))
+    elif args.memory_model:
+        res = {"memory_model": [memory_model(args.resolution, args.batch_size, d, args.model)
+                                for d in ("float32", "float16")]}
         for m in res["memory_model"]:
-            print(f"sd15-shaped {m['resolution']}x{m['resolution']} batch {m['batch_size']} {m['dtype']} ({m['kind']}): "
+            print(f"{m['model']} {m['resolution']}x{m['resolution']} batch {m['batch_size']} {m['dtype']} ({m['kind']}): "
                   f"frozen params {_gib(m['frozen_param_bytes'])}, mapper + grads + AdamW "
                   f"{_gib(4 * m['mapper_param_bytes'])}")
             for r in m["rows"]:

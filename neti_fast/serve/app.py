@@ -46,6 +46,9 @@ class ServeConfig:
     concept_cache_mb: int = 1024         # loaded concept tables
     max_images: int = 64                 # per request: batch_size x n_iter x truncations
     attention: str = "auto"
+    # training runs (/neti/train) recompute activations in the backward pass: less memory beside the
+    # served model (whose dtypes training uses as they are: --dtype for the U-Net, VAE and text encoders)
+    train_gradient_checkpointing: bool = False
 
 
 def check_config(cfg: ServeConfig) -> None:
@@ -104,7 +107,8 @@ class Server:
         gcfg = GenerateConfig(cache_mb=cfg.cache_mb, batch_size=cfg.max_batch, attention=cfg.attention)
         self.engine = Engine(model, gcfg)
         self.batcher = Batcher(self.engine, cfg.max_batch, cfg.max_wait_ms)
-        self.trainer = Trainer(cfg.model, str(model.device), self.dtype, self.state_dir, self.store)
+        self.trainer = Trainer(cfg.model, str(model.device), self.dtype, self.state_dir, self.store,
+                               gradient_checkpointing=cfg.train_gradient_checkpointing)
 
     def close(self) -> None:
         self.batcher.close()

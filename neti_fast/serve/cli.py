@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
                    help="serve with N model replicas on Ray Serve (each its own GPU and batcher), requests "
                         "routed to a replica that holds their concepts; needs the `ray` extra and a --state-dir "
                         "every node shares (default: one process, no Ray)")
+    p.add_argument("--train-gradient-checkpointing", action="store_true",
+                   help="training runs (/neti/train) use gradient checkpointing: less memory, slower")
     p.add_argument("--autoscale", type=count(0), nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="Ray Serve autoscaling between MIN and MAX replicas (instead of --replicas)")
     p.set_defaults(func=main)
@@ -48,7 +50,8 @@ def config_from_args(args):
                        dtype=str(dtype).replace("torch.", ""), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                        api_key=args.api_key or None, state_dir=args.state_dir, outputs=args.outputs,
                        max_upload_mb=args.max_upload_mb,
-                       cache_mb=args.cache_mb, concept_cache_mb=args.concept_cache_mb)
+                       cache_mb=args.cache_mb, concept_cache_mb=args.concept_cache_mb,
+                       train_gradient_checkpointing=args.train_gradient_checkpointing)
 
 
 def ray_config_from_args(args, cfg):

@@ -358,8 +358,16 @@ def app(args: dict):
     if unknown:
         raise NetiError(f"{unknown[0]}: not a neti-fast serve setting (have: {', '.join(fields)}, replicas, autoscale, "
                         "gpus_per_replica, cpus_per_replica)")
-    cfg = ServeConfig(**{k: (type(getattr(ServeConfig(), k))(v) if getattr(ServeConfig(), k) is not None else v)
-                         for k, v in args.items()})
+    defaults = ServeConfig()
+
+    def coerce(k, v):
+        d = getattr(defaults, k)
+        if isinstance(d, bool) and isinstance(v, str):  # bool("false") is True
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise NetiError(f"{k} {v!r}: must be true or false")
+            return v.lower() in ("true", "1")
+        return v if d is None else type(d)(v)
+    cfg = ServeConfig(**{k: coerce(k, v) for k, v in args.items()})
     if cfg.device.startswith("cuda") and "gpus_per_replica" not in args:
         rc.gpus_per_replica = 1.0
     return build(cfg, rc)

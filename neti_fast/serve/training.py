@@ -81,8 +81,9 @@ def train_defaults(model_spec: str) -> dict:
 
 
 class Trainer:
-    def __init__(self, model_spec: str, device: str, dtype, state_dir: Path, store):
+    def __init__(self, model_spec: str, device: str, dtype, state_dir: Path, store, gradient_checkpointing: bool = False):
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
+        self.gradient_checkpointing = gradient_checkpointing  # serve --train-gradient-checkpointing
         self.state_dir, self.store = Path(state_dir), store
         self.jobs: dict[str, TrainJob] = {}
         self._lock = threading.Lock()
@@ -173,7 +174,7 @@ class Trainer:
                               batch_size=defaults["batch_size"], grad_accum=defaults["grad_accum"], save_every=0,
                               device=self.device, dtype=str(self.dtype).replace("torch.", ""),
                               validate_every=max(1, job.steps // 4), validation_seeds=[42, 420],
-                              validation_steps=25)
+                              validation_steps=25, gradient_checkpointing=self.gradient_checkpointing)
             t0 = time.perf_counter()
 
             saved = [0.0]

@@ -89,7 +89,11 @@ def _set_rng_state(js: dict, tensors: dict, train_gen: torch.Generator, dataset,
 
 
 def unet_dtype_is_fp16(model) -> bool:
-    return model.unet.dtype == torch.float16 and model.device.type == "cuda"
+    """fp16 gradients flow back to the concept (through the U-Net, or a --text-dtype float16 text
+    encoder): the run needs loss scaling."""
+    if model.device.type != "cuda":
+        return False
+    return model.unet.dtype == torch.float16 or any(te.dtype == torch.float16 for te in model.text_encoders)
 
 
 def save_checkpoint(path: Path, step: int, cfg: TrainConfig, trainable, optimizer, train_gen,

@@ -28,7 +28,7 @@ class TrainConfig:
     init_word: str | None = None          # one-token word initialising it, e.g. "cat" (required; official super_category_token)
     method: str = "neti"                  # neti | xti | ti
     learnable_property: str = "object"    # object | style (caption templates)
-    model: str = "tiny"                   # built-in name, diffusers folder or hub id (SD 1.x)
+    model: str = "tiny"                   # built-in name, diffusers folder or hub id (SD 1.x / 2.x / SDXL)
     out: str | None = None                # output folder; default ./outputs/<placeholder>
     steps: int = 1000                     # optimizer steps (official max_train_steps)
     batch_size: int = 2                   # images per micro-batch
@@ -61,7 +61,12 @@ class TrainConfig:
     sigma_l: float = 2.0
     # runtime
     device: str = "cpu"                   # cpu | cuda | cuda:N
-    dtype: str = "float32"                # dtype of the frozen models; the concept trains in float32
+    dtype: str = "float32"                # dtype of the frozen U-Net and VAE; the concept trains in float32
+    # dtype of the frozen text encoders (every one: SDXL's two). None: float32, as the official NeTI
+    # trainer (the concept's gradient runs through them; on CUDA they compute under autocast in
+    # `dtype`); float16 / bfloat16 stores their weights at half the size (SDXL: 1.6 GB instead of 3.3 GB).
+    # A model handed to train() (the server's) is used in the dtypes it has.
+    text_dtype: str | None = None
     allow_tf32: bool = False
     gradient_checkpointing: bool = False  # recompute the U-Net's blocks in the backward pass (less memory, slower)
     channels_last: bool | None = None     # U-Net / VAE in channels-last memory format; None: on CUDA only
@@ -112,6 +117,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise NetiError("must be a multiple of 8", field="resolution", value=cfg.resolution)
     if cfg.dtype not in DTYPE_NAMES:
         raise NetiError(f"--dtype {cfg.dtype!r}: must be one of float32, float16, bfloat16")
+    if cfg.text_dtype is not None and cfg.text_dtype not in DTYPE_NAMES:
+        raise NetiError(f"--text-dtype {cfg.text_dtype!r}: must be one of float32, float16, bfloat16")
     if cfg.validate_every and (not cfg.validation_prompts or not cfg.validation_seeds):
         raise NetiError("--validate-every: needs validation prompts and seeds (--validation-prompt)")
     if cfg.tensorboard:
@@ -130,8 +137,11 @@ def _device(cfg: TrainConfig):
         raise NetiError(f"--device {cfg.device!r}: not a device (cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NetiError(f"--device {cfg.device}: CUDA is not available on this machine")
-    if dev.type == "cpu" and torch_dtype(cfg.dtype) == torch.float16:
-        raise NetiError("--dtype float16 needs --device cuda (use float32 or bfloat16 on CPU)")
+    # CPU float16: no GradScaler on CPU (fp16 gradients through the frozen U-Net underflow without
+    # loss scaling) and slow fallback kernels; bfloat16 has float32's range and needs no scaling
+    for flag, value in (("--dtype", cfg.dtype), ("--text-dtype", cfg.text_dtype)):
+        if dev.type == "cpu" and value is not None and torch_dtype(value) == torch.float16:
+            raise NetiError(f"{flag} float16 needs --device cuda (use float32 or bfloat16 on CPU)")
     return dev
 
 
@@ -287,7 +297,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--method", choices=METHODS, default=None, help="neti (default), xti or ti")
     a("--property", dest="learnable_property", choices=("object", "style"), default=None,
       help="caption templates: object (default) or style")
-    a("--model", default=None, help="a diffusers SD 1.x folder or hub id, or tiny (built-in, random weights); "
+    a("--model", default=None, help="a diffusers SD 1.x / 2.x / SDXL folder or hub id, or a built-in (tiny, "
+                                    "tiny-sd2, tiny-xl: random weights); "
                                     "required unless --config names one")
     a("--out", default=None, help="output folder (checkpoints and concept.safetensors)")
     a("--steps", type=number(TRAIN_RANGES["steps"]), default=None, help="optimizer steps (default 1000)")
@@ -302,7 +313,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resume", default=None, metavar="latest|PATH", help="continue from a checkpoint")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", default=None, choices=sorted(DTYPE_NAMES),
-      help="dtype of the frozen models; the concept and its optimizer stay float32 (default float32)")
+      help="dtype of the frozen U-Net and VAE; the concept, its gradients and optimizer stay float32 "
+           "(default float32; float16 on CUDA only)")
+    a("--text-dtype", default=None, choices=sorted(DTYPE_NAMES),
+      help="dtype of the frozen text encoders (default float32, as official NeTI; bfloat16 / float16 "
+           "halve their memory: SDXL 3.3 -> 1.6 GB)")
     a("--lr-scheduler", default=None, choices=LR_SCHEDULERS,
       help="learning-rate schedule (diffusers get_scheduler; default constant). Without --config, "
            "--lr-warmup-steps and --steps count optimizer steps and step k uses the factor after k + 1 "
@@ -310,7 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr-warmup-steps", type=number(TRAIN_RANGES["lr_warmup_steps"]), default=None,
       help="warm-up steps of the schedule (default 0)")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-      help="recompute the U-Net's activations in the backward pass: less memory, about 30%% slower")
+      help="recompute the U-Net's and text encoders' activations in the backward pass: less memory, "
+           "about 30%% slower")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="U-Net and VAE in channels-last memory format (default: on CUDA)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -326,7 +342,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = ("placeholder", "init_word", "method", "learnable_property", "model", "out", "steps", "batch_size",
                 "grad_accum", "lr", "seed", "save_every", "resolution", "center_crop", "resume", "device", "dtype",
-                "lr_scheduler", "lr_warmup_steps", "gradient_checkpointing", "channels_last", "compile",
+                "text_dtype", "lr_scheduler", "lr_warmup_steps", "gradient_checkpointing", "channels_last", "compile",
                 "validate_every", "validation_prompts", "tensorboard")
 
 
@@ -345,10 +361,11 @@ def config_from_args(args) -> TrainConfig:
         if v is not None:
             values[name] = v
     if "model" not in values:  # never train on the random built-in model by accident
-        raise NetiError("--model is required: a diffusers SD 1.x folder, a hub id, or tiny (the built-in "
+        raise NetiError("--model is required: a diffusers SD 1.x / 2.x / SDXL folder, a hub id, or tiny (the built-in "
                         "model with random weights, for trying the commands)")
     if "device" not in values:
         values["device"] = default_device()
-    if values.get("dtype") in DTYPE_NAMES:
-        values["dtype"] = DTYPE_NAMES[values["dtype"]]
+    for k in ("dtype", "text_dtype"):
+        if values.get(k) in DTYPE_NAMES:
+            values[k] = DTYPE_NAMES[values[k]]
     return TrainConfig(**values)

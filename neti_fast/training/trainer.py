@@ -29,7 +29,12 @@ trainer re-encodes the batch every micro-batch; a sample is mean + std x noise e
 drawn from the same generator); the 16 layers' CLIP passes are one batch of 16 B (official: 16
 sequential passes); on CUDA the text encoding runs under autocast in the low dtype (as accelerate's
 mixed precision does for the official text encoder) and the U-Net / VAE in channels-last. Optional:
-gradient checkpointing of the U-Net and torch.compile of it.
+gradient checkpointing of the U-Net and every text encoder, and torch.compile of the U-Net.
+
+Memory (mixed precision): --dtype puts the frozen U-Net and VAE in float16 / bfloat16, --text-dtype
+the text encoders (default float32, as official); the concept's parameters, their gradients and
+the AdamW state are float32 whatever the frozen dtypes (the rows are cast down on their way into
+the frozen networks, and the gradients cast back up on their way out).
 
 What a run writes beside its checkpoints (training/logs.py): settings.json, loss.csv and loss.png,
 validation-{step}.png grids (training/validation.py), optionally TensorBoard logs.
@@ -262,7 +267,11 @@ def _load_model(cfg: TrainConfig, dd):
     from ..sd.models import load_model
     prepare_builtin(cfg.model, dd)
     model = load_model(cfg.model, device=torch.device(dd.device), dtype=torch_dtype(cfg.dtype))
-    model.text_encoder.to(torch.float32)  # as official: only the U-Net and VAE run in the low dtype
+    # as official: only the U-Net and VAE run in the low dtype, unless --text-dtype says otherwise;
+    # every text encoder alike (SDXL's two: the concept's row goes through both)
+    text_dtype = torch_dtype(cfg.text_dtype or "float32")
+    for te in model.text_encoders:
+        te.to(text_dtype)
     return model
 
 
@@ -468,12 +477,13 @@ def _prepare_model(cfg: TrainConfig, model):
     if channels_last:  # convolutions in NHWC: faster with cuDNN's tensor-core kernels
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    te = model.text_encoder
+    tes = model.text_encoders  # every one the concept's gradient goes through (SDXL: both)
     if cfg.gradient_checkpointing:  # U-Net and CLIP blocks (as official); both checkpoint in train mode
         unet.enable_gradient_checkpointing()  # only, and neither has dropout, so train mode changes nothing else
-        checkpointing(te, True)
         unet.train()
-        te.train()
+        for te in tes:
+            checkpointing(te, True)
+            te.train()
 
     def undo():
         if channels_last:
@@ -481,9 +491,10 @@ def _prepare_model(cfg: TrainConfig, model):
             vae.to(memory_format=torch.contiguous_format)
         if cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
-            checkpointing(te, False)
             unet.eval()
-            te.eval()
+            for te in tes:
+                checkpointing(te, False)
+                te.eval()
     return undo
 
 

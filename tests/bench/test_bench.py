@@ -221,3 +221,36 @@ def test_roofline_sdxl_conditioning_line():
     assert b["text_encoder_rows"] == 3501
     assert b["conditioning_flop_share"] == pytest.approx(t * 3501 / 551 / (1 - t + t * 3501 / 551))
     assert all(m["conditioning_time_share"] < m["per_block_conditioning_time_share"] < 1 for m in r["model"].values())
+
+
+def test_training_peak_memory_bench_on_tiny_xl(tiny_xl_model):
+    """bench/training.py --peak-memory on tiny-xl: one setting measured in a fresh process (its
+    resident memory after loading and its peak after ONE step), the counted sizes of what it held
+    (bf16 frozen networks, fp32 mapper and AdamW state), a setting over --max-gib skipped with the
+    reason, and the GPU figures labelled an estimate, checkpointing below no checkpointing."""
+    from neti_fast.bench import training as tb
+    res = tb.peak_memory("tiny-xl", 64, [("bfloat16", "bfloat16", True)], gpu_resolution=128, log=lambda *a: None)
+    ran, = res["measured"]
+    assert ran["kind"].startswith("measured on CPU") and ran["gradient_checkpointing"] and ran["loss"] > 0
+    assert ran["maxrss_after_step_bytes"] >= ran["rss_after_load_bytes"] > ran["rss_at_start_bytes"] > 0
+    assert ran["step_peak_above_loaded_bytes"] == ran["maxrss_after_step_bytes"] - ran["rss_after_load_bytes"]
+    c = ran["counted"]
+    unet_numel = sum(p.numel() for p in tiny_xl_model.unet.parameters())
+    text_numel = sum(p.numel() for te in tiny_xl_model.text_encoders for p in te.parameters())
+    assert (c["unet_param_bytes"], c["text_encoder_param_bytes"]) == (2 * unet_numel, 2 * text_numel)  # bf16
+    assert c["mapper_param_dtype"] == "float32" and c["adamw_state_bytes"] == 2 * c["mapper_param_bytes"]
+    assert ran["estimate_same_size"]["frozen_param_bytes"] == c["unet_param_bytes"] + c["vae_param_bytes"] + \
+        c["text_encoder_param_bytes"]  # the meta-device count is the loaded model's
+    skipped, = tb.peak_memory("tiny-xl", 64, [("float32", "float32", False)], gpu_resolution=64,
+                              log=lambda *a: None, max_bytes=2**20)["measured"]   # no process started
+    assert "over the --max-gib cap" in skipped["skipped"] and skipped["dtype"] == "float32"
+    g = res["gpu_estimate"]
+    assert "estimate, not measured" in g["kind"] and g["resolution"] == 128
+    for m in g["models"]:
+        assert "estimate, not measured" in m["kind"] and m["dtype"] == "float16"
+        off, on = m["rows"]
+        assert on["activation_bytes"] < off["activation_bytes"] and on["total_bytes"] < off["total_bytes"]
+        assert off["total_bytes"] == m["frozen_param_bytes"] + 4 * m["mapper_param_bytes"] + off["activation_bytes"]
+    fp32_text, fp16_text = g["models"]
+    assert fp32_text["frozen_param_bytes"] - fp16_text["frozen_param_bytes"] == 2 * text_numel
+    assert "estimate" in tb.format_peak(res)

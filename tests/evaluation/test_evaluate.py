@@ -410,3 +410,30 @@ def test_api_errors():
         evaluate_images(None, [1], ["a"], [], [1])
     with pytest.raises(NetiError, match="--batch-size"):
         Similarity(clip="x", dino=None, batch_size=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-xl"])
+def test_eval_of_a_generated_folder_on_each_family(name, tmp_path, model_dirs, make_concept, capsys, request):
+    """`generate` with a concept of SD 2.x / SDXL (tiny-sd2, tiny-xl) writes a folder `eval` reads: eval
+    itself has nothing family-specific (its CLIP / DINO are its own models, never the SD model's
+    text encoders; it reads the manifest's prompts, truncations and image files), so this checks
+    the interface: each family's manifest carries the prompt with its {} marker and the truncations."""
+    # the fixture builds the model into the session's cache, where --model finds it
+    m = request.getfixturevalue("tiny_sd2_model" if name == "tiny-sd2" else "tiny_xl_model")
+    c = make_concept("neti", m.text_dim, 0, True, "<thing>", m.family)
+    c.save(tmp_path / "c.safetensors")
+    out = tmp_path / "gen"
+    rc, cap = _cli(["generate", "--model", name, "--device", "cpu", "--concept", str(tmp_path / "c.safetensors"),
+                    "--prompt", "a photo of {}", "--prompt", "{} on a beach", "--truncation", "none", "4",
+                    "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)], capsys)
+    assert rc == 0, cap.err
+    train = _train_dir(tmp_path)
+    clip_dir, dino_dir = model_dirs
+    rc, cap = _cli(["eval", str(out), "--train-images", str(train), "--clip", str(clip_dir), "--dino", str(dino_dir),
+                    "--device", "cpu"], capsys)
+    assert rc == 0, cap.err
+    rep = json.loads((out / "eval.json").read_text())
+    assert rep["counts"] == {"generated": 4, "train": 3, "prompts": 2, "truncations": 2}
+    assert set(rep["per_prompt"]) == {"a photo of {}", "{} on a beach"}
+    assert set(rep["per_truncation"]) == {"4", "full"}
+    assert all(0 < rep["overall"][k] <= 1 for k in ("image_similarity", "dino_similarity"))
