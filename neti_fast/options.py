@@ -96,7 +96,7 @@ def dedup(values) -> list:
 
 def add_model_args(p, model_default=None) -> None:
     p.add_argument("--model", default=model_default, required=model_default is None,
-                   help="diffusers folder, hub id, or built-in: tiny, tiny-sd2, sd15-shaped, sd2-shaped")
+                   help="diffusers folder, hub id, or built-in: tiny, tiny-sd2, tiny-xl, sd15-shaped, sd2-shaped, sdxl-shaped")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(CLI_DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
 

@@ -301,6 +301,16 @@ def test_help_is_fast_and_loads_no_heavy_library():
     assert float(seconds) < 10, seconds
 
 
+@pytest.mark.parametrize("command", ["generate", "run", "serve"])
+def test_model_help_names_every_builtin(cli, command):
+    """--model's help (written out: --help must not import sd.models, which imports torch) lists
+    every built-in model sd.models has."""
+    from neti_fast.sd.models import BUILTIN_MODELS
+    code, out, _ = cli(command, "--help")
+    text = " ".join(out.split())
+    assert code == 0 and all(name in text for name in BUILTIN_MODELS), (command, text)
+
+
 def test_scheduler_flag_error_is_short(cli, one_line_error):
     """A bad --scheduler names the shape of a valid one, not the ~80 sampler x schedule names."""
     code, _, err = cli("generate", "--model", "tiny", "--prompt", "x", "--out", "o", "--scheduler", "warp-9")

@@ -11,7 +11,7 @@ from ..utils import Range
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="HTTP server: Automatic1111-compatible API and a web page; "
                                      "batches concurrent users' requests across their concepts")
-    p.add_argument("--model", required=True, help="diffusers folder, hub id, or built-in: tiny, tiny-sd2, sd15-shaped, sd2-shaped")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id, or built-in: tiny, tiny-sd2, tiny-xl, sd15-shaped, sd2-shaped, sdxl-shaped")
     p.add_argument("--concepts", default=None, metavar="DIR",
                    help="folder of concept / table / bundle files (any supported format); each is named by its "
                         "file name without suffix, written {name} (or as a word) in prompts")
