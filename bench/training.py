@@ -59,7 +59,6 @@ def official_micro_step(run, state, batched_text: bool = False) -> float:
     import torch
 
     from neti_fast.sd.conditioning import encode, tokenize
-    from neti_fast.sd.models import NUM_LAYERS
     from neti_fast.training.trainer import _text_rows
     cfg, m, gen, sched = run.cfg, run.model, run.train_gen, run.noise_sched
     device, dtype = m.device, m.unet.dtype
@@ -77,7 +76,7 @@ def official_micro_step(run, state, batched_text: bool = False) -> float:
         enc, enc_b, _ = _text_rows(run, [ids], mask, t, B)
     else:
         enc, enc_b = [], []
-        for layer in range(NUM_LAYERS):  # the coach's loop over UNET_LAYERS: one CLIP pass each
+        for layer in range(m.family.num_layers):  # the coach's loop over UNET_LAYERS: one CLIP pass each
             token, bypass = run.trainable.layer_rows(t, layer)
             e, eb = encode(m.text_encoder, ids, mask, token, bypass)
             enc.append(e)
@@ -262,10 +261,12 @@ def memory_model(resolution: int = 512, batch: int = 2, dtype_name: str = "float
     from neti_fast.concepts.mapper import MapperConfig, NeTIMapper
     from neti_fast.sd.attention import install_processors
     from neti_fast.sd.conditioning import encode
-    from neti_fast.sd.models import NUM_LAYERS, Model
+    from neti_fast.sd.families import SD1
+    from neti_fast.sd.models import Model
     from neti_fast.training.trainer import checkpointing
     dtype = getattr(torch, dtype_name)
     text, unet, vae, cfg = meta_models("sd15-shaped", dtype)
+    NUM_LAYERS = SD1.num_layers
     text = text.float()  # the text encoder stays fp32 (as official); autocast on CUDA
     D = cfg["unet"]["cross_attention_dim"]
     with torch.device("meta"):
