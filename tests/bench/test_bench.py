@@ -219,11 +219,13 @@ def test_roofline_sdxl_conditioning_line():
 XL_RUNGS = ["reference", "diffusers", "batched", "concepts", "triton", "compile", "tensorrt"]
 
 
-def test_ladder_on_tiny_xl():
+def test_ladder_on_tiny_xl(monkeypatch):
     """The ladder on SDXL's topology (tiny-xl: two text encoders, added conditioning, 11 modules):
     every CPU rung runs (diffusers' rung on StableDiffusionXLPipeline), the GPU-only ones say why in
     one line. The onnx rung is left out here (tiny-xl's export costs minutes; `--backend onnx` on
     SDXL: tests/export/test_export.py)."""
+    import functools
+    monkeypatch.setattr(ladder, "_alternate", functools.partial(ladder._alternate, budget_s=0))  # 1 round: fast
     result = ladder.cli(["--model", "tiny-xl", "--device", "cpu", "--quick", "--steps", "2", "--batch-sizes", "2",
                          "--threads", "1", "--rungs", *XL_RUNGS])
     by = {r["rung"]: r for r in result["rows"]}
