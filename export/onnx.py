@@ -109,12 +109,15 @@ class TablesUNet(torch.nn.Module):
         self.added = tuple(model.family.added_conditioning)
         self.tables = len(model.cross_attention)
 
-    def forward(self, sample, timestep, row_idx, *rest):
+    def forward(self, sample, timestep, row_idx, *kv):
+        # `kv`: the added inputs, then the tables. The parameter keeps its SD 1.x-era name: torch.export
+        # names the inputs' symbolic sizes after it, and a different name gives SD 1.x's graph another
+        # (equivalent) choice of which table's Shape it reads.
         n, a = self.tables, len(self.added)
-        if len(rest) != a + 2 * n:
-            raise ValueError(f"TablesUNet: expected {a} added inputs and {2 * n} K/V tables, got {len(rest)} tensors")
-        added = dict(zip(self.added, rest[:a])) if a else None
-        kv = rest[a:]
+        if len(kv) != a + 2 * n:
+            raise ValueError(f"TablesUNet: expected {a} added inputs and {2 * n} K/V tables, got {len(kv)} tensors")
+        added = dict(zip(self.added, kv[:a])) if a else None
+        kv = kv[a:]
         st = self.state
         prev = (st.mode, st.backend, st.row_idx, st.k_tables, st.v_tables)
         st.mode, st.backend, st.row_idx = "tables", "sdpa", row_idx
@@ -182,7 +185,7 @@ def _export_dynamo(mod, args, dest: Path, opset, external: bool, optimize: bool 
     # and is correct for any batch (`dim_param` "batch"); TensorRT profiles set their own range.
     batch, rows = Dim("batch", min=1, max=63), Dim("rows", min=1, max=1 << 20)
     tokens = Dim("tokens", min=1, max=1 << 16)  # one L shared by all tables
-    # `*rest` is one var-positional parameter: torch.export wants its spec as one nested tuple.
+    # `*kv` is one var-positional parameter: torch.export wants its spec as one nested tuple.
     dyn = ({0: batch}, None, {0: batch}, tuple({0: batch} for _ in mod.added)
            + tuple({0: rows, 1: tokens} for _ in range(2 * mod.tables)))
     prog = torch.onnx.export(mod, args, dynamo=True, dynamic_shapes=dyn, input_names=_names(mod),
