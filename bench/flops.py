@@ -6,7 +6,8 @@ network once, forward only, batch 1:
 
 - `unet_per_sample`:   one U-Net forward for one latent sample (one row of a CFG batch), i.e.
                        a 512x512 image costs 2 x steps x this with classifier-free guidance;
-- `text_encoder_pass`: one CLIP text-encoder pass over the 77 tokens of one prompt;
+- `text_encoder_pass`: one pass of the family's text encoders (SD 1.x / 2.x: one CLIP; SDXL: CLIP-L
+                       and bigG, both) over the 77 tokens of one prompt;
 - `vae_decode`:        one VAE decode of one latent to one image.
 
 Reference numbers (from the issue) for SD 1.5 at 512x512:
@@ -63,12 +64,14 @@ def unet_flops(model, height: int | None = None, width: int | None = None, batch
         x = torch.zeros(batch, model.unet.config.in_channels, h // f, w // f, device=dev, dtype=dt)
         enc = torch.zeros(batch, 77, model.text_dim, device=dev, dtype=dt)
         t = torch.tensor(500, device=dev)
+        # the family's added conditioning (SDXL: text_embeds, time_ids); zeros cost what real values do
+        added = {n: torch.zeros(batch, w, device=dev, dtype=dt) for n, w in model.added_widths.items()} or None
         st = getattr(model, "attn_state", None)
         prev = None if st is None else st.mode
         if st is not None:
             st.mode = "plain"
         try:
-            _CACHE[key] = _count(lambda: model.unet(x, t, encoder_hidden_states=enc))
+            _CACHE[key] = _count(lambda: model.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added))
         finally:
             if st is not None:
                 st.mode = prev
@@ -76,12 +79,14 @@ def unet_flops(model, height: int | None = None, width: int | None = None, batch
 
 
 def text_encoder_flops(model, batch: int = 1) -> int:
-    """FLOPs of one text-encoder pass over `batch` prompts of 77 tokens."""
+    """FLOPs of one pass of every text encoder of the family over `batch` prompts of 77 tokens."""
     key = ("text", model.name, batch)
     if key not in _CACHE:
-        ids = torch.full((batch, 77), int(model.tokenizer.eos_token_id), dtype=torch.long,
-                         device=model.text_encoder.device)
-        _CACHE[key] = _count(lambda: model.text_encoder(ids))
+        total = 0
+        for tok, te in zip(model.tokenizers, model.text_encoders):
+            ids = torch.full((batch, 77), int(tok.eos_token_id), dtype=torch.long, device=te.device)
+            total += _count(lambda te=te, ids=ids: te(ids))
+        _CACHE[key] = total
     return _CACHE[key]
 
 

@@ -11,7 +11,8 @@ every rung; the rungs, from the official algorithm to the fastest backend:
   reference  `generate_reference`: the official NeTI inference (steps x 16 one-at-a-time text
              encodes, an unconditional and a conditional batch-1 U-Net call per step, eager bmm
              attention); batch B = B seeds one after the other.
-  diffusers  plain `StableDiffusionPipeline` (DPM-Solver++, no concept, diffusers' own attention
+  diffusers  the model family's plain diffusers pipeline (`StableDiffusionPipeline`, SDXL's
+             `StableDiffusionXLPipeline`; DPM-Solver++, no concept, diffusers' own attention
              processors, `num_images_per_prompt=B`): the floor that personalization should cost
              nothing over.
   eager      neti-fast Engine, PyTorch eager, batch size 1 (one seed at a time; the engine always
@@ -76,7 +77,8 @@ SCHEMA = "neti-fast-bench/1"
 # ----------------------------------------------------------------------------- arguments
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", default="tiny", help="tiny | sd15-shaped | a diffusers folder (default tiny)")
+    p.add_argument("--model", default="tiny", help="tiny | tiny-sd2 | tiny-xl | sd15-shaped | sd2-shaped | sdxl-shaped | "
+                   "a diffusers folder (default tiny)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=CLI_DTYPES, default=None, help="default fp16 on cuda, fp32 on cpu")
     p.add_argument("--steps", type=number(SAMPLING_RANGES["steps"]), default=None, help="denoising steps (default 50; 4 with --quick)")
@@ -310,7 +312,7 @@ def run_ladder(args, log=print) -> dict:
     height, width = image_size(model, a.height, a.width)
     if height % f or width % f:
         raise SystemExit(f"neti-fast bench: --height/--width must be multiples of {f}")
-    table = precompute(random_concept("neti", model.text_dim, seed=0), (), progress=False)
+    table = precompute(random_concept("neti", model.text_dim, seed=0, family=model.family), (), progress=False)
     fl = flops_mod.count(model, height, width)
     peak = a.peak_tflops if a.peak_tflops else measure_peak_tflops(dev, dtype)
     ctx = Context(a, model, table, height, width, fl, peak)

@@ -74,23 +74,34 @@ class ReferenceRung(Rung):
 
 
 class DiffusersRung(Rung):
-    name, label = "diffusers", "plain diffusers StableDiffusionPipeline (no concept)"
+    name, label = "diffusers", "plain diffusers pipeline of the model's family (no concept)"
 
     def setup(self):
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        import inspect
+
+        import diffusers
+        from diffusers import DPMSolverMultistepScheduler
         from diffusers.models.attention_processor import AttnProcessor2_0
         m = self.m
+        cls = getattr(diffusers, m.family.pipeline)  # StableDiffusionPipeline, StableDiffusionXLPipeline
+        parts = {}
+        for spec, tok, te in zip(m.family.encoders, m.tokenizers, m.text_encoders):
+            parts[spec.tokenizer_subfolder], parts[spec.subfolder] = tok, te
+        # the pipeline's optional parts (SD's safety checker, SDXL's image encoder) left out, as build_tiny does
+        params = inspect.signature(cls).parameters
+        optional = {k: None for k in getattr(cls, "_optional_components", []) if k not in parts and k in params}
+        extra = {k: v for k, v in (("requires_safety_checker", False), ("add_watermarker", False),
+                                   ("force_zeros_for_empty_prompt", m.zero_empty_negative)) if k in params}
         self.saved = dict(m.unet.attn_processors)  # neti-fast's bound processors, restored in teardown
         m.unet.set_attn_processor(AttnProcessor2_0())
-        self.pipe = StableDiffusionPipeline(
-            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(m.scheduler_config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        self.pipe = cls(vae=m.vae, unet=m.unet, scheduler=DPMSolverMultistepScheduler.from_config(m.scheduler_config),
+                        **parts, **optional, **extra)
         self.pipe.set_progress_bar_config(disable=True)
-        self.notes = "num_images_per_prompt=B, AttnProcessor2_0 (SDPA), DPM-Solver++"
+        self.notes = f"{m.family.pipeline}, num_images_per_prompt=B, AttnProcessor2_0 (SDPA), DPM-Solver++"
 
     def cond(self):
-        self.pipe.encode_prompt(PLAIN_PROMPT, self.m.device, 1, True, "")
+        self.pipe.encode_prompt(prompt=PLAIN_PROMPT, device=self.m.device, num_images_per_prompt=1,
+                                do_classifier_free_guidance=True, negative_prompt="")
 
     def run(self, seeds):
         import torch
@@ -164,7 +175,8 @@ class ConceptsRung(BatchedRung):
     def setup(self):
         from neti_fast.concepts.concept import random_concept
         from neti_fast.concepts.table import precompute
-        self.tables = [precompute(random_concept("neti", self.m.text_dim, 1000 + i, f"<c{i}>"), (), progress=False)
+        self.tables = [precompute(random_concept("neti", self.m.text_dim, 1000 + i, f"<c{i}>", family=self.m.family), (),
+                                  progress=False)
                        for i in range(max(self.a.batch_sizes))]
         self.notes = "B concepts in one batch: each sample indexes its own K/V rows (compare with `batched`: one concept)"
         super().setup()

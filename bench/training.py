@@ -72,7 +72,6 @@ def official_micro_step(run, state, batched_text: bool = False) -> float:
     import torch
 
     from neti_fast.sd.conditioning import encode, tokenize
-    from neti_fast.sd.models import NUM_LAYERS
     from neti_fast.training.trainer import _text_rows
     cfg, m, gen, sched = run.cfg, run.model, run.train_gen, run.noise_sched
     device, dtype = m.device, m.unet.dtype
@@ -90,7 +89,7 @@ def official_micro_step(run, state, batched_text: bool = False) -> float:
         enc, enc_b, _ = _text_rows(run, [ids], mask, t, B)
     else:
         enc, enc_b = [], []
-        for layer in range(NUM_LAYERS):  # the coach's loop over UNET_LAYERS: one CLIP pass each
+        for layer in range(m.family.num_layers):  # the coach's loop over UNET_LAYERS: one CLIP pass each
             token, bypass = run.trainable.layer_rows(t, layer)
             e, eb = encode(m.text_encoder, ids, mask, token, bypass)
             enc.append(e)

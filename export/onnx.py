@@ -1,15 +1,20 @@
 """The denoiser `eps = U-Net(x, t, row_idx, K/V tables)` as an ONNX graph, and an onnxruntime backend.
 
-Graph inputs (names are the contract with `OnnxDenoiser` and `tensorrt.build_engine`):
+Graph inputs (names are the contract with `OnnxDenoiser` and `tensorrt.build_engine`; `input_names`):
     sample    float [B, 4, h, w]      B dynamic ("batch"); h, w fixed at export time
     timestep  float32 [1]             broadcast over the batch inside the U-Net (diffusers'
                                       `timesteps.expand(B)`); see `_timestep` for why float [1]
     row_idx   int64 [B]               the table row each sample's cross-attention reads
-    k0..k15   float [R, L, C_l]       per-layer K tables, R dynamic ("rows"), L dynamic ("tokens":
-                                      77 per CLIP chunk, 77k for A1111-style long prompts)
-    v0..v15   float [R, L, C_l]       per-layer V tables (same R and L)
+    <added>   float [B, W]            only where the family has added U-Net conditioning, one input
+                                      per name of `Family.added_conditioning` (SDXL: text_embeds
+                                      [B, 1280], time_ids [B, 6]); same dynamic batch axis
+    k0..k{n-1} float [R, L, C_m]      one K table per cross-attention module of the model (SD 1.x /
+                                      2.x: 16; SDXL: 70 blocks), R dynamic ("rows"), L dynamic
+                                      ("tokens": 77 per CLIP chunk, 77k for A1111-style long prompts)
+    v0..v{n-1} float [R, L, C_m]      the V tables (same R and L)
 Output:
     eps       float [B, 4, h, w]
+SD 1.x's graph is what it was before families existed (no added inputs, k0..k15, v0..v15).
 
 Cross-attention in the graph is the "sdpa" backend of `neti_fast.sd.attention`: Gather (index_select)
 of the rows, then scaled-dot-product attention. The Triton custom op is never exported. Nothing in
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,12 +34,55 @@ import numpy as np
 import torch
 
 from neti_fast.sd.attention import install_processors
-from neti_fast.sd.models import NUM_LAYERS
 from neti_fast.utils import image_size
 
-INPUT_NAMES = ["sample", "timestep", "row_idx"] + [f"k{i}" for i in range(NUM_LAYERS)] + [f"v{i}" for i in range(NUM_LAYERS)]
+BASE_INPUTS = ["sample", "timestep", "row_idx"]
 OUTPUT_NAMES = ["eps"]
-FORMAT_VERSION = "2"  # bump when the graph's inputs / semantics change: invalidates cached exports
+# Bump when the graph's inputs / semantics change: invalidates cached exports. SD 1.x's graph is
+# unchanged by the added-conditioning inputs (it has none), so "2" still names its layout.
+FORMAT_VERSION = "2"
+_TABLE = re.compile(r"[kv]\d+")
+
+
+def input_names(tables: int, added=()) -> list[str]:
+    """The graph's input names for `tables` K/V tables (one per cross-attention module) and the
+    family's added conditioning names, in graph order."""
+    return BASE_INPUTS + list(added) + [f"k{i}" for i in range(tables)] + [f"v{i}" for i in range(tables)]
+
+
+def model_input_names(model) -> list[str]:
+    return input_names(len(model.cross_attention), model.family.added_conditioning)
+
+
+def parse_input_names(names, where: str, ordered: bool = True) -> tuple[list[str], int]:
+    """(added names, table count) of a graph / engine with these input names; ValueError if they are
+    not `input_names`' layout (in its order, unless `ordered` is False: inputs bound by name)."""
+    names = list(names)
+    tables = [n for n in names if _TABLE.fullmatch(n)]
+    added = [n for n in names if n not in BASE_INPUTS and not _TABLE.fullmatch(n)]
+    n = len(tables) // 2
+    want = input_names(n, added)
+    if (names != want if ordered else sorted(names) != sorted(want)) or n == 0:
+        raise ValueError(f"{where}: not a neti-fast tables U-Net export (inputs {', '.join(names[:6])}"
+                         f"{', ...' if len(names) > 6 else ''})")
+    return added, n
+
+
+def is_table(name: str) -> bool:
+    """Whether graph input `name` is a K / V table ([R, L, C]; the others lead with the batch axis
+    or are the timestep)."""
+    return bool(_TABLE.fullmatch(name))
+
+
+def ordered_inputs(added_names, tables: int, x, t, row_idx, k_tables, v_tables, added: dict | None, where: str) -> list:
+    """The denoiser call's tensors in graph order (`input_names(tables, added_names)`)."""
+    if len(k_tables) != tables or len(v_tables) != tables:
+        raise ValueError(f"{where}: expected {tables} K and V tables, got {len(k_tables)} and {len(v_tables)}")
+    added = added or {}
+    if set(added) != set(added_names):
+        raise ValueError(f"{where}: the graph takes added conditioning {list(added_names) or 'none'}, "
+                         f"given {list(added) or 'none'}")
+    return [x, _timestep(t), row_idx.reshape(-1), *(added[n] for n in added_names), *k_tables, *v_tables]
 
 
 def _version() -> str:
@@ -47,24 +96,35 @@ def _version() -> str:
 class TablesUNet(torch.nn.Module):
     """`model.unet` with every cross-attention reading K / V rows `row_idx[b]` of the given tables.
 
-    forward(sample, timestep, row_idx, k0..k15, v0..v15) -> eps. All inputs explicit tensors, so the
-    graph is a pure function of its inputs (the shared state is filled and cleared around the call).
+    forward(sample, timestep, row_idx, *added, k0..k{n-1}, v0..v{n-1}) -> eps, `added` the family's
+    added conditioning in `Family.added_conditioning` order (none for SD 1.x / 2.x). All inputs
+    explicit tensors, so the graph is a pure function of its inputs (the shared state is filled and
+    cleared around the call).
     """
 
     def __init__(self, model):
         super().__init__()
         self.unet = model.unet
         self.state = install_processors(model)
+        self.added = tuple(model.family.added_conditioning)
+        self.tables = len(model.cross_attention)
 
     def forward(self, sample, timestep, row_idx, *kv):
-        if len(kv) != 2 * NUM_LAYERS:
-            raise ValueError(f"TablesUNet: expected {2 * NUM_LAYERS} K/V tables, got {len(kv)}")
+        # `kv`: the added inputs, then the tables. The parameter keeps its SD 1.x-era name: torch.export
+        # names the inputs' symbolic sizes after it, and a different name gives SD 1.x's graph another
+        # (equivalent) choice of which table's Shape it reads.
+        n, a = self.tables, len(self.added)
+        if len(kv) != a + 2 * n:
+            raise ValueError(f"TablesUNet: expected {a} added inputs and {2 * n} K/V tables, got {len(kv)} tensors")
+        added = dict(zip(self.added, kv[:a])) if a else None
+        kv = kv[a:]
         st = self.state
         prev = (st.mode, st.backend, st.row_idx, st.k_tables, st.v_tables)
         st.mode, st.backend, st.row_idx = "tables", "sdpa", row_idx
-        st.k_tables, st.v_tables = list(kv[:NUM_LAYERS]), list(kv[NUM_LAYERS:])
+        st.k_tables, st.v_tables = list(kv[:n]), list(kv[n:])
         try:
-            return self.unet(sample, timestep, encoder_hidden_states=None, return_dict=False)[0]
+            return self.unet(sample, timestep, encoder_hidden_states=None, added_cond_kwargs=added,
+                             return_dict=False)[0]
         finally:
             st.mode, st.backend, st.row_idx, st.k_tables, st.v_tables = prev
 
@@ -82,7 +142,9 @@ def _timestep(t) -> torch.Tensor:
 
 def example_inputs(model, batch: int = 2, rows: int = 3, height: int | None = None, width: int | None = None,
                    seed: int = 0, tokens: int = 77) -> tuple:
-    """Random inputs in the graph's layout (sample, timestep, row_idx, k0..k15, v0..v15 of L = tokens)."""
+    """Random inputs in the graph's layout (sample, timestep, row_idx, the added conditioning, the K
+    and V tables of L = tokens). Added inputs: random pooled embeddings; time ids as the engine makes
+    them (h, w, 0, 0, h, w), offset per sample so the batch rows differ."""
     g = torch.Generator().manual_seed(seed)
     f = model.vae_scale_factor
     h, w = (n // f for n in image_size(model, height, width))
@@ -90,11 +152,18 @@ def example_inputs(model, batch: int = 2, rows: int = 3, height: int | None = No
     sample = torch.randn(batch, model.unet.config.in_channels, h, w, generator=g).to(dev, dt)
     t = _timestep(torch.randint(0, 1000, (), generator=g)).to(dev)
     row_idx = torch.randint(0, rows, (batch,), generator=g).to(dev)
+    added, (ph, pw) = [], (h * f, w * f)
+    for i, n in enumerate(model.added_widths.values()):
+        if i == 0:   # the pooled text embedding (Model.added_widths' order)
+            added.append(torch.randn(batch, n, generator=g).to(dev, dt))
+        else:        # time ids: sizes and crop offsets in pixels, a different original size per sample
+            base = torch.tensor(([ph, pw, 0, 0, ph, pw] + [0] * n)[:n], dtype=torch.float32)
+            added.append((base + 8 * torch.arange(batch)[:, None] * (base != 0)).to(dev, dt))
     ks, vs = [], []
     for attn in model.cross_attention:
         ks.append(torch.randn(rows, tokens, attn.to_k.out_features, generator=g).to(dev, dt))
         vs.append(torch.randn(rows, tokens, attn.to_v.out_features, generator=g).to(dev, dt))
-    return (sample, t, row_idx, *ks, *vs)
+    return (sample, t, row_idx, *added, *ks, *vs)
 
 
 # Exports larger than this are written as `<name>.onnx` + `<name>.onnx.data` (external data): one
@@ -115,22 +184,29 @@ def _export_dynamo(mod, args, dest: Path, opset, external: bool, optimize: bool 
     # exists only for torch.export: `.contiguous()` is no op in ONNX, the graph has no batch bound
     # and is correct for any batch (`dim_param` "batch"); TensorRT profiles set their own range.
     batch, rows = Dim("batch", min=1, max=63), Dim("rows", min=1, max=1 << 20)
-    tokens = Dim("tokens", min=1, max=1 << 16)  # one L shared by all 32 tables
+    tokens = Dim("tokens", min=1, max=1 << 16)  # one L shared by all tables
     # `*kv` is one var-positional parameter: torch.export wants its spec as one nested tuple.
-    dyn = ({0: batch}, None, {0: batch}, tuple({0: rows, 1: tokens} for _ in range(2 * NUM_LAYERS)))
-    prog = torch.onnx.export(mod, args, dynamo=True, dynamic_shapes=dyn, input_names=INPUT_NAMES,
+    dyn = ({0: batch}, None, {0: batch}, tuple({0: batch} for _ in mod.added)
+           + tuple({0: rows, 1: tokens} for _ in range(2 * mod.tables)))
+    prog = torch.onnx.export(mod, args, dynamo=True, dynamic_shapes=dyn, input_names=_names(mod),
                              output_names=OUTPUT_NAMES, opset_version=opset, optimize=optimize,
                              verbose=False, report=False)
     prog.save(str(dest), external_data=external)  # external: weights in `<dest>.data`
 
 
+def _names(mod: TablesUNet) -> list[str]:
+    return input_names(mod.tables, mod.added)
+
+
 def _export_torchscript(mod, args, dest: Path, opset, external: bool) -> None:
     """Legacy TorchScript exporter (tracing); fallback only."""
+    names = _names(mod)
     axes = {"sample": {0: "batch"}, "row_idx": {0: "batch"}, "eps": {0: "batch"}}
-    axes.update({n: {0: "rows", 1: "tokens"} for n in INPUT_NAMES[3:]})
+    axes.update({n: {0: "batch"} for n in mod.added})
+    axes.update({n: {0: "rows", 1: "tokens"} for n in names if is_table(n)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape checks, deprecation notice
-        torch.onnx.export(mod, args, str(dest), dynamo=False, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+        torch.onnx.export(mod, args, str(dest), dynamo=False, input_names=names, output_names=OUTPUT_NAMES,
                           dynamic_axes=axes, opset_version=opset or 18, do_constant_folding=True)
     if external:  # the legacy exporter writes one file per large tensor: gather them into one
         import onnx
@@ -332,10 +408,9 @@ class OnnxDenoiser:
         self.session = ort.InferenceSession(self.path, so, providers=providers)
         self.cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         ins = {i.name: i for i in self.session.get_inputs()}
-        missing = [n for n in INPUT_NAMES if n not in ins]
-        if missing:
-            raise ValueError(f"{path}: not a neti-fast tables U-Net export (missing inputs {', '.join(missing[:4])})")
-        self.types = {n: _NP[ins[n].type] for n in INPUT_NAMES}
+        self.added, self.tables = parse_input_names([i.name for i in self.session.get_inputs()], str(path))
+        self.names = input_names(self.tables, self.added)
+        self.types = {n: _NP[ins[n].type] for n in self.names}
         self.spatial = tuple(ins["sample"].shape[2:])  # fixed at export, e.g. (64, 64) for SD 1.5 at 512
 
     def _check(self, x):
@@ -343,18 +418,18 @@ class OnnxDenoiser:
             raise ValueError(f"{self.path}: exported for latents {self.spatial[0]}x{self.spatial[1]}, got "
                              f"{x.shape[2]}x{x.shape[3]} (re-export with that --height/--width)")
 
-    def inputs(self, x, t, row_idx, k_tables, v_tables) -> list:
-        if len(k_tables) != NUM_LAYERS or len(v_tables) != NUM_LAYERS:
-            raise ValueError(f"expected {NUM_LAYERS} K and V tables")
-        return [x, _timestep(t), row_idx.reshape(-1), *k_tables, *v_tables]
+    def inputs(self, x, t, row_idx, k_tables, v_tables, added: dict | None = None) -> list:
+        return ordered_inputs(self.added, self.tables, x, t, row_idx, k_tables, v_tables, added, self.path)
 
-    def __call__(self, x, t, row_idx, k_tables, v_tables):
+    def __call__(self, x, t, row_idx, k_tables, v_tables, added: dict | None = None):
+        """`added`: the family's added conditioning by name (SDXL: text_embeds, time_ids), as the
+        Engine passes it to every denoiser; None where the graph has none."""
         self._check(x)
-        tensors = self.inputs(x, t, row_idx, k_tables, v_tables)
+        tensors = self.inputs(x, t, row_idx, k_tables, v_tables, added)
         if self.cuda and x.is_cuda:
             return self._run_cuda(x, tensors)
         feed = {}
-        for n, v in zip(INPUT_NAMES, tensors):
+        for n, v in zip(self.names, tensors):
             a = v.detach().cpu().numpy()  # a view for CPU tensors
             feed[n] = np.ascontiguousarray(a, dtype=self.types[n])
         eps = self.session.run(OUTPUT_NAMES, feed)[0]
@@ -368,7 +443,7 @@ class OnnxDenoiser:
         to_torch = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64, np.float64: torch.float64}
         binding = self.session.io_binding()
         keep = []
-        for n, v in zip(INPUT_NAMES, tensors):
+        for n, v in zip(self.names, tensors):
             v = v.to(device=x.device, dtype=to_torch[self.types[n]]).contiguous()
             keep.append(v)
             binding.bind_input(n, "cuda", dev, self.types[n], tuple(v.shape), v.data_ptr())

@@ -13,7 +13,8 @@ two up to max_batch): bucket i covers U-Net batches (2 x previous bucket, 2 x bu
 for exactly 2 x bucket (classifier-free guidance doubles the batch), so batch-1 latency runs
 kernels tuned for batch 1, not for the largest batch. Rows 1 .. max_rows, tuned for `opt_rows`
 (the engine's K / V arena hands over power-of-two row counts). Spatial size is what the ONNX graph
-fixed. At run time the context of the bucket that holds the batch is used, on the denoiser's own
+fixed. The family's added conditioning inputs (SDXL: text_embeds [B, 1280], time_ids [B, 6]) take
+the batch range of `sample` (`input_profile`); the inputs are the ONNX graph's (`onnx.input_names`). At run time the context of the bucket that holds the batch is used, on the denoiser's own
 CUDA stream (TensorRT warns that the legacy default stream costs extra synchronization), ordered
 after and before torch's current stream.
 """
@@ -25,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .onnx import INPUT_NAMES, OUTPUT_NAMES, _timestep
-from neti_fast.sd.models import NUM_LAYERS
+from .onnx import OUTPUT_NAMES, input_names, is_table, ordered_inputs, parse_input_names
 
 ENGINE_FORMAT = "1"
 
@@ -71,6 +71,20 @@ def profile_ranges(buckets: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def input_profile(name: str, shape, batch: tuple[int, int, int], opt_rows: int, max_rows: int,
+                  max_tokens: int):
+    """(min, opt, max) shapes of graph input `name` (its ONNX shape, -1 for dynamic axes) for a
+    profile of U-Net batch range `batch` = (min, opt, max); None for the static timestep. Tables
+    [R, L, C]: rows 1 .. max_rows (opt opt_rows), tokens 1 .. max_tokens (opt 77); every other input
+    (sample, row_idx, the added conditioning) leads with the batch axis."""
+    shape = list(shape)
+    if name == "timestep":
+        return None  # static [1]
+    if is_table(name):
+        return tuple([n, t, shape[2]] for n, t in ((1, 1), (opt_rows, 77), (max_rows, max_tokens)))
+    return tuple([n, *shape[1:]] for n in batch)
+
+
 def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16, max_rows: int = 4096,
                  opt_batch: int | None = None, opt_rows: int | None = None, workspace_gb: float | None = None,
                  force: bool = False, opt_batches=None, max_tokens: int = 231) -> Path:
@@ -107,6 +121,7 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16,
     if not parser.parse_from_file(str(onnx_path)):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
+    parse_input_names([network.get_input(i).name for i in range(network.num_inputs)], str(onnx_path), ordered=False)
     config = builder.create_builder_config()
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
@@ -116,14 +131,9 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, max_batch: int = 16,
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             inp = network.get_input(i)
-            shape = list(inp.shape)
-            if inp.name in ("sample", "row_idx"):
-                lo, opt, hi = ([n, *shape[1:]] for n in (lo_b, opt_b, hi_b))
-            elif inp.name == "timestep":
-                continue  # static [1]
-            else:  # k*/v* tables: [R, L, C]
-                lo, opt, hi = ([n, t, shape[2]] for n, t in ((1, 1), (opt_rows, 77), (max_rows, max_tokens)))
-            profile.set_shape(inp.name, lo, opt, hi)
+            shapes = input_profile(inp.name, inp.shape, (lo_b, opt_b, hi_b), opt_rows, max_rows, max_tokens)
+            if shapes is not None:
+                profile.set_shape(inp.name, *shapes)
         config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
@@ -161,9 +171,11 @@ class TensorRTDenoiser:
             raise RuntimeError(f"{engine_path}: TensorRT could not load it (built by another TensorRT version or GPU?)")
         self.path = str(engine_path)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        missing = [n for n in INPUT_NAMES + OUTPUT_NAMES if n not in names]
-        if missing:
-            raise ValueError(f"{engine_path}: not a neti-fast tables U-Net engine (missing {', '.join(missing[:4])})")
+        if OUTPUT_NAMES[0] not in names:
+            raise ValueError(f"{engine_path}: not a neti-fast tables U-Net engine (no output {OUTPUT_NAMES[0]})")
+        self.added, self.tables = parse_input_names([n for n in names if n not in OUTPUT_NAMES], str(engine_path),
+                                                     ordered=False)
+        self.names = input_names(self.tables, self.added)
         dt = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32}
         if hasattr(trt, "bfloat16"):
             dt[trt.bfloat16] = torch.bfloat16
@@ -188,14 +200,13 @@ class TensorRTDenoiser:
             self._contexts[p] = ctx
         return ctx
 
-    def __call__(self, x, t, row_idx, k_tables, v_tables):
-        if len(k_tables) != NUM_LAYERS or len(v_tables) != NUM_LAYERS:
-            raise ValueError(f"expected {NUM_LAYERS} K and V tables")
+    def __call__(self, x, t, row_idx, k_tables, v_tables, added: dict | None = None):
+        tensors = ordered_inputs(self.added, self.tables, x, t, row_idx, k_tables, v_tables, added, self.path)
         if x.device != self.device:
             raise ValueError(f"{self.path}: loaded on {self.device}, called with tensors on {x.device}")
         with torch.cuda.device(self.device):
             ctx, keep = self._context(x.shape[0]), []
-            for name, v in zip(INPUT_NAMES, [x, _timestep(t), row_idx.reshape(-1), *k_tables, *v_tables]):
+            for name, v in zip(self.names, tensors):
                 v = v.to(device=self.device, dtype=self.dtypes[name]).contiguous()
                 keep.append(v)
                 if not ctx.set_input_shape(name, tuple(v.shape)):

@@ -69,9 +69,6 @@ def make_denoiser(model, backend: str = "auto", attention: str = "auto", *, heig
     _say(f"neti-fast backend: {choice.backend} ({choice.reason})")
     if choice.backend == "eager":
         return None, choice.attention
-    if model.family.added_conditioning:  # the compiled / exported U-Nets take K / V tables only so far
-        raise NetiError(f"--backend {choice.backend}: not yet for {model.family.title} (its U-Net also takes "
-                        f"{', '.join(model.family.added_conditioning)}); use --backend eager")
     if choice.backend == "compile":
         from .cudagraph import CudaGraphDenoiser
         from .denoiser import TorchDenoiser

@@ -6,7 +6,8 @@ static shapes and addresses and no host sync inside the call, which the denoiser
 (tensors only, no dicts or counters) was made for.
 
 - Per latent shape (batch size, size, dtype) one graph, with static x, t and row_idx buffers that
-  are copied into every step (a few KB).
+  are copied into every step (a few KB); where the family has added U-Net conditioning (SDXL's
+  text_embeds, time_ids: one row per sample) static buffers for those too, copied the same way.
 - The K / V tables are *not* copied: the engine hands every call the same buffers (its
   `kv_arena.KVArena`), so a graph reads them in place. If the tables handed over are other tensors
   (the arena grew, or a caller without an arena), every graph captured against the old ones is
@@ -41,6 +42,7 @@ class _Graph:
     x: torch.Tensor
     t: torch.Tensor
     row_idx: torch.Tensor
+    added: dict | None = None         # static copies of the added conditioning (None: the family has none)
     out: torch.Tensor | None = None
 
 
@@ -55,7 +57,7 @@ def tables_key(k_tables, v_tables) -> tuple:
 
 
 class CudaGraphDenoiser:
-    """Wraps a denoiser `inner(x, t, row_idx, k_tables, v_tables) -> eps` with CUDA-graph replay."""
+    """Wraps a denoiser `inner(x, t, row_idx, k_tables, v_tables, added=None) -> eps` with CUDA-graph replay."""
 
     def __init__(self, inner, warmup: int = 2, max_graphs: int = 8):
         self.inner, self.warmup, self.max_graphs = inner, warmup, max_graphs
@@ -68,9 +70,10 @@ class CudaGraphDenoiser:
     def __getattr__(self, name):  # model / state / attention of the wrapped denoiser
         return getattr(self.inner, name)
 
-    def __call__(self, x, t, row_idx, k_tables, v_tables):
+    def __call__(self, x, t, row_idx, k_tables, v_tables, added: dict | None = None):
+        extra = {} if added is None else {"added": added}
         if not x.is_cuda or not graphs_enabled():
-            return self.inner(x, t, row_idx, k_tables, v_tables)
+            return self.inner(x, t, row_idx, k_tables, v_tables, **extra)
         with torch.cuda.device(x.device):
             tkey = tables_key(k_tables, v_tables)
             if tkey != self._tables:
@@ -78,26 +81,31 @@ class CudaGraphDenoiser:
                     log.info("K/V tables changed (new arena buffers): dropping %d CUDA graph(s)", len(self._graphs))
                 self._graphs.clear()
                 self._tables, self._held = tkey, (list(k_tables), list(v_tables))
-            key = (tuple(x.shape), x.dtype, x.device)
+            key = (tuple(x.shape), x.dtype, x.device,
+                   None if added is None else tuple((n, tuple(v.shape), v.dtype) for n, v in sorted(added.items())))
             g = self._graphs.get(key)
             if g is None:
-                g = self._capture(x, t, row_idx, k_tables, v_tables)
+                g = self._capture(x, t, row_idx, k_tables, v_tables, added)
                 self._graphs[key] = g
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
             self._graphs.move_to_end(key)
             if g.graph is None:
-                return self.inner(x, t, row_idx, k_tables, v_tables)
+                return self.inner(x, t, row_idx, k_tables, v_tables, **extra)
             g.x.copy_(x)
             g.t.copy_(t)
             g.row_idx.copy_(row_idx)
+            for n, v in (added or {}).items():
+                g.added[n].copy_(v)
             g.graph.replay()
             return g.out.clone()  # the static output is overwritten by the next replay
 
-    def _capture(self, x, t, row_idx, k_tables, v_tables) -> _Graph:
+    def _capture(self, x, t, row_idx, k_tables, v_tables, added: dict | None = None) -> _Graph:
         dev = x.device
-        static = _Graph(graph=None, x=x.clone(), t=torch.as_tensor(t).to(dev).clone(), row_idx=row_idx.clone())
+        static = _Graph(graph=None, x=x.clone(), t=torch.as_tensor(t).to(dev).clone(), row_idx=row_idx.clone(),
+                        added=None if added is None else {n: v.to(dev).clone() for n, v in added.items()})
         args = (static.x, static.t, static.row_idx, k_tables, v_tables)
+        kw = {} if static.added is None else {"added": static.added}
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -107,11 +115,11 @@ class CudaGraphDenoiser:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self.inner(*args)
+                    self.inner(*args, **kw)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                static.out = self.inner(*args)
+                static.out = self.inner(*args, **kw)
             static.graph = graph
             self.captures += 1
             log.info("captured a CUDA graph for batch shape %s on %s (%d kept)", tuple(x.shape), dev,

@@ -31,10 +31,9 @@ from ..utils import first_line
 from . import families
 from .families import Family
 
-# SD 1.x's layers: export/ (ONNX / TensorRT, SD 1.x only so far) reads these; every other stage reads
-# its model's or concept's family (families.Family.layers).
+# SD 1.x's layer names (tests name layers by them); every stage reads its model's or concept's family
+# (families.Family.layers).
 UNET_LAYERS = families.SD1.layers
-NUM_LAYERS = families.SD1.num_layers
 BUILTIN_MODELS = ("tiny", "tiny-sd2", "tiny-xl", "sd15-shaped", "sd2-shaped", "sdxl-shaped")
 TINY_VERSION = "2"        # of `tiny`; each built-in folder is cached under its name and version
 
@@ -108,6 +107,19 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def added_widths(self) -> dict:
+        """Width of each of the family's added U-Net inputs ({} for SD 1.x / 2.x), read from this
+        model's components: `added_conditioning` lists the pooled text embedding first (the pooled
+        encoders' projection widths side by side), then the time ids (what the U-Net's added
+        embedding takes beyond the pooled vector, in `addition_time_embed_dim`-wide sinusoids)."""
+        names = self.family.added_conditioning
+        if not names:
+            return {}
+        pooled = sum(self.text_encoders[i].config.projection_dim for i in self.family.pooled_encoders)
+        rest = self.unet.add_embedding.linear_1.in_features - pooled
+        return dict(zip(names, (pooled, rest // self.unet.config.addition_time_embed_dim)))
 
     @property
     def vae_scale_factor(self) -> int:

@@ -254,3 +254,44 @@ def test_training_peak_memory_bench_on_tiny_xl(tiny_xl_model):
     fp32_text, fp16_text = g["models"]
     assert fp32_text["frozen_param_bytes"] - fp16_text["frozen_param_bytes"] == 2 * text_numel
     assert "estimate" in tb.format_peak(res)
+
+
+XL_RUNGS = ["reference", "diffusers", "batched", "concepts", "triton", "compile", "tensorrt"]
+
+
+def test_ladder_on_tiny_xl(monkeypatch):
+    """The ladder on SDXL's topology (tiny-xl: two text encoders, added conditioning, 11 modules):
+    every CPU rung runs (diffusers' rung on StableDiffusionXLPipeline), the GPU-only ones say why in
+    one line. The onnx rung is left out here (tiny-xl's export costs minutes; `--backend onnx` on
+    SDXL: tests/export/test_export.py)."""
+    import functools
+    monkeypatch.setattr(ladder, "_alternate", functools.partial(ladder._alternate, budget_s=0))  # 1 round: fast
+    result = ladder.cli(["--model", "tiny-xl", "--device", "cpu", "--quick", "--steps", "2", "--batch-sizes", "2",
+                         "--threads", "1", "--rungs", *XL_RUNGS])
+    by = {r["rung"]: r for r in result["rows"]}
+    assert set(by) == set(XL_RUNGS)
+    for name in ("reference", "diffusers", "batched", "concepts"):
+        assert by[name]["status"] == "ok", by[name]
+        assert math.isfinite(by[name]["images_per_s"]) and by[name]["unet_tflops"] > 0
+    assert "StableDiffusionXLPipeline" in by["diffusers"]["notes"]
+    # the reference encodes every (step, module) row once, plus the negative prompt, per image: SDXL's 11
+    assert by["reference"]["text_encoder_rows"] == 2 * (2 * 11 + 1)
+    assert by["batched"]["unet_calls"] == 2 and by["concepts"]["unet_calls"] == 2
+    for name in ("triton", "compile", "tensorrt"):
+        assert by[name]["status"] == "skipped" and by[name]["reason"] and "\n" not in by[name]["reason"]
+
+
+def test_sdxl_shaped_flops_match_the_roofline_model():
+    """`--model sdxl-shaped` (2.6 B-parameter U-Net: ~10 GB in fp32, more than this CI machine runs)
+    is built here on the meta device: the bench's FLOP count runs with its added conditioning
+    (text_embeds 1280, time_ids 6) over 70 K/V blocks, and equals the roofline model's count of
+    SDXL's published U-Net config (bench/roofline.py, its own counter) within 10 %."""
+    from neti_fast.bench.roofline import sdxl_conditioning
+    from neti_fast.sd.models import build_shaped
+    with torch.device("meta"):
+        m = build_shaped("sdxl-shaped")
+    assert len(m.cross_attention) == 70 and m.added_widths == {"text_embeds": 1280, "time_ids": 6}
+    c = flops.count(m, 512, 512)
+    want = sdxl_conditioning(512, steps=1)["tflop"]["unet"] * 1e12 / 2   # counted there on a batch of 2
+    assert 0.9 < c["unet_per_sample"] / want < 1.1, (c["unet_per_sample"], want)
+    assert c["text_encoder_pass"] > 0 and c["vae_decode"] > 0

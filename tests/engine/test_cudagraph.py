@@ -57,6 +57,43 @@ def test_compile_backend_equals_eager_on_cpu(max_diff, tiny_model, make_concept)
     assert max_diff(compiled.generate(reqs), eager) <= 1
 
 
+@pytest.mark.parametrize("fixture", ["tiny_sd2_model", "tiny_xl_model"])
+def test_compile_backend_passes_added_conditioning(max_diff, make_concept, request, fixture):
+    """The compile backend's denoiser chain (CudaGraphDenoiser around a compiled TorchDenoiser) on SD 2.x
+    and SDXL (whose U-Net also takes text_embeds / time_ids through `added`): the same images as eager.
+    dynamo with backend "eager" keeps it fast (the pass-through is dynamo's and ours, not inductor's);
+    no graphs on CPU."""
+    import torch._dynamo
+    m = request.getfixturevalue(fixture)
+    fam = m.family
+    torch._dynamo.reset()
+    cfg = GenerateConfig(steps=2, batch_size=2, scheduler=fam.default_scheduler, guidance=fam.default_guidance)
+    table = precompute(make_concept("neti", dim=m.text_dim, seed=5, family=fam), progress=False)
+    reqs = [Request("a photo of {}", s, table) for s in (0, 1)]
+    eager = Engine(m, cfg).generate(reqs)
+    den = CudaGraphDenoiser(TorchDenoiser(m, cfg.attention, compile=True, compile_backend="eager"))
+    assert max_diff(Engine(m, cfg, denoiser=den).generate(reqs), eager) <= 1
+    assert max_diff(eager[0], eager[1]) > 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: CUDA graphs exist only there (SDXL's added-conditioning buffers too)")
+def test_cuda_graph_replay_equals_eager_sdxl(max_diff, tiny_xl_model, make_concept):
+    """SDXL: text_embeds change per step (NeTI's pooled rows follow t), so the static buffer must be
+    refreshed every replay; time ids are copied the same way."""
+    from neti_fast.sd.families import SDXL
+    m = tiny_xl_model.to("cuda")
+    try:
+        cfg = GenerateConfig(steps=4, batch_size=2, scheduler="euler", guidance=5.0)
+        t = precompute(make_concept("neti", dim=m.text_dim, seed=1, family=SDXL), progress=False)
+        graphed = CudaGraphDenoiser(TorchDenoiser(m, cfg.attention))
+        reqs = [Request("a photo of {}", s, t) for s in (0, 1)]
+        assert max_diff(Engine(m, cfg, denoiser=graphed).generate(reqs), Engine(m, cfg).generate(reqs)) <= 1
+        assert graphed.captures == 1 and all(g.added is not None for g in graphed._graphs.values())
+    finally:
+        tiny_xl_model.to("cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU: CUDA graphs exist only there (this path has not been run yet)")
 def test_cuda_graph_replay_equals_eager(max_diff, tiny_model, make_concept):

@@ -1,7 +1,9 @@
 """ONNX / TensorRT export of the tables denoiser (neti_fast.export), held to TorchDenoiser.
 
-The tiny model is exported once per module (CPU, fp32) and run with onnxruntime's CPU provider.
-TensorRT tests run only where `tensorrt` and CUDA exist (never in the CPU CI this was written on).
+The tiny model is exported once per module (CPU, fp32) and run with onnxruntime's CPU provider;
+so are tiny-sd2 (v-prediction, linear projections, head dim 64) and tiny-xl (70 K/V tables, SDXL's
+added conditioning as graph inputs), once each. TensorRT tests run only where `tensorrt` and CUDA
+exist (never in the CPU CI this was written on).
 """
 import copy
 import json
@@ -10,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from neti_fast.export.onnx import (INPUT_NAMES, default_export_dir, OnnxDenoiser, TablesUNet, example_inputs, export_cached,
-                                   export_onnx)
-from neti_fast.sd.models import NUM_LAYERS, load_model
+from neti_fast.export.onnx import (default_export_dir, OnnxDenoiser, TablesUNet, example_inputs, export_cached,
+                                   export_onnx, model_input_names)
+from neti_fast.sd.models import load_model
 from neti_fast.engine.denoiser import TorchDenoiser
 from neti_fast.engine.engine import Engine
 from neti_fast.engine.request import GenerateConfig, Request
@@ -48,12 +50,22 @@ def ort_denoiser(onnx_path):
     return OnnxDenoiser(onnx_path, threads=2)
 
 
-def _call(den, args):
-    x, t, row_idx, *kv = args
-    return den(x, t, row_idx, list(kv[:NUM_LAYERS]), list(kv[NUM_LAYERS:]))
+# SD 1.x's graph inputs as they were before families existed: they must not change.
+SD1_INPUTS = ["sample", "timestep", "row_idx"] + [f"k{i}" for i in range(16)] + [f"v{i}" for i in range(16)]
 
 
-def _tol(model, model64, args, ref):
+def _call(den, args, model=None):
+    """Call a denoiser with example_inputs' tuple (model: whose layout; default SD 1.x's tiny)."""
+    x, t, row_idx, *rest = args
+    names = model.family.added_conditioning if model is not None else ()
+    n = len(model.cross_attention) if model is not None else 16
+    added = dict(zip(names, rest[:len(names)])) if names else None
+    kv = rest[len(names):]
+    assert len(kv) == 2 * n
+    return den(x, t, row_idx, list(kv[:n]), list(kv[n:]), **({"added": added} if added else {}))
+
+
+def _tol(model, model64, args, ref, layout=None):
     """Allowed |onnx - torch|: 1e-4 of the output's scale, or 4x torch-fp32's own error on this input.
 
     Both are fp32 evaluations of the same function with different op orders (fused / reordered
@@ -65,7 +77,7 @@ def _tol(model, model64, args, ref):
     """
     args64 = [a.double() if a.is_floating_point() and i != 1 else a for i, a in enumerate(args)]
     with torch.no_grad():
-        ref64 = _call(TorchDenoiser(model64, "sdpa"), args64)
+        ref64 = _call(TorchDenoiser(model64, "sdpa"), args64, layout)
     own = (ref.double() - ref64).abs().max().item()
     return max(1e-4 * ref.abs().max().item(), 4 * own)
 
@@ -73,13 +85,13 @@ def _tol(model, model64, args, ref):
 def test_graph_interface(onnx_path):
     import onnx
     g = onnx.load(str(onnx_path), load_external_data=False).graph
-    assert [i.name for i in g.input] == INPUT_NAMES and [o.name for o in g.output] == ["eps"]
+    assert [i.name for i in g.input] == SD1_INPUTS and [o.name for o in g.output] == ["eps"]   # no added inputs
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
     assert dims["sample"][0] == dims["row_idx"][0] and isinstance(dims["sample"][0], str)   # dynamic batch
     assert dims["sample"][1:] == [4, 8, 8] and dims["timestep"] == [1]                       # fixed spatial
-    assert all(isinstance(dims[n][0], str) for n in INPUT_NAMES[3:])                        # dynamic rows
-    assert len({dims[n][0] for n in INPUT_NAMES[3:]}) == 1 and dims["k0"][2] == 32
-    assert len({dims[n][1] for n in INPUT_NAMES[3:]}) == 1 and isinstance(dims["k0"][1], str)   # dynamic L
+    assert all(isinstance(dims[n][0], str) for n in SD1_INPUTS[3:])                         # dynamic rows
+    assert len({dims[n][0] for n in SD1_INPUTS[3:]}) == 1 and dims["k0"][2] == 32
+    assert len({dims[n][1] for n in SD1_INPUTS[3:]}) == 1 and isinstance(dims["k0"][1], str)   # dynamic L
 
 
 @pytest.mark.parametrize("batch,rows,tokens", [(2, 3, 77), (6, 5, 77), (1, 7, 77), (64, 2, 77), (2, 3, 154),
@@ -234,3 +246,123 @@ def test_fingerprint_sample_indices_stay_in_bounds_past_2_pow_24():
     assert idx[0] == 0 and idx[-1] == n - 1 and bool((idx[1:] > idx[:-1]).all())
     # what the float32 linspace gave: the last index past the end
     assert torch.linspace(0, n - 1, 4096).long()[-1] > n - 1
+
+
+# ----------------------------------------------------------------------------- SD 2.x and SDXL
+
+STEPS_FAMILY = 2
+
+
+# tiny-xl's export skips the onnxscript optimizer: with its 70 transformer blocks that pass takes
+# ~4x the export itself here (~6 min vs ~75 s, 1 thread); tiny-sd2's runs it, as `--backend onnx` does.
+OPTIMIZE = {"tiny-sd2": True, "tiny-xl": False}
+
+
+@pytest.fixture(scope="module", params=["tiny-sd2", "tiny-xl"])
+def family_export(request):
+    """(model, float64 model, export path, export folder, optimize) of one other family, exported
+    once per module."""
+    name = request.param
+    fixture = {"tiny-sd2": "tiny_sd2_model", "tiny-xl": "tiny_xl_model"}[name]
+    m = request.getfixturevalue(fixture)
+    folder = default_export_dir(name, m.default_size, m.default_size, m.dtype)
+    path = export_cached(m, folder, optimize=OPTIMIZE[name])
+    return m, load_model(name, dtype=torch.float64), path, folder, OPTIMIZE[name]
+
+
+def test_family_graph_interface(family_export):
+    """SDXL's graph takes its added conditioning (text_embeds, time_ids) on the batch axis; SD 2.x's
+    has none; one K and V table per cross-attention module (SDXL: 70 blocks in 11 modules)."""
+    import onnx
+    m, _, path, _, _ = family_export
+    g = onnx.load(str(path), load_external_data=False).graph
+    names = [i.name for i in g.input]
+    tables = len(m.cross_attention)
+    assert names == model_input_names(m)
+    assert names[3:3 + len(m.family.added_conditioning)] == list(m.family.added_conditioning)
+    assert names[-2 * tables:] == [f"k{i}" for i in range(tables)] + [f"v{i}" for i in range(tables)]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    if m.family.added_conditioning:
+        assert tables == 70 and m.added_widths == {"text_embeds": 64, "time_ids": 6}
+        assert dims["text_embeds"] == [dims["sample"][0], 64] and dims["time_ids"] == [dims["sample"][0], 6]
+        assert isinstance(dims["sample"][0], str)                                   # dynamic batch, shared
+    else:
+        assert tables == 16 and names == SD1_INPUTS                                  # SD 2.x: SD 1.x's layout
+    assert len({dims[n][0] for n in names[-2 * tables:]}) == 1                       # one dynamic row axis
+
+
+@pytest.mark.parametrize("batch,rows,tokens", [(2, 3, 77), (5, 4, 154)])
+def test_family_onnx_matches_torch(family_export, batch, rows, tokens):
+    """eps of the graph = TorchDenoiser's, within `_tol` (the same fp32 budget as SD 1.x's)."""
+    m, m64, path, _, _ = family_export
+    den = OnnxDenoiser(path, threads=2)
+    args = example_inputs(m, batch, rows, seed=200 + batch + tokens, tokens=tokens)
+    with torch.no_grad():
+        ref = _call(TorchDenoiser(m, "sdpa"), args, m)
+    out = _call(den, args, m)
+    assert out.shape == ref.shape
+    err = (out - ref).abs().max().item()
+    assert err <= _tol(m, m64, args, ref, m), (batch, rows, tokens, err)
+    if m.family.added_conditioning:  # the added inputs reach the U-Net: other time ids, other eps
+        x, t, r, pooled, time_ids, *kv = args
+        other = _call(den, (x, t, r, pooled, time_ids * 0 + 1024, *kv), m)
+        assert (other - out).abs().max().item() > 100 * err + 1e-4
+        with pytest.raises(ValueError, match="added conditioning"):
+            den(x, t, r, list(kv[:70]), list(kv[70:]))
+
+
+def test_family_onnx_backend_images_equal_eager(family_export, make_concept, max_diff, monkeypatch):
+    """`--backend onnx` (make_denoiser, a cache hit on the module's export) vs eager: NeTI concept,
+    the family's sampler and guidance, 2 steps. As for SD 1.x (test_engine_end_to_end): eps agrees to
+    ~1e-5 relative, so pixels agree except for ones within that of a rounding boundary, which flip by
+    one level: at most 2 levels anywhere, nearly every pixel identical."""
+    import functools
+
+    import neti_fast.export.onnx as mod
+    from neti_fast.engine.backends import make_denoiser
+    m, _, path, folder, optimize = family_export
+    monkeypatch.setattr(mod, "export_cached", functools.partial(mod.export_cached, optimize=optimize))
+    mtime = path.stat().st_mtime_ns
+    den, attention = make_denoiser(m, "onnx", export_dir=folder, threads=2)
+    assert isinstance(den, OnnxDenoiser) and path.stat().st_mtime_ns == mtime     # reused, not re-exported
+    fam = m.family
+    cfg = GenerateConfig(steps=STEPS_FAMILY, scheduler=fam.default_scheduler, guidance=fam.default_guidance)
+    table = __import__("neti_fast.concepts.table", fromlist=["x"]).precompute(
+        make_concept("neti", dim=m.text_dim, seed=41, family=fam), progress=False)
+    reqs = [Request("a photo of {}", 0, table), Request("a painting of {}", 1, table)]
+    ref = Engine(m, cfg).generate(reqs)
+    out = Engine(m, cfg, denoiser=den).generate(reqs)
+    diff = np.abs(out.astype(int) - ref.astype(int))
+    assert diff.max() <= 2, diff.max()
+    assert (diff == 0).mean() >= 0.99, (diff == 0).mean()
+    assert max_diff(out[0], out[1]) > 10  # two different images: the comparison is not vacuous
+
+
+def test_export_cache_key_distinguishes_families(model, tiny_xl_model, tiny_sd2_model):
+    """Exports are keyed by the U-Net's weights and config (and the folder by the model's name)."""
+    from neti_fast.export.onnx import fingerprint
+    fps = {fingerprint(m) for m in (model, tiny_sd2_model, tiny_xl_model)}
+    assert len(fps) == 3
+    dirs = {default_export_dir(n, 64, 64, torch.float32) for n in ("tiny", "tiny-sd2", "tiny-xl")}
+    assert len(dirs) == 3
+
+
+def test_tensorrt_profiles_for_added_inputs():
+    """TensorRT's per-input profile shapes (runs without TensorRT): the added conditioning takes the
+    batch range of `sample`; tables take rows and tokens; the timestep is static."""
+    from neti_fast.export.onnx import input_names, parse_input_names
+    from neti_fast.export.tensorrt import input_profile
+    batch = (3, 8, 8)
+    assert input_profile("text_embeds", [-1, 1280], batch, 64, 4096, 231) == ([3, 1280], [8, 1280], [8, 1280])
+    assert input_profile("time_ids", [-1, 6], batch, 64, 4096, 231) == ([3, 6], [8, 6], [8, 6])
+    assert input_profile("sample", [-1, 4, 128, 128], batch, 64, 4096, 231)[2] == [8, 4, 128, 128]
+    assert input_profile("row_idx", [-1], batch, 64, 4096, 231) == ([3], [8], [8])
+    assert input_profile("k69", [-1, -1, 640], batch, 64, 4096, 231) == ([1, 1, 640], [64, 77, 640], [4096, 231, 640])
+    assert input_profile("timestep", [1], batch, 64, 4096, 231) is None
+    # the engine's I/O names are read back by name (TensorRT may list them in another order)
+    names = input_names(70, ("text_embeds", "time_ids"))
+    assert parse_input_names(names, "x") == (["text_embeds", "time_ids"], 70)
+    assert parse_input_names(list(reversed(names)), "x", ordered=False)[1] == 70
+    assert parse_input_names(SD1_INPUTS, "x") == ([], 16)
+    with pytest.raises(ValueError, match="not a neti-fast"):
+        parse_input_names(names[:-1], "x")
