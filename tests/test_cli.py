@@ -301,7 +301,7 @@ def test_help_is_fast_and_loads_no_heavy_library():
     assert float(seconds) < 10, seconds
 
 
-@pytest.mark.parametrize("command", ["generate", "run", "serve"])
+@pytest.mark.parametrize("command", ["generate", "run", "bench", "serve"])
 def test_model_help_names_every_builtin(cli, command):
     """--model's help (written out: --help must not import sd.models, which imports torch) lists
     every built-in model sd.models has."""
