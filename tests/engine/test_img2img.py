@@ -10,6 +10,7 @@ from neti_fast.engine.engine import Engine
 from neti_fast.engine.img2img import gaussian_blur, latent_mask, prepare_init, resize_image, schedule_start
 from neti_fast.engine.request import GenerateConfig, Request
 from neti_fast.errors import NetiError
+from inpaint_util import STRENGTH, blended_reference, masked_init
 
 STEPS = 8
 SIZE = 64          # tiny's native size (latents 8x8)
@@ -57,32 +58,14 @@ def test_inpainting_equals_the_diffusers_blend(max_diff, tiny_model, pipe, init_
     (clean after the last), done here in diffusers' step callback with the init latent and noise
     drawn from the seed exactly as the pipeline draws them; outside the mask the pixels are the
     init image's (A1111's overlay), inside within 1/255 of the reference."""
-    from PIL import Image
-    m = np.zeros((SIZE, SIZE), np.uint8)
-    m[:, :32] = 255
-    m[40:] = 255
-    init = prepare_init(init_image, SIZE, SIZE, 0.6, mask=Image.fromarray(m), mask_blur=(0, 0), fill=1)
-    lat_mask = latent_mask(init.mask, SIZE // 8, SIZE // 8)
-    assert lat_mask.sum() == 4 * 5 + 8 * 3   # the 8x8 blocks under the mask, no more
-
-    g = torch.Generator("cpu").manual_seed(3)  # the pipeline's draws: the VAE sample, then the noise
-    x = torch.from_numpy(np.asarray(init_image).copy()).permute(2, 0, 1)[None].float() / 255 * 2 - 1
-    init_lat = pipe.vae.encode(x).latent_dist.sample(g) * pipe.vae.config.scaling_factor
-    noise = torch.randn(init_lat.shape, generator=g)
-    keep = 1 - torch.from_numpy(lat_mask)[None, None]
-
-    def blend(p, i, t, kw):
-        ts = p.scheduler.timesteps[schedule_start(INPAINT_STEPS, 0.6):]
-        proper = init_lat if i == len(ts) - 1 else p.scheduler.add_noise(init_lat, noise, ts[i + 1:i + 2])
-        return {"latents": keep * proper + (1 - keep) * kw["latents"]}
-    ref = _u8(pipe(PROMPT, image=init_image, strength=0.6, num_inference_steps=INPAINT_STEPS, callback_on_step_end=blend,
-                   generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0])
+    init, inside = masked_init(init_image)
+    assert latent_mask(init.mask, SIZE // 8, SIZE // 8).sum() == 4 * 5 + 8 * 3   # the 8x8 blocks under the mask, no more
+    ref = blended_reference(pipe, PROMPT, init_image, init, INPAINT_STEPS, 3)
     ours = Engine(tiny_model, GenerateConfig(steps=INPAINT_STEPS)).generate([Request(PROMPT, 3, init=init)])[0]
-    inside = m > 0
     assert max_diff(ref[inside], ours[inside]) <= TOL
     assert np.array_equal(ours[~inside], np.asarray(init_image)[~inside])
     plain = Engine(tiny_model, GenerateConfig(steps=INPAINT_STEPS)).generate(
-        [Request(PROMPT, 3, init=prepare_init(init_image, SIZE, SIZE, 0.6))])[0]
+        [Request(PROMPT, 3, init=prepare_init(init_image, SIZE, SIZE, STRENGTH))])[0]
     assert max_diff(plain[inside], ours[inside]) > 10   # the pinned surroundings change the repainted area
     assert max_diff(plain[~inside], np.asarray(init_image)[~inside]) > 10   # ...which plain img2img would not keep
 

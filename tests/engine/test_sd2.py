@@ -78,17 +78,23 @@ def test_seed_independent_of_batch_composition(max_diff, tiny_sd2_model, make_co
     assert int(np.abs(batched[0].astype(int) - batched[2].astype(int)).max()) > 10
 
 
-@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
-def test_img2img_equals_diffusers(max_diff, tiny_sd2_model, init_image, strength):
-    """img2img (v-prediction) = StableDiffusionImg2ImgPipeline for the same seed and strength, as for SD 1.x."""
+@pytest.fixture(scope="module")
+def img2img_pipe(tiny_sd2_model):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
 
-    from neti_fast.engine.img2img import prepare_init
     from neti_fast.sd.models import tiny_model_dir
     p = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model_dir("tiny-sd2")), safety_checker=None,
                                                        requires_safety_checker=False)
     p.scheduler = DPMSolverMultistepScheduler.from_config(p.scheduler.config)
     p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_img2img_equals_diffusers(max_diff, img2img_pipe, tiny_sd2_model, init_image, strength):
+    """img2img (v-prediction) = StableDiffusionImg2ImgPipeline for the same seed and strength, as for SD 1.x."""
+    from neti_fast.engine.img2img import prepare_init
+    p = img2img_pipe
     d = p("a photo of a dog", image=init_image, strength=strength, num_inference_steps=STEPS,
           generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
     size = tiny_sd2_model.default_size
@@ -98,3 +104,19 @@ def test_img2img_equals_diffusers(max_diff, tiny_sd2_model, init_image, strength
     got = ours(strength)
     assert max_diff((d * 255).round().astype("uint8"), got) <= TOL
     assert max_diff(ours(0.5), got) > 10
+
+
+def test_inpainting_equals_the_diffusers_blend(max_diff, img2img_pipe, tiny_sd2_model, init_image):
+    """Inpainting on SD 2.x (v-prediction): the blend in StableDiffusionImg2ImgPipeline's step callback,
+    as for SD 1.x and SDXL (inpaint_util); outside the mask the pixels are the init image's."""
+    from inpaint_util import STRENGTH, blended_reference, masked_init
+
+    from neti_fast.engine.img2img import prepare_init
+    init, inside = masked_init(init_image)
+    ref = blended_reference(img2img_pipe, "a photo of a dog", init_image, init, STEPS, 3)
+    ours = Engine(tiny_sd2_model, CFG).generate([Request("a photo of a dog", 3, init=init)])[0]
+    assert max_diff(ref[inside], ours[inside]) <= TOL
+    assert np.array_equal(ours[~inside], np.asarray(init_image)[~inside])
+    size = tiny_sd2_model.default_size
+    plain = Engine(tiny_sd2_model, CFG).generate([Request("a photo of a dog", 3, init=prepare_init(init_image, size, size, STRENGTH))])[0]
+    assert max_diff(plain[inside], ours[inside]) > 10

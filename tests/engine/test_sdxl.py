@@ -222,33 +222,16 @@ def test_inpainting_equals_the_diffusers_blend(max_diff, img2img_pipe, tiny_xl_m
     """Inpainting on SDXL's regular U-Net (tests/engine/test_img2img.py's check for SD 1.x): after every
     step the unmasked latents are the init latents noised to the next timestep, done in diffusers'
     SDXL img2img step callback; outside the mask the pixels are the init image's."""
-    from PIL import Image
+    from inpaint_util import STRENGTH, blended_reference, masked_init
 
-    from neti_fast.engine.img2img import latent_mask, prepare_init, schedule_start
+    from neti_fast.engine.img2img import prepare_init
     p = img2img_pipe
     p.scheduler = make_scheduler("euler", dict(p.scheduler.config))
     size = tiny_xl_model.default_size
-    m = np.zeros((size, size), np.uint8)
-    m[:, :32] = 255
-    m[40:] = 255
-    init = prepare_init(init_image, size, size, 0.6, mask=Image.fromarray(m), mask_blur=(0, 0), fill=1)
-    keep = 1 - torch.from_numpy(latent_mask(init.mask, size // 8, size // 8))[None, None]
-    g = torch.Generator("cpu").manual_seed(3)  # the pipeline's draws: the VAE sample, then the noise
-    x = torch.from_numpy(np.asarray(init_image).copy()).permute(2, 0, 1)[None].float() / 255 * 2 - 1
-    init_lat = p.vae.encode(x).latent_dist.sample(g) * p.vae.config.scaling_factor
-    noise = torch.randn(init_lat.shape, generator=g)
-
-    def blend(pipe, i, t, kw):
-        ts = pipe.scheduler.timesteps[schedule_start(STEPS, 0.6):]
-        proper = init_lat if i == len(ts) - 1 else pipe.scheduler.add_noise(init_lat, noise, ts[i + 1:i + 2])
-        return {"latents": keep * proper + (1 - keep) * kw["latents"]}
-    ref = p("a photo of a dog", image=init_image, strength=0.6, num_inference_steps=STEPS,
-            guidance_scale=SDXL.default_guidance, callback_on_step_end=blend,
-            generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
-    ref = (ref * 255).round().astype("uint8")
+    init, inside = masked_init(init_image)
+    ref = blended_reference(p, "a photo of a dog", init_image, init, STEPS, 3, guidance_scale=SDXL.default_guidance)
     ours = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3, init=init)])[0]
-    inside = m > 0
     assert max_diff(ref[inside], ours[inside]) <= TOL
     assert np.array_equal(ours[~inside], np.asarray(init_image)[~inside])
-    plain = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3, init=prepare_init(init_image, size, size, 0.6))])[0]
+    plain = Engine(tiny_xl_model, _cfg()).generate([Request("a photo of a dog", 3, init=prepare_init(init_image, size, size, STRENGTH))])[0]
     assert max_diff(plain[inside], ours[inside]) > 10

@@ -4,34 +4,17 @@ training images are VAE-encoded once per run."""
 import argparse
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from neti_fast.errors import NetiError
-from neti_fast.training.config import TrainConfig, add_arguments, config_from_args
+from neti_fast.training.config import add_arguments, config_from_args
+from train_util import train_config as _cfg
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):
     yield
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rs = np.random.RandomState(1)
-    for i in range(3):
-        Image.fromarray((rs.rand(40, 48, 3) * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return d
-
-
-def _cfg(images, out, **kw):
-    base = dict(images=str(images), placeholder="<thing>", init_word="cat", out=str(out), steps=2,
-                batch_size=2, grad_accum=1, resolution=64, save_every=0, device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def _ckpt_on(te) -> bool:

@@ -16,6 +16,7 @@ from neti_fast.concepts.mapper import NeTIMapper
 from neti_fast.sd.models import load_model
 from neti_fast.training.trainer import Trainable, main, train
 from neti_fast.training.config import TrainConfig, add_arguments, config_from_args, load_yaml_config
+from train_util import train_config as _cfg
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,22 +28,6 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def model():
     return load_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rs = np.random.RandomState(0)
-    for i in range(3):
-        Image.fromarray((rs.rand(40, 48, 3) * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return d
-
-
-def _cfg(images, out, **kw):
-    base = dict(images=str(images), placeholder="<thing>", init_word="cat", out=str(out), steps=2,
-                batch_size=2, grad_accum=1, resolution=64, save_every=0)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def _frozen(model):
