@@ -58,6 +58,11 @@ def decode_png(b64: str) -> np.ndarray:
 def alone(server, body: dict) -> list[np.ndarray]:
     """The images of `body` generated one request per engine batch (nothing else in it), on the
     server's own engine, in the caller's thread: call it only while the server is idle."""
+    return alone_with_job(server, body)[0]
+
+
+def alone_with_job(server, body: dict, **request_kw) -> tuple[list[np.ndarray], object]:
+    """`alone`'s images, each request's given Request fields replaced, and the prepared job."""
     from dataclasses import replace
 
     from neti_fast.serve.a1111 import Img2Img, Txt2Img
@@ -67,7 +72,7 @@ def alone(server, body: dict) -> list[np.ndarray]:
     e.cfg = replace(saved, steps=s.steps, height=s.height, width=s.width, scheduler=s.scheduler, guidance=s.guidance,
                     eta=s.eta)
     try:
-        return [e.generate_batch([r])[0] for r in job.requests]
+        return [e.generate_batch([replace(r, **request_kw)])[0] for r in job.requests], job
     finally:
         e.cfg = saved
 

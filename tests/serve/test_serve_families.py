@@ -6,12 +6,11 @@ top-left comes from the sdxl_crop_* options, an empty negative prompt is zero co
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from serve_util import STEPS, decode_png, png_b64, smooth_image
+from serve_util import STEPS, alone_with_job, decode_png, png_b64, smooth_image
 
 from fastapi.testclient import TestClient  # noqa: E402  (serve_util skips without the serve extra)
 
@@ -36,18 +35,10 @@ def fam(request, tmp_path_factory, one_thread):
 
 
 def engine_image(server, body: dict, **request_kw):
-    """The image of `body`'s first request with the given Request fields replaced, made by the
-    server's engine alone in a batch (call only while the server is idle)."""
-    from neti_fast.serve.a1111 import Img2Img, Txt2Img
-    job, _ = server.prepare((Img2Img if "init_images" in body else Txt2Img).model_validate(body), "")
-    e, s = server.engine, job.shape
-    saved = e.cfg
-    e.cfg = replace(saved, steps=s.steps, height=s.height, width=s.width, scheduler=s.scheduler, guidance=s.guidance,
-                    eta=s.eta)
-    try:
-        return e.generate_batch([replace(job.requests[0], **request_kw)])[0], job
-    finally:
-        e.cfg = saved
+    """The image of `body`'s first request (its Request fields replaced) made by the server's engine
+    alone in a batch, and the job (call only while the server is idle)."""
+    images, job = alone_with_job(server, body, **request_kw)
+    return images[0], job
 
 
 def test_txt2img_and_listings(fam):
